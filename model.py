@@ -1,0 +1,410 @@
+"""
+CR-Net (Cross-layer Low-Rank residual Network, arXiv 2509.18993) in one file: a compact
+LLaMA / GPT-2 transformer whose linear projections can be full-rank, CR-Net (Eq. 6), vanilla
+low-rank or CoLA. Row-vector convention throughout, as in the paper: Y = X W.
+
+The model knows nothing about DDP, FSDP or torch.compile; train.py applies those from outside.
+"""
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("llama", "gpt2")
+PARAMS = ("full", "crnet", "lowrank", "cola")
+RECOMPUTE = ("none", "block", "crnet")
+SILU_SECOND_MOMENT = 0.3557  # E[silu(z)^2] for z ~ N(0, 1): CoLA's bottleneck shrinks variance by this
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"            # "llama" (RMSNorm, RoPE, SwiGLU, untied) or "gpt2" (LayerNorm, learned pos, GELU, tied)
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 512
+    intermediate_size: int = 1376  # LLaMA SwiGLU width; GPT-2 always uses 4 * n_embd
+    vocab_size: int = 32000
+    block_size: int = 256
+    bias: bool = False             # GPT-2 only: biases in projections and LayerNorms
+    dropout: float = 0.0
+    param: str = "crnet"           # "full" | "crnet" (Eq. 6) | "lowrank" (X A B) | "cola" (silu(X A) B)
+    rank: int | list = 128         # one rank for every low-rank layer, or a list of n_layer ranks
+    # CR-Net specifics. Paper: eps = 1e-6, beta learnable; the rest is our choice (README, "Initialization").
+    beta_init: float = 0.5 ** 0.5  # initial beta of every CR layer: the lane carries beta_init^2 of the output variance
+    beta_eps: float = 1e-6         # Eq. 6: s = sign(beta) * (|beta| + eps)
+    init_std: float = 0.02         # std of a full-rank projection; the low-rank factors are scaled to match it
+    # Activation recomputation (recompute.py): "none" | "block" (torch.utils.checkpoint) | "crnet" (Algorithm 1)
+    recompute: str = "none"
+    recompute_every: int = 8       # crnet recompute: store the lanes of every k-th layer counted down from the last
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
+        if self.arch not in ARCHS:
+            bad("arch", f"must be one of {ARCHS}")
+        if self.param not in PARAMS:
+            bad("param", f"must be one of {PARAMS}")
+        if self.recompute not in RECOMPUTE:
+            bad("recompute", f"must be one of {RECOMPUTE}")
+        if self.recompute == "crnet" and self.param != "crnet":
+            bad("recompute", f"'crnet' recomputation inverts Eq. 6 and needs param='crnet' (got param={self.param!r}); use 'block'")
+        for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size", "recompute_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        if self.n_embd % self.n_head:
+            bad("n_embd", f"must be divisible by n_head={self.n_head}")
+        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+            bad("n_head", f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
+        if self.arch == "llama" and self.bias:
+            bad("bias", "the LLaMA architecture has no biases")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "must be in [0, 1)")
+        if not 0.0 < abs(self.beta_init) <= 1.0:
+            bad("beta_init", "must satisfy 0 < |beta_init| <= 1 (the rest of the variance goes to X A B)")
+        if not self.beta_eps >= 0.0 or not self.init_std > 0.0:
+            bad("beta_eps" if not self.beta_eps >= 0.0 else "init_std", "must be non-negative / positive")
+        if self.param == "full":
+            return
+        ranks = self.rank if isinstance(self.rank, (list, tuple)) else [self.rank] * self.n_layer
+        if len(ranks) != self.n_layer:
+            bad("rank", f"a rank list needs n_layer={self.n_layer} entries, got {len(ranks)}")
+        limit = min(self.n_embd, self.ff_dim)  # every projection has h_in, h_out in {n_embd, ff_dim}
+        for l, r in enumerate(ranks):
+            if l == 0 and self.param == "crnet":
+                continue  # layer 1 of CR-Net is full-rank; its entry is unused
+            if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r < limit:
+                bad("rank", f"layer {l + 1} rank {r!r} must be an integer with 1 <= r < min(n_embd, ff_dim) = {limit}")
+        self.rank = list(ranks) if isinstance(self.rank, (list, tuple)) else self.rank
+
+    @property
+    def ff_dim(self):
+        return self.intermediate_size if self.arch == "llama" else 4 * self.n_embd
+
+    def layer_rank(self, l):
+        return self.rank[l] if isinstance(self.rank, list) else self.rank
+
+    def layer_kind(self, l):
+        """Parameterization of layer l (0-based): CR-Net keeps layer 1 full-rank (Sec. 2)."""
+        if self.param == "crnet" and l == 0:
+            return "full"
+        return self.param
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in fields(cls)]
+
+
+class Projection(nn.Module):
+    """n projections that share one input X (B, T, h_in), each h_in -> h_out; output Y (B, T, n, h_out).
+
+    Sharing the input lets q/k/v (and gate/up) use one fused input-side matmul X @ [A_q A_k A_v].
+        full:    Y = X W
+        lowrank: Y = (X A) B
+        cola:    Y = silu(X A) B
+        crnet:   Y = s * Y_prev + (X A) B,   s = sign(beta) (|beta| + eps)      # Eq. 6
+    With crnet=True on a full layer (CR-Net's layer 1) the output simply becomes the next lane.
+    """
+
+    def __init__(self, h_in, h_out, n, kind, rank, bias, std, cfg, lane_in=False):
+        super().__init__()
+        self.h_out, self.n, self.kind, self.rank, self.std = h_out, n, kind, rank, std
+        self.lane_in, self.beta_eps, self.beta_init = lane_in, cfg.beta_eps, cfg.beta_init
+        if kind == "full":
+            self.weight = nn.Parameter(torch.empty(h_in, n * h_out))
+        else:
+            self.A = nn.Parameter(torch.empty(h_in, n * rank))   # fused over the n projections
+            self.B = nn.Parameter(torch.empty(n, rank, h_out))   # one r x h_out factor per projection
+        if lane_in:
+            self.beta = nn.Parameter(torch.empty(n))             # one scalar per layer and position
+        self.bias = nn.Parameter(torch.empty(n, h_out)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """See Transformer's docstring for the table and the reasoning."""
+        if self.kind == "full":
+            nn.init.normal_(self.weight, std=self.std)
+        else:
+            h_in = self.A.shape[0]
+            gain = {"lowrank": 1.0, "cola": 1.0 / SILU_SECOND_MOMENT}.get(self.kind, 1.0 - self.beta_init ** 2)
+            nn.init.normal_(self.A, std=h_in ** -0.5)  # Z = X A has the variance of X
+            nn.init.normal_(self.B, std=self.std * math.sqrt(h_in / self.rank * gain))
+        if self.lane_in:
+            self.beta.fill_(self.beta_init)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def scale(self):
+        return torch.sign(self.beta) * (self.beta.abs() + self.beta_eps)  # Eq. 6
+
+    def lowrank_z(self, x):
+        return (x @ self.A).unflatten(-1, (self.n, self.rank))           # (B, T, n, r)
+
+    def delta(self, x, z=None):
+        """Everything but the lane term: X W, or (X A) B with the bottleneck, plus the bias."""
+        if self.kind == "full":
+            d = (x @ self.weight).unflatten(-1, (self.n, self.h_out))
+        else:
+            z = self.lowrank_z(x) if z is None else z
+            d = torch.einsum("btnr,nrh->btnh", F.silu(z) if self.kind == "cola" else z, self.B)
+        return d if self.bias is None else d + self.bias
+
+    def forward(self, x, lane=None):
+        d = self.delta(x)
+        if self.lane_in:
+            return self.scale().view(self.n, 1) * lane + d               # Eq. 6, l >= 2
+        return d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim, block_size, theta=10000.0):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, nh, T, hd); rotate the two halves of each head (GPT-NeoX / HF LLaMA layout)."""
+    T = x.shape[2]
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Block(nn.Module):
+    """One transformer layer. CR-Net lanes go in and come out explicitly: no hidden state on modules.
+
+    lanes: tuple (Y^qkv (B,T,3,h), Y^o (B,T,1,h), Y^up (B,T,2|1,ff), Y^down (B,T,1,h)) of the layer
+    below, or None for layer 1 / non-CR-Net models.
+    """
+
+    def __init__(self, cfg, l):
+        super().__init__()
+        h, ff, L = cfg.n_embd, cfg.ff_dim, cfg.n_layer
+        kind, r = cfg.layer_kind(l), cfg.layer_rank(l)
+        lane_in = cfg.param == "crnet" and l > 0
+        self.emits_lanes = cfg.param == "crnet"
+        self.cfg = cfg
+        llama = cfg.arch == "llama"
+        resid_std = cfg.init_std / math.sqrt(2 * L)  # GPT-2: scale the projections that write to the residual stream
+        Norm = RMSNorm if llama else (lambda d: nn.LayerNorm(d, bias=cfg.bias))
+        P = lambda h_in, h_out, n, std: Projection(h_in, h_out, n, kind, r, cfg.bias, std, cfg, lane_in)
+        self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
+        self.qkv = P(h, h, 3, cfg.init_std)
+        self.o = P(h, h, 1, resid_std)
+        self.up = P(h, ff, 2 if llama else 1, cfg.init_std)  # LLaMA: gate and up share the input
+        self.down = P(ff, h, 1, resid_std)
+
+    def attention(self, y_qkv, rope):
+        """y_qkv (B, T, 3, h) -> attention output (B, T, h), before the o projection."""
+        B, T, _, h = y_qkv.shape
+        nh = self.cfg.n_head
+        q, k, v = (t.view(B, T, nh, h // nh).transpose(1, 2) for t in y_qkv.unbind(2))  # (B, nh, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        p = self.cfg.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return a.transpose(1, 2).reshape(B, T, h)
+
+    def mlp_act(self, y_up):
+        if self.cfg.arch == "llama":
+            return F.silu(y_up[:, :, 0]) * y_up[:, :, 1]  # SwiGLU
+        return F.gelu(y_up[:, :, 0])
+
+    def forward(self, x, lanes, rope=None):
+        lq, lo, lu, ld = lanes if lanes is not None else (None,) * 4
+        drop = lambda t: F.dropout(t, self.cfg.dropout, self.training)
+        y_qkv = self.qkv(self.norm_attn(x), lq)
+        y_o = self.o(self.attention(y_qkv, rope), lo)
+        x = x + drop(y_o[:, :, 0])
+        y_up = self.up(self.norm_mlp(x), lu)
+        y_down = self.down(self.mlp_act(y_up), ld)
+        x = x + drop(y_down[:, :, 0])
+        return x, ((y_qkv, y_o, y_up, y_down) if self.emits_lanes else None)
+
+
+class Transformer(nn.Module):
+    """
+    Initialization (every tensor; the paper states none of these, so they are our choices):
+
+    | tensor                         | init                                    | why |
+    |--------------------------------|-----------------------------------------|-----|
+    | wte (token embedding)          | N(0, init_std)                          | GPT-2 / LLaMA convention |
+    | wpe (GPT-2 positions)          | N(0, init_std)                          | GPT-2 |
+    | lm_head (LLaMA, untied)        | N(0, init_std)                          | as wte |
+    | full W of q,k,v,gate,up,fc     | N(0, init_std)                          | GPT-2 |
+    | full W of o, down, mlp-out     | N(0, init_std / sqrt(2 n_layer))        | GPT-2: residual writes grow with depth |
+    | low-rank A (h_in x n*r)        | N(0, 1 / sqrt(h_in))                    | Z = X A keeps the variance of X (what recompute stores) |
+    | low-rank B (n x r x h_out)     | N(0, std_W * sqrt(h_in / r * gain))     | Var(X A B) = gain * Var(X W_full) |
+    |   gain, crnet layers 2..L      | 1 - beta_init^2                         | Var(Y_l) = b^2 Var(Y_{l-1}) + (1-b^2) Var(full) = Var(full) at every depth |
+    |   gain, lowrank / cola         | 1 / 1 / E[silu(z)^2] = 1 / 0.3557       | same output variance as full-rank |
+    | beta (crnet, layers 2..L)      | beta_init (default 1/sqrt(2))           | see README "Initialization": measured per-layer output std ratio |
+    | norm weights                   | 1 (biases 0)                            | standard |
+    | projection biases (GPT-2)      | 0                                       | standard |
+
+    So at init every projection of every parameterization outputs (to first order) the variance of
+    the full-rank model's, at every depth; bench.py --init measures it.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, h)
+        self.wpe = nn.Embedding(cfg.block_size, h) if cfg.arch == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
+        self.norm_f = RMSNorm(h) if cfg.arch == "llama" else nn.LayerNorm(h, bias=cfg.bias)
+        self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
+        if cfg.arch == "gpt2":
+            self.lm_head.weight = self.wte.weight  # tied
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(h // cfg.n_head, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for emb in (self.wte, self.wpe, self.lm_head):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=self.cfg.init_std)
+        for m in self.modules():
+            if isinstance(m, Projection):
+                m.reset_parameters()
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if self.cfg.arch == "llama":  # buffers too, so a model built on the meta device can be materialized
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size)
+
+    def rope(self):
+        return (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
+        x = self.wte(idx)  # (B, T, h)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        x = self.run_blocks(x)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def run_blocks(self, x):
+        """The layer loop; recompute.py replaces it for training steps with recompute != 'none'."""
+        use_recompute = self.cfg.recompute != "none" and self.training and torch.is_grad_enabled()
+        if use_recompute:
+            import recompute
+            return recompute.run_blocks(self, x)
+        lanes = None
+        for block in self.blocks:
+            x, lanes = block(x, lanes, self.rope())
+        return x
+
+    # ----- accounting -----
+    def param_groups_by_role(self):
+        """name -> role for every parameter, roles as in num_params()."""
+        roles = {}
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.startswith(("wte", "wpe")):
+                role = "embeddings"
+            elif name.startswith("lm_head"):
+                role = "lm_head"
+            elif "norm" in name:
+                role = "norms"
+            elif leaf == "weight":
+                role = "full_rank"
+            elif leaf in ("A", "B"):
+                role = "low_rank"
+            elif leaf == "beta":
+                role = "betas"
+            elif leaf == "bias":
+                role = "biases"
+            else:
+                raise AssertionError(f"parameter {name} has no role")
+            roles[name] = role
+        return roles
+
+    def num_params(self):
+        """Per-group parameter counts; tied weights are counted once (as embeddings)."""
+        counts = dict.fromkeys(("embeddings", "lm_head", "full_rank", "low_rank", "betas", "norms", "biases"), 0)
+        params = dict(self.named_parameters())  # named_parameters() yields a tied tensor once
+        for name, role in self.param_groups_by_role().items():
+            counts[role] += params[name].numel()
+        counts["total"] = sum(v for k, v in counts.items())
+        assert counts["total"] == sum(p.numel() for p in self.parameters())
+        return counts
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 * (matmul parameters, low-rank factors and the LM head included)
+        plus attention 12 * L * h * T (QK^T and AV, counted as full T x T like PaLM and nanoGPT do).
+        The lane scale-and-add (2 * n * h_out per projection) and elementwise ops are not counted."""
+        c = self.num_params()
+        n_matmul = c["full_rank"] + c["low_rank"] + self.lm_head.weight.numel()
+        return 6 * n_matmul + 12 * self.cfg.n_layer * self.cfg.n_embd * self.cfg.block_size
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; decay on weight matrices and low-rank factors, none on norms, biases, betas."""
+        roles = self.param_groups_by_role()
+        named = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for n, p in named.items() if roles[n] in ("embeddings", "lm_head", "full_rank", "low_rank")]
+        no_decay = [p for n, p in named.items() if roles[n] in ("norms", "biases", "betas")]
+        ids = [id(p) for p in decay + no_decay]
+        assert len(ids) == len(set(ids)) == len(named), "every parameter must be in exactly one group"
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after idx (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+
+# Dense bf16 tensor-core peak FLOP/s from vendor datasheets, matched against torch.cuda.get_device_name()
+# (longest matching key wins, so "H100 PCIe" beats "H100"). Not listed: pass peak_flops explicitly.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops_for(device_name):
+    keys = [k for k in PEAK_FLOPS if k.lower() in (device_name or "").lower()]
+    return PEAK_FLOPS[max(keys, key=len)] if keys else None
+
+
+def estimate_mfu(flops_per_token, tokens_per_s, peak_flops):
+    """Model FLOPs utilization in [0, 1], or None where the peak is unknown (e.g. CPU)."""
+    return None if not peak_flops else flops_per_token * tokens_per_s / peak_flops
