@@ -1,0 +1,147 @@
+"""train.py: config handling, learning, exact resume, DDP equivalence, the non-finite stop, sample.py."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sample
+import train
+from conftest import ROOT, TINY, read_metrics, train_losses
+
+
+def run(tiny_data, out, *extra):
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={out}", *extra])
+
+
+# ---------------------------------------------------------------- config
+def test_config_merging_and_type_checks(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nn_layer = 2\nlearning_rate = 1  # an int where a float is expected\nrank = [8, 4]\n")
+    c = train.load_config([str(f), "--n_layer=3", "--out_dir=somewhere", "--max_iters=1e3"])
+    assert (c["n_layer"], c["learning_rate"], c["rank"], c["out_dir"], c["max_iters"]) == (3, 1.0, [8, 4], "somewhere", 1000)
+    assert isinstance(c["learning_rate"], float)
+    with pytest.raises(ValueError, match="unknown config key 'lerning_rate' in command line .*did you mean 'learning_rate'"):
+        train.load_config(["--lerning_rate=1e-3"])
+    f.write_text("n_layers = 2\n")
+    with pytest.raises(ValueError, match=f"unknown config key 'n_layers' in {f}"):
+        train.load_config([str(f)])
+    with pytest.raises(ValueError, match="config key 'n_layer': expected int, got 'three'"):
+        train.load_config(["--n_layer=three"])
+    with pytest.raises(ValueError, match="config key 'compile': expected bool"):
+        train.load_config(["--compile=1"])
+    with pytest.raises(ValueError, match="config key 'max_iters': expected int"):
+        train.load_config(["--max_iters=2.5"])
+    with pytest.raises(ValueError, match="use --key=value"):
+        train.load_config(["--compile"])
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        train.load_config(["configs/nope.py"])
+
+
+def test_every_shipped_config_loads_and_builds():
+    from model import ModelConfig
+    configs = sorted((ROOT / "configs").glob("*.py"))
+    assert len(configs) >= 13
+    for path in configs:
+        c = train.load_config([str(path)])
+        ModelConfig(**{k: (c[k] if c[k] is not None else 50257) for k in ModelConfig.field_names()})
+
+
+def test_lr_schedule():
+    c = dict(learning_rate=1.0, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
+    assert train.lr_at(0, c) == pytest.approx(0.1) and train.lr_at(9, c) == pytest.approx(1.0)
+    assert train.lr_at(60, c) == pytest.approx(0.55) and train.lr_at(110, c) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- training
+def test_short_run_learns(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=60", "--eval_interval=60")
+    losses = list(train_losses(tmp_path).values())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert len(evals) == 1 and evals[0]["val_loss"] < 3.5
+    assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "config.json").is_file()
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, arch):
+    args = ["--max_iters=16", "--eval_interval=8", "--dropout=0.1", f"--arch={arch}"]  # dropout: the RNG state matters
+    run(tiny_data, tmp_path / "a", *args)
+    run(tiny_data, tmp_path / "b", *args, "--stop_iter=8")
+    assert max(train_losses(tmp_path / "b")) == 8
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # rows an interrupted run wrote past its checkpoint
+        f.write('{"iter": 9, "loss": 123.0}\n')
+    run(tiny_data, tmp_path / "b", *args, "--init_from=resume")
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert list(b) == list(range(1, 17))
+    for it in range(9, 17):
+        assert b[it] == pytest.approx(a[it], rel=1e-6, abs=0), (it, a[it], b[it])
+    assert len([r for r in read_metrics(tmp_path / "b") if r["iter"] == 9]) == 1
+
+
+def test_scratch_run_does_not_clobber_a_checkpoint(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=2", "--eval_interval=2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="init_from=resume"):
+        run(tiny_data, tmp_path, "--max_iters=2")
+    with pytest.raises(ValueError, match="resume: config n_layer=2 differs from the checkpoint's 3"):
+        run(tiny_data, tmp_path, "--max_iters=4", "--init_from=resume", "--n_layer=2")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=20", "--stop_iter=2", "--eval_interval=100")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="non-finite loss .* stopped before the optimizer step"):
+        run(tiny_data, tmp_path, "--max_iters=20", "--eval_interval=100", "--init_from=resume", "--learning_rate=1e30")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_vocab_smaller_than_the_data_is_an_error(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=100 is smaller than the data's vocabulary \\(257, tokenizer 'byte'"):
+        run(tiny_data, tmp_path, "--vocab_size=100")
+
+
+def test_batch_arithmetic_error(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="total_batch_tokens=100 must be a multiple of"):
+        run(tiny_data, tmp_path, "--total_batch_tokens=100")
+
+
+def test_sample_prints_text(tiny_data, tmp_path, capsys):
+    run(tiny_data, tmp_path, "--max_iters=2", "--eval_interval=2")
+    sample.main([f"--out_dir={tmp_path}", "--num_samples=2", "--max_new_tokens=30", "--start=ROMEO:"])
+    text = capsys.readouterr().out
+    assert text.count("ROMEO:") == 2 and text.count("-" * 60) == 2
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        sample.main([f"--out_dir={tmp_path / 'none'}"])
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--n_layr=2"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip() == "error: unknown config key 'n_layr' in command line (did you mean 'n_layer'?)"
+
+
+# ---------------------------------------------------------------- distributed
+def torchrun(nproc, tiny_data, out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           *TINY, f"--data_dir={tiny_data}", f"--out_dir={out}", *extra]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def ddp_matches_single_process(tiny_data, tmp_path, *extra):
+    args = ["--max_iters=6", "--eval_interval=6", "--total_batch_tokens=256", *extra]  # 2 x 4 x 32: accum 2 on 1 process
+    run(tiny_data, tmp_path / "one", *args)
+    torchrun(2, tiny_data, tmp_path / "two", *args)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["iter"] for r in one] == [r["iter"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss", "train_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+
+def test_ddp_two_processes_match_one(tiny_data, tmp_path):
+    ddp_matches_single_process(tiny_data, tmp_path)
