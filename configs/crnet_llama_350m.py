@@ -1,0 +1,31 @@
+# LLaMA-350M (crnet), GaLore/C4 benchmark dimensions (method note, section 3).
+# Parameters: 192.8M with the paper's 32000-token vocabulary; 230.2M with GPT-2 BPE (50257), which we use.
+# Rank r = 256 in layers 2..24 (h/4 = 256); layer 1 full-rank.
+# Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 3.7 GB per GPU under DDP, before activations.
+# Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 64 seq x 256 tok per GPU
+#   -> grad_accum = 131072 / (64 * 256 * n_gpus) = 8 on 1 GPU, 1 on 8.
+# Schedule: 60,000 steps = 7.9B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
+# Data: python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 \
+#         --max_tokens=8.02e+09 --out_dir=data/c4_gpt2
+# Launch: torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_350m.py
+
+out_dir = "out/crnet_llama_350m"
+data_dir = "data/c4_gpt2"
+arch = "llama"
+n_layer = 24
+n_head = 16
+n_embd = 1024
+intermediate_size = 2736
+block_size = 256
+param = "crnet"
+rank = 256
+batch_size = 64
+total_batch_tokens = 131072  # 512 * 256
+max_iters = 60000
+warmup_iters = 6000
+learning_rate = 0.003  # not stated in the method note: low-rank factors usually want ~3x the full-rank lr (CoLA); untuned here
+weight_decay = 0.0  # GaLore protocol
+eval_interval = 1000
+eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens
+log_interval = 50
+compile = True

@@ -1,0 +1,32 @@
+# LLaMA-7B (crnet), GaLore/C4 benchmark dimensions (method note, section 3).
+# Parameters: 2943.4M with the paper's 32000-token vocabulary; 3092.9M with GPT-2 BPE (50257), which we use.
+# Rank r = 1024 in layers 2..32 (h/4 = 1024); layer 1 full-rank.
+# Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 49.5 GB per GPU under DDP, before activations.
+# Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 8 seq x 256 tok per GPU
+#   -> grad_accum = 131072 / (8 * 256 * n_gpus) = 64 on 1 GPU, 8 on 8.
+# Schedule: 80,000 steps = 10.5B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
+# Data: python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 \
+#         --max_tokens=1.07e+10 --out_dir=data/c4_gpt2
+# Launch: torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_7b.py
+
+out_dir = "out/crnet_llama_7b"
+data_dir = "data/c4_gpt2"
+arch = "llama"
+n_layer = 32
+n_head = 32
+n_embd = 4096
+intermediate_size = 11008
+block_size = 256
+param = "crnet"
+rank = 1024
+batch_size = 8
+total_batch_tokens = 131072  # 512 * 256
+max_iters = 80000
+warmup_iters = 8000
+learning_rate = 0.003  # not stated in the method note: low-rank factors usually want ~3x the full-rank lr (CoLA); untuned here
+weight_decay = 0.0  # GaLore protocol
+eval_interval = 1000
+eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens
+log_interval = 50
+compile = True
+recompute = "crnet"  # the paper's Algorithm 1 (recompute.py)

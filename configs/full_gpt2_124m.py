@@ -1,0 +1,25 @@
+# GPT-2 small (124M full-rank; tied embeddings, learned positions) as full: 124.5M parameters at vocab 50304.
+# Batch: 12 seq x 1024 tok x 8 GPUs x 5 accum = 491,520 tokens/step (nanoGPT's).
+# Data: python prepare_data.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --streaming \
+#         --tokenizer=gpt2 --max_tokens=10e9 --out_dir=data/fineweb_edu_gpt2
+# Launch: torchrun --standalone --nproc_per_node=8 train.py configs/full_gpt2_124m.py
+
+out_dir = "out/full_gpt2_124m"
+data_dir = "data/fineweb_edu_gpt2"
+arch = "gpt2"
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+bias = True
+vocab_size = 50304  # 50257 padded to a multiple of 64 for faster matmuls
+param = "full"
+batch_size = 12
+total_batch_tokens = 491520  # 12 * 1024 * 8 * 5
+max_iters = 20000  # ~9.8B tokens
+warmup_iters = 700
+learning_rate = 6e-4
+weight_decay = 0.1
+eval_interval = 1000
+eval_tokens = 5_242_880
+compile = True
