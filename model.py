@@ -223,14 +223,20 @@ class Block(nn.Module):
             return F.silu(y_up[:, :, 0]) * y_up[:, :, 1]  # SwiGLU
         return F.gelu(y_up[:, :, 0])
 
-    def forward(self, x, lanes, rope=None):
+    def projections(self):
+        return self.qkv, self.o, self.up, self.down  # the order of the lanes
+
+    def forward(self, x, lanes, rope=None, project=None):
+        """project(proj, input, lane) -> Y computes one projection group; recompute.py swaps in versions that
+        save Z = X A or that replay a known Y, so this is the only definition of the layer."""
+        project = project or (lambda proj, inp, lane: proj(inp, lane))
         lq, lo, lu, ld = lanes if lanes is not None else (None,) * 4
         drop = lambda t: F.dropout(t, self.cfg.dropout, self.training)
-        y_qkv = self.qkv(self.norm_attn(x), lq)
-        y_o = self.o(self.attention(y_qkv, rope), lo)
+        y_qkv = project(self.qkv, self.norm_attn(x), lq)
+        y_o = project(self.o, self.attention(y_qkv, rope), lo)
         x = x + drop(y_o[:, :, 0])
-        y_up = self.up(self.norm_mlp(x), lu)
-        y_down = self.down(self.mlp_act(y_up), ld)
+        y_up = project(self.up, self.norm_mlp(x), lu)
+        y_down = project(self.down, self.mlp_act(y_up), ld)
         x = x + drop(y_down[:, :, 0])
         return x, ((y_qkv, y_o, y_up, y_down) if self.emits_lanes else None)
 
@@ -305,7 +311,8 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+            loss = F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
     def run_blocks(self, x):

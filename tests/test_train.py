@@ -145,3 +145,7 @@ def ddp_matches_single_process(tiny_data, tmp_path, *extra):
 
 def test_ddp_two_processes_match_one(tiny_data, tmp_path):
     ddp_matches_single_process(tiny_data, tmp_path)
+
+
+def test_ddp_with_crnet_recompute_matches_one_process(tiny_data, tmp_path):
+    ddp_matches_single_process(tiny_data, tmp_path, "--recompute=crnet", "--recompute_every=2")
