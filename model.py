@@ -155,7 +155,7 @@ class Projection(nn.Module):
     def forward(self, x, lane=None):
         d = self.delta(x)
         if self.lane_in:
-            return self.scale().view(self.n, 1) * lane + d               # Eq. 6, l >= 2
+            return torch.addcmul(d, self.scale().view(self.n, 1), lane)  # Eq. 6, l >= 2: s * Y_{l-1} + d
         return d
 
 

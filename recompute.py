@@ -112,7 +112,7 @@ class CRNetBlock(torch.autograd.Function):
                 return proj(inp)
             z = proj.lowrank_z(inp)
             zs.append(z)
-            return proj.scale().view(proj.n, 1) * lane + proj.delta(inp, z)
+            return torch.addcmul(proj.delta(inp, z), proj.scale().view(proj.n, 1), lane)  # as Projection.forward
 
         with torch.autocast(x.device.type, enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
             x_out, lanes_out = block(x, lanes or None, rope, project)
@@ -147,12 +147,12 @@ class CRNetBlock(torch.autograd.Function):
                 s = proj.scale().view(proj.n, 1)
                 prev = stash.lanes.get((l - 1, g))
                 if prev is None:  # invert Eq. 6 and hand the lane to the block below
-                    prev = ((y_known - d.detach()) / s.detach()).to(stash.dtypes[(l - 1, g)])
+                    prev = torch.sub(y_known, d.detach()).div_(s.detach()).to(stash.dtypes[(l - 1, g)])
                     stash.lanes[(l - 1, g)] = prev
                 prev = prev.detach().requires_grad_()
                 leaves.append(prev)
-                y = s * prev + d
-            return y + (y_known - y).detach()  # the exact forward value, the replay's gradient
+                y = torch.addcmul(d, s, prev)  # = y_known up to round-off; its graph gives the gradients
+            return y
 
         x = x_in.detach().requires_grad_()
         state = torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=ctx.rng is not None)
