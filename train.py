@@ -370,6 +370,7 @@ def main(argv):
             say(f"stop_iter={done} reached; continue with --init_from=resume")
             break
     if ddp:
+        dist.barrier()  # rank 0 may still be writing the checkpoint: gloo aborts if a peer tears down first
         dist.destroy_process_group()
 
 
