@@ -40,9 +40,6 @@ class LaneStash:
         self.lanes = {}
         self.dtypes = {}
 
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.lanes.values())
-
 
 def checkpoint_layers(n_layer, every):
     """0-based layers whose lanes are stored: the last, then every `every`-th below it, never the first."""
