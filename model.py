@@ -123,22 +123,28 @@ class Projection(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self):
-        """See Transformer's docstring for the table and the reasoning."""
-        if self.kind == "full":
-            nn.init.normal_(self.weight, std=self.std)
-        else:
+    def init_tensor(self, leaf, t, generator=None):
+        """Write parameter `leaf`'s initial value into t (its full shape). See Transformer's docstring."""
+        if leaf == "weight":
+            return nn.init.normal_(t, std=self.std, generator=generator)
+        if leaf == "A":
+            return nn.init.normal_(t, std=t.shape[0] ** -0.5, generator=generator)  # Z = X A has the variance of X
+        if leaf == "B":
             h_in = self.A.shape[0]
             gain = {"lowrank": 1.0, "cola": 1.0 / SILU_SECOND_MOMENT}.get(self.kind, 1.0 - self.beta_init ** 2)
-            nn.init.normal_(self.A, std=h_in ** -0.5)  # Z = X A has the variance of X
-            nn.init.normal_(self.B, std=self.std * math.sqrt(h_in / self.rank * gain))
-        if self.lane_in:
-            self.beta.fill_(self.beta_init)
-        if self.bias is not None:
-            self.bias.zero_()
+            return nn.init.normal_(t, std=self.std * math.sqrt(h_in / self.rank * gain), generator=generator)
+        return t.fill_(self.beta_init if leaf == "beta" else 0.0)  # beta, bias
+
+    def reset_parameters(self):
+        for leaf, p in self.named_parameters():
+            self.init_tensor(leaf, p)
 
     def scale(self):
-        return torch.sign(self.beta) * (self.beta.abs() + self.beta_eps)  # Eq. 6
+        """Eq. 6: s = sign(beta) (|beta| + eps), in at least float32 even for bf16 parameters (FSDP's mixed
+        precision): the lanes are then formed in float32, so inverting Eq. 6 in recompute.py stays exact to
+        float32 round-off instead of bf16's."""
+        beta = self.beta.to(torch.promote_types(self.beta.dtype, torch.float32))
+        return torch.sign(beta) * (beta.abs() + self.beta_eps)
 
     def lowrank_z(self, x):
         return (x @ self.A).unflatten(-1, (self.n, self.rank))           # (B, T, n, r)
@@ -195,6 +201,7 @@ class Block(nn.Module):
         h, ff, L = cfg.n_embd, cfg.ff_dim, cfg.n_layer
         kind, r = cfg.layer_kind(l), cfg.layer_rank(l)
         lane_in = cfg.param == "crnet" and l > 0
+        self.layer_idx = l
         self.emits_lanes = cfg.param == "crnet"
         self.cfg = cfg
         llama = cfg.arch == "llama"
@@ -226,9 +233,13 @@ class Block(nn.Module):
     def projections(self):
         return self.qkv, self.o, self.up, self.down  # the order of the lanes
 
-    def forward(self, x, lanes, rope=None, project=None):
+    def forward(self, x, lanes, rope=None, project=None, via=None):
         """project(proj, input, lane) -> Y computes one projection group; recompute.py swaps in versions that
-        save Z = X A or that replay a known Y, so this is the only definition of the layer."""
+        save Z = X A or that replay a known Y, so this is the only definition of the layer. via(block, x, lanes,
+        rope) replaces the whole call: recompute's autograd Function enters through here so that module hooks
+        (FSDP2 gathering this block's parameters) run around it."""
+        if via is not None:
+            return via(self, x, lanes, rope)
         project = project or (lambda proj, inp, lane: proj(inp, lane))
         lq, lo, lu, ld = lanes if lanes is not None else (None,) * 4
         drop = lambda t: F.dropout(t, self.cfg.dropout, self.training)
@@ -273,8 +284,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
         self.norm_f = RMSNorm(h) if cfg.arch == "llama" else nn.LayerNorm(h, bias=cfg.bias)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
-        if cfg.arch == "gpt2":
-            self.lm_head.weight = self.wte.weight  # tied
+        self.tie_weights()
         if cfg.arch == "llama":
             cos, sin = rope_tables(h // cfg.n_head, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -282,19 +292,40 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self):
-        for emb in (self.wte, self.wpe, self.lm_head):
-            if emb is not None:
-                nn.init.normal_(emb.weight, std=self.cfg.init_std)
-        for m in self.modules():
-            if isinstance(m, Projection):
-                m.reset_parameters()
-            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        if self.cfg.arch == "llama":  # buffers too, so a model built on the meta device can be materialized
-            self.rope_cos, self.rope_sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size)
+    def init_tensor(self, name, t, generator=None):
+        """Write parameter `name`'s initial value (the table above) into t, a tensor of its full shape. A sharded
+        model (train.py's FSDP path) draws each full tensor here and keeps its own shard, so every process count
+        initializes the same weights from the same seed."""
+        path, _, leaf = name.rpartition(".")
+        owner = self.get_submodule(path)
+        if isinstance(owner, Projection):
+            return owner.init_tensor(leaf, t, generator)
+        if isinstance(owner, (RMSNorm, nn.LayerNorm)):
+            return t.fill_(1.0 if leaf == "weight" else 0.0)
+        return nn.init.normal_(t, std=self.cfg.init_std, generator=generator)  # wte, wpe, lm_head
+
+    def init_order(self):
+        """Parameter names in the order their values are drawn: embeddings and head first, then the layers."""
+        names = [n for n, _ in self.named_parameters()]  # a tied tensor once
+        return sorted(names, key=lambda n: not n.startswith(("wte", "wpe", "lm_head")))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        params = dict(self.named_parameters())
+        for name in self.init_order():
+            self.init_tensor(name, params[name], generator)
+        self.reset_buffers()
+
+    def tie_weights(self):
+        """GPT-2 shares the token embedding with the head. Again after to_empty(), which unties them."""
+        if self.cfg.arch == "gpt2":
+            self.lm_head.weight = self.wte.weight
+
+    def reset_buffers(self):
+        """The RoPE tables: computed, not stored, so a model built on the meta device can be materialized."""
+        if self.cfg.arch == "llama":
+            cos, sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def rope(self):
         return (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None

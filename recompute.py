@@ -47,12 +47,19 @@ def checkpoint_layers(n_layer, every):
 
 
 def plan_stored_lanes(blocks, every, dtype):
-    """The checkpoint set plus the round-off guard (module docstring), per (layer, group)."""
+    """The checkpoint set plus the round-off guard (module docstring), per (layer, group); dtype is the one
+    the lanes are formed in. Works on FSDP2-sharded betas: each process takes min |s| over its own shard
+    and one all-reduce finds the global minimum, so no block has to be gathered."""
     budget = LANE_RTOL / torch.finfo(dtype).eps
     ckpt = checkpoint_layers(len(blocks), every)
-    # one small host copy of all betas per step; a GPU sync, but one, not one per layer
-    inv_s = [[(1.0 / p.scale().detach().abs().double()).cpu() for p in blk.projections()] if l else None
-             for l, blk in enumerate(blocks)]
+    # min |s| per (layer, group): the bound below only needs the largest 1/|s| of each group
+    betas = [p.beta for blk in blocks[1:] for p in blk.projections()]
+    local = [b.to_local() if hasattr(b, "to_local") else b for b in betas]  # DTensor shard, or the tensor
+    min_s = torch.stack([(p.detach().abs().min() if p.numel() else p.new_tensor(float("inf"))).double()
+                         for p in local]) + blocks[1].qkv.beta_eps if betas else torch.zeros(0)
+    if betas and hasattr(betas[0], "device_mesh"):
+        torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
+    inv_s = (1.0 / min_s).view(-1, 4).tolist()  # one host copy of all betas per step: one GPU sync
     store = set()
     for g in range(4):
         bound = 0.0  # the round-off bound of layer l's lane if rebuilt, as we walk down
@@ -61,7 +68,7 @@ def plan_stored_lanes(blocks, every, dtype):
                 store.add((l, g))
                 bound = 0.0
                 continue
-            bound = ((1.0 + bound) * inv_s[l + 1][g]).max().item()  # rebuilt by inverting layer l + 1
+            bound = (1.0 + bound) * inv_s[l][g]  # rebuilt by inverting layer l + 1 (row l of inv_s)
             if bound > budget:
                 store.add((l, g))
                 bound = 0.0
@@ -112,7 +119,7 @@ class CRNetBlock(torch.autograd.Function):
             return torch.addcmul(proj.delta(inp, z), proj.scale().view(proj.n, 1), lane)  # as Projection.forward
 
         with torch.autocast(x.device.type, enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
-            x_out, lanes_out = block(x, lanes or None, rope, project)
+            x_out, lanes_out = block.forward(x, lanes or None, rope, project)  # .forward: hooks ran outside
         for g, y in enumerate(lanes_out):
             stash.dtypes[(l, g)] = y.dtype
             if (l, g) in stash.store:
@@ -158,7 +165,7 @@ class CRNetBlock(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1])
-            x_out, lanes_out = block(x, [None] * 4 if l else None, ctx.rope, project)
+            x_out, lanes_out = block.forward(x, [None] * 4 if l else None, ctx.rope, project)
         pairs = [(y, g) for y, g in zip((x_out, *lanes_out), (g_x, *g_lanes)) if g is not None]
         inputs = [x, *leaves, *ctx.params]
         grads = torch.autograd.grad([y for y, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
@@ -173,14 +180,20 @@ def run_blocks(model, x):
         for block in model.blocks:
             x, lanes = checkpoint(block, x, lanes, rope, use_reentrant=False)
         return x
-    # Round-off enters where Y_l = s Y_{l-1} + Z B is formed, in the dtype of s (the betas): float32 under
-    # autocast, so only a model cast to bf16/fp16 as a whole stores every lane. (A low-precision lane
-    # rebuilt in float32 rounds back to its exact stored value.)
-    lane_dtype = model.blocks[-1].qkv.beta.dtype if cfg.n_layer > 1 else x.dtype
-    stash = LaneStash(plan_stored_lanes(model.blocks, cfg.recompute_every, lane_dtype))
-    lanes = ()
-    for l, block in enumerate(model.blocks):
-        x, *lanes = CRNetBlock.apply(x, stash, l, block, rope, len(lanes), *lanes, *block.parameters())
+    # Round-off enters where Y_l = s Y_{l-1} + Z B is formed, in the dtype of s: at least float32
+    # (Projection.scale), so bf16 parameters or autocast do not force every lane to be stored.
+    # (A low-precision lane rebuilt in float32 rounds back to its exact stored value.)
+    beta = model.blocks[-1].qkv.beta if cfg.n_layer > 1 else x
+    stash = LaneStash(plan_stored_lanes(model.blocks, cfg.recompute_every, torch.promote_types(beta.dtype, torch.float32)))
+
+    def crnet_block(block, x, lanes, rope):  # runs inside block.__call__, after FSDP2 (if any) gathered it
+        lanes = lanes or ()
+        x, *lanes = CRNetBlock.apply(x, stash, block.layer_idx, block, rope, len(lanes), *lanes, *block.parameters())
+        return x, lanes
+
+    lanes = None
+    for block in model.blocks:
+        x, lanes = block(x, lanes, rope, via=crnet_block)
     return x
 
 
