@@ -1,7 +1,7 @@
 """
 Sample text from a checkpoint written by train.py.
 
-    python sample.py                                  # from out/ckpt.pt
+    python sample.py                                  # from out/ckpt.pt or out/ckpt_dcp/ (FSDP runs)
     python sample.py --out_dir=out --start="ROMEO:" --num_samples=2 --max_new_tokens=500
     python sample.py --start=FILE:prompt.txt --temperature=0 # greedy, prompt read from a file
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from model import ModelConfig, Transformer
+from parallel import load_for_inference
 from prepare_data import get_tokenizer
 from train import load_config
 
@@ -20,14 +20,9 @@ DEFAULTS = dict(out_dir="out", start="\n", num_samples=3, max_new_tokens=300, te
 
 def main(argv):
     c = load_config(argv, DEFAULTS)
-    path = Path(c["out_dir"]) / "ckpt.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first (python train.py --out_dir={c['out_dir']})")
     device = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = Transformer(ModelConfig(**{**ckpt["model_config"], "recompute": "none"}))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
+    model, ckpt = load_for_inference(c["out_dir"])
+    model.to(device)
     tok = get_tokenizer(ckpt["data_meta"]["tokenizer"])
     start = Path(c["start"][5:]).read_text() if c["start"].startswith("FILE:") else c["start"]
     ids = tok.encode(start) or [tok.eot_token]

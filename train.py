@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, Transformer, estimate_mfu, peak_flops_for
+import parallel as par
+from model import ModelConfig, estimate_mfu, peak_flops_for
 from prepare_data import ROOT, load_meta, prepare
 
 # ----------------------------------------------------------------------------- defaults
@@ -36,7 +36,7 @@ from prepare_data import ROOT, load_meta, prepare
 # I/O
 out_dir = "out"
 data_dir = "data/shakespeare_byte"  # prepared automatically when it is one of the bundled corpus's dirs
-init_from = "scratch"               # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"               # "scratch" or "resume" (from out_dir/ckpt.pt, or the newest out_dir/ckpt_dcp/iter_*)
 overwrite = False                   # scratch into an out_dir that holds a checkpoint needs this
 eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end)
 eval_tokens = 131072                # fixed validation (and train) tokens per evaluation, split over ranks
@@ -75,6 +75,7 @@ grad_clip = 1.0                     # 0 = no clipping (the norm is still compute
 device = "auto"                     # "auto" = cuda if available, else cpu
 dtype = "auto"                      # "auto" = bfloat16 autocast on cuda, float32 on cpu; or "float32" / "bfloat16"
 compile = False
+parallel = "ddp"                    # "ddp": a replica per process | "fsdp": FSDP2, parameters/grads/AdamW sharded (parallel.py)
 cpu_threads = 0                     # 0 = torch's default (divided among local processes under torchrun)
 peak_flops = 0.0                    # 0 = look the device up in model.PEAK_FLOPS; MFU is n/a when unknown
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and k.islower()
@@ -165,11 +166,12 @@ def evaluate(model, data, c, rank, world, device, autocast):
     mine = torch.arange(rank, n_windows, world) * T
     model.eval()
     total = torch.zeros(2, device=device)  # (sum of losses, number of windows)
-    for i in range(0, len(mine), B):
-        x, y = windows(data, mine[i:i + B], T, device)
+    for i in range(0, -(-n_windows // world), B):  # every rank makes the same number of calls (FSDP gathers)
+        starts = mine[i:i + B]
+        x, y = windows(data, starts if len(starts) else mine.new_zeros(1), T, device)
         with autocast:
             _, loss = model(x, y)
-        total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=device)])
+        total += torch.stack([loss.float() * len(starts), torch.tensor(float(len(starts)), device=device)])
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -178,13 +180,6 @@ def evaluate(model, data, c, rank, world, device, autocast):
 
 def rng_state():
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-save leaves the previous checkpoint untouched."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def peak_memory_mb(device):
@@ -207,15 +202,21 @@ def unigram_entropy(data, vocab_size):
 
 def main(argv):
     c = load_config(argv)
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if c["parallel"] not in par.MODES:
+        raise ValueError(f"parallel={c['parallel']!r} must be one of {par.MODES}")
+    fsdp = c["parallel"] == "fsdp"
+    multi = int(os.environ.get("WORLD_SIZE", 1)) > 1  # more than one process (torchrun), whichever the mode
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     dev = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda":
         dev = f"cuda:{local_rank}"
         torch.cuda.set_device(dev)
     device = torch.device(dev)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if multi:
+        dist.init_process_group(backend=backend)
+    elif fsdp:  # FSDP2 needs a process group even for one process (e.g. resuming a sharded run on one GPU)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     threads = c["cpu_threads"] or (max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -232,7 +233,7 @@ def main(argv):
         if master:
             say(f"preparing {data_dir} from the bundled corpus")
             prepare(ROOT / data_dir, tokenizer=bundled[c["data_dir"]])
-        if ddp:
+        if multi:
             dist.barrier()
         data_dir = ROOT / data_dir
     meta = load_meta(data_dir)
@@ -254,26 +255,26 @@ def main(argv):
 
     # ---- model, optimizer, resume
     out = Path(c["out_dir"])
-    ckpt_path = out / "ckpt.pt"
     metrics_path = out / "metrics.jsonl"
     if c["init_from"] not in ("scratch", "resume"):
         raise ValueError(f"init_from={c['init_from']!r} must be 'scratch' or 'resume'")
-    if c["init_from"] == "scratch" and ckpt_path.exists() and not c["overwrite"]:
+    ckpt_kind, ckpt_path = par.find_checkpoint(out)
+    if c["init_from"] == "scratch" and ckpt_kind and not c["overwrite"]:
         raise FileExistsError(f"{ckpt_path} exists: continue it with --init_from=resume, or pass --overwrite=True "
                               f"or another --out_dir to start over")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if c["init_from"] == "resume" else None
+    ckpt = par.load_train_state(out, c["parallel"]) if c["init_from"] == "resume" else None
     if ckpt is not None:  # the checkpoint's model and data must be what we are about to train
         for k in ModelConfig.field_names() + ["data_dir", "seed", "total_batch_tokens"]:
             if ckpt["config"][k] != c[k] and not (k == "data_dir" and Path(ckpt["config"][k]).resolve() == data_dir.resolve()):
                 raise ValueError(f"resume: config {k}={c[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}")
     mcfg = ModelConfig(**{k: c[k] for k in ModelConfig.field_names()})
-    torch.manual_seed(c["seed"])  # identical init on every rank
-    model = Transformer(mcfg).to(device)
-    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device.type)
+    # identical weights on every rank and in every mode; raw_model is what we checkpoint (no compile/DDP prefixes)
+    model, raw_model = par.build_model(mcfg, c["parallel"], device, c["seed"], dtype == "bfloat16",  # FSDP: bf16 parameters
+                                       c["compile"])
+    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device.type)
     start_iter, best_val = 0, float("inf")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        par.load_weights(out, c["parallel"], ckpt, raw_model, optimizer)
         start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
         states = ckpt["rng"]
         if len(states) != world:
@@ -285,11 +286,6 @@ def main(argv):
         del ckpt
     else:
         torch.manual_seed(c["seed"] + rank)  # dropout differs per rank
-    raw_model = model  # what we checkpoint: no compile or DDP prefixes
-    if c["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     counts = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token()
@@ -320,19 +316,18 @@ def main(argv):
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             x, y = train_batch(train_data, it, micro, rank, world, B, T, c["seed"], device)
-            sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
-            with sync:
+            with par.gradient_sync(model, c["parallel"], micro == grad_accum - 1):
                 with autocast:
                     _, loss = model(x, y)
                 (loss / grad_accum).backward()
             loss_sum += loss.detach().float()
-        if ddp:
+        if multi:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"] or float("inf")).item()
+        grad_norm = par.clip_grad_norm(list(model.parameters()), c["grad_clip"] or float("inf"))
         loss_val = loss_sum.item() / grad_accum
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             raise SystemExit(f"iteration {it}: non-finite loss {loss_val} or grad norm {grad_norm}; stopped before the "
-                             f"optimizer step. The last checkpoint ({ckpt_path}) is untouched.")
+                             f"optimizer step. The last checkpoint in {out} is untouched.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
@@ -355,21 +350,22 @@ def main(argv):
             best_val = min(best_val, val_loss)
             say(f"eval {done:6d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | best val {best_val:.4f}")
             states = [None] * world
-            if ddp:
+            if multi:
                 dist.all_gather_object(states, rng_state())
             else:
                 states = [rng_state()]
             if master:
                 log_metrics(metrics_path, {"iter": done, "val_loss": val_loss, "train_loss": train_loss})
-                save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg),
-                                            "data_meta": meta, "rng": states})
-                say(f"saved {ckpt_path}")
+            par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
+                "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg), "data_meta": meta,
+                "rng": states}, rank)
+            if master:
+                say(f"saved {par.find_checkpoint(out)[1]}")
             t0 = time.perf_counter()  # evaluation time is not training time
         if stopping:
             say(f"stop_iter={done} reached; continue with --init_from=resume")
             break
-    if ddp:
+    if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing the checkpoint: gloo aborts if a peer tears down first
         dist.destroy_process_group()
 
