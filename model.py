@@ -182,9 +182,9 @@ def rope_tables(head_dim, block_size, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, nh, T, hd); rotate the two halves of each head (GPT-NeoX / HF LLaMA layout)."""
-    T = x.shape[2]
-    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    """x: (B, T, nh, hd); rotate the two halves of each head (GPT-NeoX / HF LLaMA layout)."""
+    T = x.shape[1]
+    cos, sin = cos[:T, None].to(x.dtype), sin[:T, None].to(x.dtype)  # (T, 1, hd/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -218,9 +218,12 @@ class Block(nn.Module):
         """y_qkv (B, T, 3, h) -> attention output (B, T, h), before the o projection."""
         B, T, _, h = y_qkv.shape
         nh = self.cfg.n_head
-        q, k, v = (t.view(B, T, nh, h // nh).transpose(1, 2) for t in y_qkv.unbind(2))  # (B, nh, T, hd)
+        q, k, v = (t.view(B, T, nh, h // nh) for t in y_qkv.unbind(2))  # (B, T, nh, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # (B, nh, T, hd) as views: SDPA's output keeps the (B, T, nh, hd) layout, so the reshape below is a view
+        # too, not one more (B, T, h) copy kept for the o projection's backward
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         p = self.cfg.dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return a.transpose(1, 2).reshape(B, T, h)

@@ -217,15 +217,19 @@ def stored_numbers_per_token(cfg, mode, store=None):
     return (L - 1) * h + z + sum(group[g] for (l, g) in store)
 
 
-def held_activation_bytes(model, idx, targets):
-    """Bytes of the tensors created inside the layer loop of a training forward that are still alive
-    when it returns (kept by autograd, by checkpoint's closures or by the LaneStash), less the loop's
-    output. Counted by storage, so views and the stash's references are not double counted."""
+def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
+    """Bytes of the tensors created inside the layer loop of a training forward (whole=True: anywhere in the
+    forward) that are still alive when it returns, kept by autograd, by checkpoint's closures or by the
+    LaneStash; less the loop's output (whole: less the logits, which train.py drops). autocast: a dtype to run
+    the forward under, counted after leaving it (as train.py's backward does). Counted by storage, so
+    views and the stash's references are not double counted; parameters and buffers (e.g. a view of the RoPE
+    table) are not activations and are left out."""
     import weakref
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
     created = []
+    existing = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     class Track(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -242,16 +246,23 @@ def held_activation_bytes(model, idx, targets):
         outputs.append(y)
         return y
 
-    model.run_blocks = tracked
-    try:
-        model.train()
-        _, loss = model(idx, targets)
-    finally:
-        del model.run_blocks  # back to the class method
+    model.train()
+    with torch.autocast(idx.device.type, dtype=autocast, enabled=autocast is not None):
+        if whole:
+            with Track():
+                logits, loss = model(idx, targets)
+            outputs.append(logits)
+        else:
+            model.run_blocks = tracked
+            try:
+                _, loss = model(idx, targets)
+            finally:
+                del model.run_blocks  # back to the class method
     out_ptr = outputs[0].untyped_storage().data_ptr()
     alive = {}
     for ref in created:
         t = ref()
-        if t is not None and t.untyped_storage().data_ptr() != out_ptr:
-            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = None if t is None else t.untyped_storage().data_ptr()
+        if t is not None and ptr != out_ptr and ptr not in existing:
+            alive[ptr] = t.untyped_storage().nbytes()
     return sum(alive.values()), loss

@@ -318,7 +318,7 @@ def main(argv):
             x, y = train_batch(train_data, it, micro, rank, world, B, T, c["seed"], device)
             with par.gradient_sync(model, c["parallel"], micro == grad_accum - 1):
                 with autocast:
-                    _, loss = model(x, y)
+                    loss = model(x, y)[1]  # not `_, loss =`: that would keep the (B, T, vocab) logits through backward
                 (loss / grad_accum).backward()
             loss_sum += loss.detach().float()
         if multi:

@@ -1,0 +1,154 @@
+"""
+Memory planner: bytes per GPU for a training config under DDP and under FSDP2 on N GPUs, for each recompute
+mode, and whether that fits a GPU.
+
+    python plan.py configs/crnet_llama_7b.py                  # 8 GPUs of 80 GiB, the config's micro-batch
+    python plan.py configs/crnet_llama_7b.py --gpus=64 --gpu_gib=141 --batch_size=16
+    python plan.py --paper                                    # every paper config at a glance (README table)
+
+P parameters, N GPUs, A = bytes per activation number (4 float32, 2 bfloat16, the config's dtype; 'auto' is
+bfloat16, the GPU default):
+  params       DDP: 4P fp32, plus under bf16 autocast the bf16 weight copies autograd keeps for backward (every
+               matmul's without recompute, the head's with it). FSDP: 4P/N, plus the gathered copies (bf16 with mixed precision) of
+               the root (embeddings, head; FSDP2 keeps the root gathered) and two blocks (current, prefetched).
+  grads        DDP: 4P (DDP's buckets). FSDP: 4P/N, plus the unsharded gradients of the root and one block.
+  optimizer    AdamW's two moments: 8P, or 8P/N under FSDP.
+  activations  what autograd holds when the forward of one micro-batch ends (activation_numbers: counted
+               tensor by tensor from the ops in model.py and recompute.py; tests/test_plan.py checks it against
+               bytes counted on a real forward).
+  backward     the largest transient of the backward: the logits' gradients, plus one recomputed layer for
+               block/crnet recompute.
+Not counted: the CUDA context and allocator fragmentation (1-3 GiB in practice), so "fits" keeps 10% headroom.
+Dropout masks are not counted (the paper's configs use none).
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, Transformer
+from recompute import checkpoint_layers
+
+GiB = 2 ** 30
+PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for s in ("60m", "130m", "350m", "1b", "7b") for p in ("full", "crnet")]
+EXTRA = {"gpus": 8, "gpu_gib": 80.0, "paper": False}  # planner keys, on top of train.py's
+
+
+def layer_numbers(cfg, l, bf16):
+    """(float32 numbers, compute-dtype numbers) per token that autograd keeps for layer l with no recompute."""
+    h, ff, nh, L = cfg.n_embd, cfg.ff_dim, cfg.n_head, cfg.n_layer
+    llama, n_up, kind = cfg.arch == "llama", (2 if cfg.arch == "llama" else 1), cfg.layer_kind(l)
+    lanes_f32 = kind == "crnet"  # Eq. 6 outputs are float32 (Projection.scale); other outputs are compute dtype
+    cast = bf16 and lanes_f32    # SDPA and the next matmul then keep bf16 copies of their inputs
+    kept_above = l + 1 < L and cfg.layer_kind(l + 1) == "crnet"  # the layer above keeps our lanes (dL/dbeta)
+    f32 = 2 * ((1 + h) if llama else 2) + 2 * h  # 2 norms' statistics (+ RMSNorm's normalized x); residual x twice
+    act = 2 * h                                  # the 2 norms' outputs, as the next matmul keeps them
+    if kind != "full":
+        act += (3 + 1 + n_up + 1) * cfg.layer_rank(l) * (2 if kind == "cola" else 1)  # Z (cola: and silu(Z))
+    y = lambda n: (n, 0) if lanes_f32 else (0, n)  # numbers of a projection output, by its dtype
+    parts = [(nh, 0), (0, h)]                      # SDPA: logsumexp; its output (o's input is a view of it)
+    if cast:
+        parts += [(0, 3 * h)] + [y(3 * h)] * kept_above        # bf16 q, k, v; the fp32 lane if kept above
+    else:
+        parts += [y(3 * h)] + [y(2 * h)] * llama               # q, k, v (views of Y^qkv); rotated q, k
+    parts += [y(h)] * kept_above + [y(h)] * kept_above         # Y^o and Y^down, lanes kept above
+    parts += [y(n_up * ff), (0, ff)] + [y(ff)] * llama         # Y^up (act's input); down's input; silu(gate)
+    return f32 + sum(p[0] for p in parts), act + sum(p[1] for p in parts)
+
+
+def activation_numbers(cfg, mode, bf16):
+    """(float32, compute-dtype) numbers per token held at the end of a training forward (logits dropped)."""
+    h, L, llama = cfg.n_embd, cfg.n_layer, cfg.arch == "llama"
+    f32 = h + h + cfg.vocab_size + ((1 + h) if llama else 2)  # x_0, x_L, log-softmax, final norm statistics
+    act = h                                                   # final norm output, kept by the head
+    if mode == "none":
+        for l in range(L):
+            f, a = layer_numbers(cfg, l, bf16)
+            f32, act = f32 + f, act + a
+        return f32 - h, act  # x_L was counted by the last layer too
+    lanes = [3 * h, h, (2 if llama else 1) * cfg.ff_dim, h] if cfg.param == "crnet" else []
+    f32 += (L - 1) * h  # the inputs of blocks 2..L
+    if mode == "block":  # and their input lanes: float32, but layer 1's (full-rank) are in compute dtype
+        return f32 + max(0, L - 2) * sum(lanes), act + (L > 1) * sum(lanes)
+    if cfg.param != "crnet":
+        raise ValueError(f"recompute={mode!r} needs param='crnet'")
+    z = sum((3 + 1 + (2 if llama else 1) + 1) * cfg.layer_rank(l) for l in range(1, L))
+    return f32 + len(checkpoint_layers(L, cfg.recompute_every)) * sum(lanes), act + z
+
+
+def plan(c, parallel, mode, gpus):
+    """Bytes per GPU: dict of params, grads, optimizer, activations, backward, total."""
+    bf16 = c["dtype"] in ("bfloat16", "auto")
+    cfg = ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()}, "recompute": mode,
+                         "vocab_size": c["vocab_size"] or 50257})
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    counts = m.num_params()
+    P = counts["total"]
+    # the bf16 weight copies autocast makes and autograd keeps: every matmul's without recompute; only the head's
+    # with it (the blocks' copies are made again when they are recomputed)
+    copies = (counts["full_rank"] + counts["low_rank"] if mode == "none" else 0) + m.lm_head.weight.numel()
+    block = max(sum(p.numel() for p in b.parameters()) for b in m.blocks)
+    root = P - sum(p.numel() for p in m.blocks.parameters())
+    A, tokens = (2 if bf16 else 4), c["batch_size"] * c["block_size"]
+    f32, act = activation_numbers(cfg, mode, bf16)
+    f, a = layer_numbers(cfg, cfg.n_layer // 2, bf16)
+    backward = tokens * (cfg.vocab_size * (4 + A) + (0 if mode == "none" else 4 * f + A * a))
+    if parallel == "ddp":
+        r = {"params": 4 * P + (2 * copies if bf16 else 0), "grads": 4 * P, "optimizer": 8 * P}
+    else:
+        g = A if bf16 else 4  # gathered parameters are bf16 under FSDP's mixed precision
+        r = {"params": 4 * P / gpus + g * (root + 2 * block), "grads": 4 * P / gpus + g * (root + block),
+             "optimizer": 8 * P / gpus}
+    r["activations"] = tokens * (4 * f32 + A * act)
+    r["backward"] = backward
+    r["total"] = sum(r.values())
+    return r, P
+
+
+def report(c, argv):
+    gib, n = c["gpu_gib"], c["gpus"]
+    print(f"{' '.join(argv) or 'defaults'}: micro-batch {c['batch_size']} x {c['block_size']} tokens, dtype "
+          f"{'bfloat16' if c['dtype'] == 'auto' else c['dtype']}; GiB per GPU; fits = total <= 90% of {gib:g} GiB")
+    print("| parallel | recompute | params | grads | AdamW | activations | backward | total | fits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    modes = ["none", "block"] + (["crnet"] if c["param"] == "crnet" else [])
+    for parallel, label in (("ddp", "DDP"), ("fsdp", f"FSDP x{n}")):
+        for mode in modes:
+            r, P = plan(c, parallel, mode, n)
+            cells = " | ".join(f"{r[k] / GiB:.2f}" for k in ("params", "grads", "optimizer", "activations", "backward", "total"))
+            print(f"| {label} | {mode} | {cells} | {'yes' if r['total'] <= 0.9 * gib * GiB else 'no'} |")
+    print(f"{P / 1e6:.1f}M parameters")
+
+
+def paper_table(c):
+    """One row per paper config: parameters, and the total per GPU with its recompute mode, DDP vs FSDP."""
+    import train
+    print(f"GiB per GPU at each config's micro-batch and recompute setting, bf16; FSDP on {c['gpus']} GPUs")
+    print("| config | parameters | micro-batch | recompute | DDP total | FSDP total | fits 80 GiB (DDP / FSDP) |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for path in PAPER:
+        cc = {**train.load_config([path]), **{k: c[k] for k in EXTRA}}
+        d, P = plan(cc, "ddp", cc["recompute"], c["gpus"])
+        f, _ = plan(cc, "fsdp", cc["recompute"], c["gpus"])
+        fits = lambda r: "yes" if r["total"] <= 0.9 * 80 * GiB else "no"
+        print(f"| {Path(path).stem} | {P / 1e6:.1f}M | {cc['batch_size']} x {cc['block_size']} | {cc['recompute']} | "
+              f"{d['total'] / GiB:.1f} | {f['total'] / GiB:.1f} | {fits(d)} / {fits(f)} |")
+        rows.append((path, P, d, f))
+    return rows
+
+
+def main(argv):
+    import train
+    c = train.load_config(argv, {**train.DEFAULTS, **EXTRA})
+    if c["paper"]:
+        return paper_table(c)
+    report(c, argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")

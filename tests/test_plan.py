@@ -1,0 +1,56 @@
+"""plan.py against what we can count: activation bytes of a real forward, closed-form parameter counts."""
+import pytest
+import torch
+
+import plan
+import train
+from model import ModelConfig, Transformer
+from recompute import held_activation_bytes
+from test_model import closed_form
+
+CASES = [(arch, param, mode) for arch in ("llama", "gpt2") for param in ("full", "crnet", "lowrank", "cola")
+         for mode in ("none", "block", "crnet") if mode != "crnet" or param == "crnet"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("arch,param,mode", CASES)
+def test_activation_figures_match_counted_bytes(arch, param, mode, dtype):
+    """The planner's activations (plus, under autocast, the bf16 weight copies it books under params) against
+    the bytes still alive after a real training forward, counted tensor by tensor. Measured: within 1%; the
+    issue asks for 15%, we hold it to 2%. (Ranks vary per layer to catch a formula that assumes one rank.)"""
+    cfg = ModelConfig(arch=arch, n_layer=5, n_head=4, n_embd=64, intermediate_size=160, vocab_size=97, block_size=32,
+                      param=param, rank=[16, 12, 16, 8, 16], recompute=mode, recompute_every=2)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    idx = torch.randint(0, 97, (3, 32))
+    held, _ = held_activation_bytes(m, idx, idx, whole=True, autocast=dtype)
+    c = {**train.DEFAULTS, **{k: getattr(cfg, k) for k in ModelConfig.field_names()}, "batch_size": 3,
+         "block_size": 32, "dtype": "bfloat16" if dtype else "float32"}
+    r, P = plan.plan(c, "ddp", mode, 1)
+    predicted = r["activations"] + (r["params"] - 4 * P)
+    assert predicted == pytest.approx(held, rel=0.02), (predicted, held)
+
+
+def test_paper_table_matches_closed_form_counts(capsys):
+    rows = plan.paper_table({**train.DEFAULTS, **plan.EXTRA})
+    text = capsys.readouterr().out
+    assert len(rows) == 10 and text.count("\n| ") == 11  # header + 10 configs
+    for path, P, ddp, fsdp in rows:
+        c = train.load_config([path])
+        assert P == closed_form("llama", c["param"], c["n_embd"], c["intermediate_size"], c["n_head"], c["n_layer"],
+                                50257, c["rank"])
+        assert f"| {P / 1e6:.1f}M |" in text
+        # independent arithmetic: AdamW is 8 bytes per parameter, sharded 8 ways; fp32 gradients 4
+        assert ddp["optimizer"] == 8 * P and fsdp["optimizer"] == pytest.approx(P)
+        assert ddp["grads"] == 4 * P and fsdp["total"] < ddp["total"]
+    seven = {p.split("/")[-1]: (d, f) for p, _, d, f in rows}
+    assert seven["full_llama_7b.py"][0]["total"] > 80 * plan.GiB  # full 7B needs FSDP on 80 GiB GPUs...
+    assert seven["crnet_llama_7b.py"][0]["total"] < 0.9 * 80 * plan.GiB  # ...CR-Net 7B with crnet recompute does not
+
+
+def test_report_and_errors(capsys):
+    plan.main(["configs/crnet_llama_7b.py", "--gpus=4", "--gpu_gib=40"])
+    out = capsys.readouterr().out
+    assert "| FSDP x4 | crnet |" in out and "3092.9M parameters" in out
+    with pytest.raises(ValueError, match="unknown config key 'gpu'"):
+        plan.main(["--gpu=4"])
