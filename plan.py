@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from model import ModelConfig, Transformer
-from recompute import checkpoint_layers
+from recompute import checkpoint_layers, lane_numbers, z_numbers
 
 GiB = 2 ** 30
 PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for s in ("60m", "130m", "350m", "1b", "7b") for p in ("full", "crnet")]
@@ -66,14 +66,13 @@ def activation_numbers(cfg, mode, bf16):
             f, a = layer_numbers(cfg, l, bf16)
             f32, act = f32 + f, act + a
         return f32 - h, act  # x_L was counted by the last layer too
-    lanes = [3 * h, h, (2 if llama else 1) * cfg.ff_dim, h] if cfg.param == "crnet" else []
+    lanes = lane_numbers(cfg) if cfg.param == "crnet" else []
     f32 += (L - 1) * h  # the inputs of blocks 2..L
     if mode == "block":  # and their input lanes: float32, but layer 1's (full-rank) are in compute dtype
         return f32 + max(0, L - 2) * sum(lanes), act + (L > 1) * sum(lanes)
     if cfg.param != "crnet":
         raise ValueError(f"recompute={mode!r} needs param='crnet'")
-    z = sum((3 + 1 + (2 if llama else 1) + 1) * cfg.layer_rank(l) for l in range(1, L))
-    return f32 + len(checkpoint_layers(L, cfg.recompute_every)) * sum(lanes), act + z
+    return f32 + len(checkpoint_layers(L, cfg.recompute_every)) * sum(lanes), act + z_numbers(cfg)
 
 
 def plan(c, parallel, mode, gpus):

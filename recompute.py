@@ -55,8 +55,8 @@ def plan_stored_lanes(blocks, every, dtype):
     # min |s| per (layer, group): the bound below only needs the largest 1/|s| of each group
     betas = [p.beta for blk in blocks[1:] for p in blk.projections()]
     local = [b.to_local() if hasattr(b, "to_local") else b for b in betas]  # DTensor shard, or the tensor
-    min_s = torch.stack([(p.detach().abs().min() if p.numel() else p.new_tensor(float("inf"))).double()
-                         for p in local]) + blocks[1].qkv.beta_eps if betas else torch.zeros(0)
+    min_abs = [(p.detach().abs().min() if p.numel() else p.new_tensor(float("inf"))).double() for p in local]
+    min_s = torch.stack(min_abs) + blocks[1].qkv.beta_eps if betas else torch.zeros(0)  # |s| = |beta| + eps
     if betas and hasattr(betas[0], "device_mesh"):
         torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
     inv_s = (1.0 / min_s).view(-1, 4).tolist()  # one host copy of all betas per step: one GPU sync
@@ -204,17 +204,27 @@ def stored_numbers_per_token(cfg, mode, store=None):
         crnet: (L-1) * h + 7 (L-1) r + |C| (5h + 2 ff) block inputs + Z + stored lanes (C: checkpoint set)
     for LLaMA; GPT-2's lanes are 3h + h + 4h + h = 9h per layer and its Z 6r. `store` replaces the
     checkpoint set by an actual (layer, group) plan, e.g. one the round-off guard extended."""
-    L, h, ff = cfg.n_layer, cfg.n_embd, cfg.ff_dim
-    n_up = 2 if cfg.arch == "llama" else 1
-    group = [3 * h, h, n_up * ff, h]  # lane numbers per token of qkv, o, up, down
+    L, h = cfg.n_layer, cfg.n_embd
+    group = lane_numbers(cfg)
     if mode == "block":
         return (L - 1) * (h + sum(group))
     if mode != "crnet":
         raise ValueError(f"no formula for recompute={mode!r}: 'none' keeps every intermediate")
     if store is None:
         store = {(l, g) for l in checkpoint_layers(L, cfg.recompute_every) for g in range(4)}
-    z = sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(1, L))
-    return (L - 1) * h + z + sum(group[g] for (l, g) in store)
+    return (L - 1) * h + z_numbers(cfg) + sum(group[g] for (l, g) in store)
+
+
+def lane_numbers(cfg):
+    """Lane numbers per token of one layer, per group (qkv, o, up, down)."""
+    h = cfg.n_embd
+    return [3 * h, h, (2 if cfg.arch == "llama" else 1) * cfg.ff_dim, h]
+
+
+def z_numbers(cfg):
+    """Numbers per token of every Z = X A that crnet recompute keeps (layers 2..L)."""
+    n_up = 2 if cfg.arch == "llama" else 1
+    return sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(1, cfg.n_layer))
 
 
 def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
