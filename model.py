@@ -34,6 +34,8 @@ class ModelConfig:
     # CR-Net specifics. Paper: eps = 1e-6, beta learnable; the rest is our choice (README, "Initialization").
     beta_init: float = 0.5 ** 0.5  # initial beta of every CR layer: the lane carries beta_init^2 of the output variance
     beta_eps: float = 1e-6         # Eq. 6: s = sign(beta) * (|beta| + eps)
+    beta_learnable: bool = True    # False: every beta stays at beta_init (the paper's fixed-beta ablation)
+    first_layer: str = "full"      # CR-Net's layer 1: "full" (paper) or "lowrank" (the paper's ablation: X A B, no lane in)
     init_std: float = 0.02         # std of a full-rank projection; the low-rank factors are scaled to match it
     # Activation recomputation (recompute.py): "none" | "block" (torch.utils.checkpoint) | "crnet" (Algorithm 1)
     recompute: str = "none"
@@ -48,6 +50,11 @@ class ModelConfig:
             bad("param", f"must be one of {PARAMS}")
         if self.recompute not in RECOMPUTE:
             bad("recompute", f"must be one of {RECOMPUTE}")
+        if self.first_layer not in ("full", "lowrank"):
+            bad("first_layer", "must be 'full' or 'lowrank'")
+        if self.param != "crnet" and (self.first_layer != "full" or not self.beta_learnable):
+            bad("first_layer" if self.first_layer != "full" else "beta_learnable",
+                f"is a CR-Net ablation and needs param='crnet' (got param={self.param!r})")
         if self.recompute == "crnet" and self.param != "crnet":
             bad("recompute", f"'crnet' recomputation inverts Eq. 6 and needs param='crnet' (got param={self.param!r}); use 'block'")
         for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size", "recompute_every"):
@@ -73,7 +80,7 @@ class ModelConfig:
             bad("rank", f"a rank list needs n_layer={self.n_layer} entries, got {len(ranks)}")
         limit = min(self.n_embd, self.ff_dim)  # every projection has h_in, h_out in {n_embd, ff_dim}
         for l, r in enumerate(ranks):
-            if l == 0 and self.param == "crnet":
+            if self.layer_kind(l) == "full":
                 continue  # layer 1 of CR-Net is full-rank; its entry is unused
             if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r < limit:
                 bad("rank", f"layer {l + 1} rank {r!r} must be an integer with 1 <= r < min(n_embd, ff_dim) = {limit}")
@@ -87,9 +94,10 @@ class ModelConfig:
         return self.rank[l] if isinstance(self.rank, list) else self.rank
 
     def layer_kind(self, l):
-        """Parameterization of layer l (0-based): CR-Net keeps layer 1 full-rank (Sec. 2)."""
+        """Parameterization of layer l (0-based): CR-Net keeps layer 1 full-rank (Sec. 2), or, as the paper's
+        ablation, makes it plain low-rank X A B; either way it has no lane in and its outputs start the lanes."""
         if self.param == "crnet" and l == 0:
-            return "full"
+            return self.first_layer
         return self.param
 
     @classmethod
@@ -118,7 +126,7 @@ class Projection(nn.Module):
             self.A = nn.Parameter(torch.empty(h_in, n * rank))   # fused over the n projections
             self.B = nn.Parameter(torch.empty(n, rank, h_out))   # one r x h_out factor per projection
         if lane_in:
-            self.beta = nn.Parameter(torch.empty(n))             # one scalar per layer and position
+            self.beta = nn.Parameter(torch.empty(n), requires_grad=cfg.beta_learnable)  # one per layer and position
         self.bias = nn.Parameter(torch.empty(n, h_out)) if bias else None
         self.reset_parameters()
 
@@ -269,7 +277,7 @@ class Transformer(nn.Module):
     | low-rank A (h_in x n*r)        | N(0, 1 / sqrt(h_in))                    | Z = X A keeps the variance of X (what recompute stores) |
     | low-rank B (n x r x h_out)     | N(0, std_W * sqrt(h_in / r * gain))     | Var(X A B) = gain * Var(X W_full) |
     |   gain, crnet layers 2..L      | 1 - beta_init^2                         | Var(Y_l) = b^2 Var(Y_{l-1}) + (1-b^2) Var(full) = Var(full) at every depth |
-    |   gain, lowrank / cola         | 1 / 1 / E[silu(z)^2] = 1 / 0.3557       | same output variance as full-rank |
+    |   gain, lowrank / cola         | 1 / 1 / E[silu(z)^2] = 1 / 0.3557       | same output variance as full-rank (so is a low-rank CR-Net layer 1) |
     | beta (crnet, layers 2..L)      | beta_init (default 1/sqrt(2))           | see README "Initialization": measured per-layer output std ratio |
     | norm weights                   | 1 (biases 0)                            | standard |
     | projection biases (GPT-2)      | 0                                       | standard |

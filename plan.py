@@ -40,7 +40,8 @@ def layer_numbers(cfg, l, bf16):
     llama, n_up, kind = cfg.arch == "llama", (2 if cfg.arch == "llama" else 1), cfg.layer_kind(l)
     lanes_f32 = kind == "crnet"  # Eq. 6 outputs are float32 (Projection.scale); other outputs are compute dtype
     cast = bf16 and lanes_f32    # SDPA and the next matmul then keep bf16 copies of their inputs
-    kept_above = l + 1 < L and cfg.layer_kind(l + 1) == "crnet"  # the layer above keeps our lanes (dL/dbeta)
+    # the layer above keeps our lanes for dL/dbeta (not for a fixed beta: autograd saves only what it will use)
+    kept_above = l + 1 < L and cfg.layer_kind(l + 1) == "crnet" and cfg.beta_learnable
     f32 = 2 * ((1 + h) if llama else 2) + 2 * h  # 2 norms' statistics (+ RMSNorm's normalized x); residual x twice
     act = 2 * h                                  # the 2 norms' outputs, as the next matmul keeps them
     if kind != "full":

@@ -116,7 +116,8 @@ class CRNetBlock(torch.autograd.Function):
                 return proj(inp)
             z = proj.lowrank_z(inp)
             zs.append(z)
-            return torch.addcmul(proj.delta(inp, z), proj.scale().view(proj.n, 1), lane)  # as Projection.forward
+            d = proj.delta(inp, z)
+            return torch.addcmul(d, proj.scale().view(proj.n, 1), lane) if proj.lane_in else d  # as Projection.forward
 
         with torch.autocast(x.device.type, enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
             x_out, lanes_out = block.forward(x, lanes or None, rope, project)  # .forward: hooks ran outside
@@ -148,6 +149,8 @@ class CRNetBlock(torch.autograd.Function):
             else:
                 z = KnownMatmul.apply(inp, proj.A, next(zs_iter).flatten(-2)).unflatten(-1, (proj.n, proj.rank))
                 d = proj.delta(inp, z)  # Z B (+ b): the one forward matmul redone
+                if not proj.lane_in:    # a low-rank layer 1 (first_layer="lowrank"): Y = Z B, no lane below
+                    return d
                 s = proj.scale().view(proj.n, 1)
                 prev = stash.lanes.get((l - 1, g))
                 if prev is None:  # invert Eq. 6 and hand the lane to the block below
@@ -168,7 +171,9 @@ class CRNetBlock(torch.autograd.Function):
             x_out, lanes_out = block.forward(x, [None] * 4 if l else None, ctx.rope, project)
         pairs = [(y, g) for y, g in zip((x_out, *lanes_out), (g_x, *g_lanes)) if g is not None]
         inputs = [x, *leaves, *ctx.params]
-        grads = torch.autograd.grad([y for y, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+        wanted = [t for t in inputs if t.requires_grad]  # not frozen parameters (beta_learnable=False)
+        found = iter(torch.autograd.grad([y for y, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        grads = [next(found) if t.requires_grad else None for t in inputs]
         return (grads[0], None, None, None, None, None, *grads[1:])
 
 
@@ -222,9 +227,9 @@ def lane_numbers(cfg):
 
 
 def z_numbers(cfg):
-    """Numbers per token of every Z = X A that crnet recompute keeps (layers 2..L)."""
+    """Numbers per token of every Z = X A that crnet recompute keeps (layers 2..L, and 1 if it is low-rank)."""
     n_up = 2 if cfg.arch == "llama" else 1
-    return sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(1, cfg.n_layer))
+    return sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(cfg.n_layer) if cfg.layer_kind(l) != "full")
 
 
 def held_activation_bytes(model, idx, targets, whole=False, autocast=None):

@@ -106,11 +106,14 @@ def reference_forward(m, idx):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("param", ["full", "crnet", "lowrank", "cola"])
-def test_model_matches_reference_forward(arch, param):
-    """Lanes flow across blocks exactly as Eq. 6 says, with betas of both signs and a per-layer rank list."""
+@pytest.mark.parametrize("param,first_layer", [("full", "full"), ("crnet", "full"), ("lowrank", "full"), ("cola", "full"),
+                                               ("crnet", "lowrank")])
+def test_model_matches_reference_forward(arch, param, first_layer):
+    """Lanes flow across blocks exactly as Eq. 6 says, with betas of both signs and a per-layer rank list;
+    first_layer="lowrank" (CR-Net's ablation) makes layer 1 X A B and starts the lanes from it."""
     torch.manual_seed(1)
-    m = Transformer(cfg(arch=arch, param=param, n_layer=4, rank=[8, 4, 6, 5], bias=arch == "gpt2"))
+    m = Transformer(cfg(arch=arch, param=param, n_layer=4, rank=[8, 4, 6, 5], bias=arch == "gpt2", first_layer=first_layer))
+    assert hasattr(m.blocks[0].qkv, "weight") == (param == "full" or (param == "crnet" and first_layer == "full"))
     with torch.no_grad():
         for p in m.parameters():  # random everything, so a swapped factor or a skipped lane cannot hide
             p.add_(0.05 * torch.randn_like(p))
@@ -147,7 +150,7 @@ def test_crnet_lanes_carry_layer1_outputs_scaled_by_the_betas():
 
 
 # ---------------------------------------------------------------- parameter counts against the closed form
-def closed_form(arch, param, h, ff, nh, L, V, r, T=256, bias=False):
+def closed_form(arch, param, h, ff, nh, L, V, r, T=256, bias=False, first_layer="full"):
     if arch == "llama":
         full_layer, lr_layer, n_pos = 4 * h * h + 3 * h * ff, r * (11 * h + 3 * ff), 7
         fixed = 2 * V * h + 2 * h * L + h  # embeddings + untied head + 2 RMSNorms per layer + final
@@ -159,8 +162,17 @@ def closed_form(arch, param, h, ff, nh, L, V, r, T=256, bias=False):
         b = (3 * h + h + ff + h) * L if bias else 0
         fixed += b
     layers = {"full": L * full_layer, "lowrank": L * lr_layer, "cola": L * lr_layer,
-              "crnet": full_layer + (L - 1) * (lr_layer + n_pos)}[param]
+              "crnet": (full_layer if first_layer == "full" else lr_layer) + (L - 1) * (lr_layer + n_pos)}[param]
     return fixed + layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_low_rank_first_layer_count(arch):
+    kw = dict(arch=arch, n_embd=512, intermediate_size=1376, n_head=8, n_layer=8, vocab_size=32000, rank=128)
+    with torch.device("meta"):
+        m = Transformer(ModelConfig(param="crnet", first_layer="lowrank", **kw))
+    assert m.num_params()["full_rank"] == 0
+    assert m.num_params()["total"] == closed_form(arch, "crnet", 512, 1376, 8, 8, 32000, 128, first_layer="lowrank")
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -222,6 +234,9 @@ def test_optimizer_groups_cover_every_parameter_once(arch, param):
     (dict(param="svd"), "param"), (dict(n_layer=0), "n_layer"), (dict(vocab_size=-1), "vocab_size"),
     (dict(recompute="crnet", param="full"), "recompute"), (dict(recompute="yes"), "recompute"),
     (dict(beta_init=0.0), "beta_init"), (dict(dropout=1.0), "dropout"), (dict(bias=True), "bias"),
+    (dict(first_layer="low"), "first_layer"), (dict(param="lowrank", first_layer="lowrank"), "first_layer"),
+    (dict(param="full", beta_learnable=False), "beta_learnable"),
+    (dict(param="crnet", first_layer="lowrank", rank=[999, 8, 8]), "rank"),
 ])
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}="):
@@ -232,6 +247,25 @@ def test_crnet_first_rank_entry_is_unused():
     cfg(param="crnet", rank=[999, 8, 8])  # layer 1 is full-rank: its entry is not checked
     with pytest.raises(ValueError, match="layer 1 rank"):
         cfg(param="lowrank", rank=[999, 8, 8])
+
+
+def test_fixed_beta_stays_put_and_the_rest_trains():
+    """beta_learnable=False: no gradient, not in the optimizer, unchanged by steps; the factors still move."""
+    torch.manual_seed(0)
+    m = Transformer(cfg(param="crnet", beta_learnable=False, beta_init=0.6))
+    opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    B0 = m.blocks[1].qkv.B.detach().clone()
+    idx = torch.randint(0, 50, (2, 16))
+    for _ in range(2):
+        m(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    for blk in m.blocks[1:]:
+        for proj in blk.projections():
+            assert proj.beta.grad is None and id(proj.beta) not in in_opt
+            assert torch.equal(proj.beta.detach(), torch.full_like(proj.beta, 0.6))
+    assert not torch.equal(m.blocks[1].qkv.B, B0)
 
 
 # ---------------------------------------------------------------- init, FLOPs, MFU, generate

@@ -10,6 +10,8 @@ from test_model import closed_form
 
 CASES = [(arch, param, mode) for arch in ("llama", "gpt2") for param in ("full", "crnet", "lowrank", "cola")
          for mode in ("none", "block", "crnet") if mode != "crnet" or param == "crnet"]
+ABLATIONS = {"lowrank-first": dict(first_layer="lowrank"), "fixed-beta": dict(beta_learnable=False)}
+CASES += [("llama", f"crnet:{a}", mode) for a in ABLATIONS for mode in ("none", "block", "crnet")]
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
@@ -18,8 +20,9 @@ def test_activation_figures_match_counted_bytes(arch, param, mode, dtype):
     """The planner's activations (plus, under autocast, the bf16 weight copies it books under params) against
     the bytes still alive after a real training forward, counted tensor by tensor. Measured: within 1%; the
     issue asks for 15%, we hold it to 2%. (Ranks vary per layer to catch a formula that assumes one rank.)"""
+    param, _, ablation = param.partition(":")
     cfg = ModelConfig(arch=arch, n_layer=5, n_head=4, n_embd=64, intermediate_size=160, vocab_size=97, block_size=32,
-                      param=param, rank=[16, 12, 16, 8, 16], recompute=mode, recompute_every=2)
+                      param=param, rank=[16, 12, 16, 8, 16], recompute=mode, recompute_every=2, **ABLATIONS.get(ablation, {}))
     torch.manual_seed(0)
     m = Transformer(cfg)
     idx = torch.randint(0, 97, (3, 32))

@@ -25,7 +25,7 @@ def loss_and_grads(m, idx, seed=0):
     m.zero_grad(set_to_none=True)
     _, loss = m(idx, idx)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
 def assert_grads_close(ref, got, rtol=1e-5):
@@ -56,6 +56,22 @@ def test_crnet_recompute_matches_plain_autograd(arch, every, n_layer):
     l_rc, g_rc = loss_and_grads(rc, idx)
     assert torch.equal(l_ref, l_rc)
     assert_grads_close(g_ref, g_rc)
+
+
+@pytest.mark.parametrize("kw", [dict(first_layer="lowrank"), dict(beta_learnable=False), dict(arch="gpt2", bias=True,
+                                first_layer="lowrank", beta_learnable=False)], ids=["lowrank-first", "fixed-beta", "both"])
+def test_crnet_recompute_matches_plain_autograd_in_the_ablations(kw):
+    ref, rc = twins("crnet", n_layer=5, recompute_every=2, rank=[5, 4, 6, 5, 7], **kw)
+    idx = torch.randint(0, 50, (3, 16))
+    l_ref, g_ref = loss_and_grads(ref, idx)
+    l_rc, g_rc = loss_and_grads(rc, idx)
+    assert torch.equal(l_ref, l_rc) and g_ref.keys() == g_rc.keys()
+    assert any("A" in n for n in g_ref if n.startswith("blocks.0.")) == (kw.get("first_layer") == "lowrank")
+    assert any(n.endswith("beta") for n in g_ref) == kw.get("beta_learnable", True)
+    assert_grads_close(g_ref, g_rc)
+    m = make("crnet", n_layer=5, recompute_every=2, rank=[5, 4, 6, 5, 7], **kw)
+    held, _ = held_activation_bytes(m, idx, idx)  # layer 1's Z is kept too when it is low-rank
+    assert held == stored_numbers_per_token(m.cfg, "crnet") * 4 * idx.numel()
 
 
 def test_dropout_is_replayed_exactly():
