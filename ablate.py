@@ -1,0 +1,246 @@
+"""
+Ablations side by side: full-rank, CR-Net, vanilla low-rank and CoLA (and the paper's CR-Net ablations)
+trained on the same data, tokens, seed and schedule, each in a fresh train.py process; then one table
+(parameters, final validation loss, tokens/s, peak memory) and a loss-curve plot from the runs' metrics.
+
+    python ablate.py                                  # CPU default: train.py's defaults, byte Shakespeare; ~17 min on 2 cores
+    python ablate.py --variants=crnet,crnet_fixed_beta,crnet_lowrank_first,crnet_middle_heavy
+    python ablate.py configs/ablate_llama_60m.py       # the paper's 60M dimensions, for a GPU
+    python ablate.py configs/ablate_llama_60m.py --nproc=8          # each run under torchrun on 8 GPUs
+
+Ranks. The config's `rank` is CR-Net's (layers 2..L). lowrank and cola get the rank whose non-embedding
+parameter count is nearest CR-Net's (an error if none is within 2%); crnet_middle_heavy spreads the same
+total rank over layers 2..L as sin(pi k / L), k = 1..L-1, so its count equals crnet's exactly;
+crnet_lowrank_first keeps the rank and simply drops layer 1's full-rank weights (fewer parameters, shown).
+Each run writes to ablate_dir/<variant>/ (its train.log, metrics.jsonl, checkpoint). Running the same command
+again reuses finished runs, resumes interrupted ones from their checkpoint, and refuses (naming the variant) a
+directory trained with other arguments unless --overwrite=True. --stop_iter=N stops every run at N, to split an
+ablation across sessions. Config files and --key=value set train.py's keys (shared by every run) and
+ablate.py's own keys below; each run is launched with the merged config spelled out as --key=value.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import parallel as par
+import train
+from model import ModelConfig, Transformer
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {  # name -> what it changes in the base config ("matched" / "middle_heavy": ranks computed below)
+    "full": dict(param="full"),
+    "crnet": dict(param="crnet"),
+    "lowrank": dict(param="lowrank", rank="matched"),
+    "cola": dict(param="cola", rank="matched"),
+    "crnet_fixed_beta": dict(param="crnet", beta_learnable=False),      # paper: learnable beta converges better
+    "crnet_lowrank_first": dict(param="crnet", first_layer="lowrank"),  # paper (350M): ppl 18.95 -> 19.68
+    "crnet_middle_heavy": dict(param="crnet", rank="middle_heavy"),     # paper: larger ranks in the middle work best
+}
+DEFAULTS = {"ablate_dir": "out/ablate", "variants": "full,crnet,lowrank,cola", "nproc": 1, "overwrite": False,
+            "plot": True}
+MATCH_TOL = 0.02
+
+
+def model_config(c, **changes):
+    """The ModelConfig of a train.py config (validated); before the data is read the vocabulary is a stand-in."""
+    return ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()}, "vocab_size": c["vocab_size"] or 256, **changes})
+
+
+def non_embedding_params(c, **changes):
+    """Parameters outside the token/position embeddings and the LM head (the part the methods differ in)."""
+    with torch.device("meta"):
+        n = Transformer(model_config(c, **{"recompute": "none", **changes})).num_params()  # counts ignore recompute
+    return n["total"] - n["embeddings"] - n["lm_head"]
+
+
+def matched_rank(c, param, target):
+    """The uniform rank of `param` whose non-embedding count is nearest `target`. Counts are linear in the rank
+    (P(r) = P(1) + (r - 1) k), so two counted models give it; the result is counted again and checked."""
+    p1, p2 = non_embedding_params(c, param=param, rank=1), non_embedding_params(c, param=param, rank=2)
+    limit = min(c["n_embd"], c["intermediate_size"] if c["arch"] == "llama" else 4 * c["n_embd"]) - 1
+    r = min(limit, max(1, round(1 + (target - p1) / (p2 - p1))))
+    got = non_embedding_params(c, param=param, rank=r)
+    if abs(got / target - 1) > MATCH_TOL:
+        raise ValueError(f"no {param} rank matches CR-Net's {target:,} non-embedding parameters within {MATCH_TOL:.0%}: "
+                         f"the nearest, r={r}, gives {got:,}; change --rank or the model size")
+    return r
+
+
+def middle_heavy_ranks(n_layer, rank):
+    """Ranks of layers 2..L proportional to sin(pi k / L), k = 1..L-1, summing to (L-1) * rank (largest
+    remainders rounded up), so the parameter count is crnet's; layer 1's entry is unused (full-rank)."""
+    w = [math.sin(math.pi * k / n_layer) for k in range(1, n_layer)]
+    exact = [(n_layer - 1) * rank * x / sum(w) for x in w]
+    ranks = [math.floor(e) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: ranks[i] - exact[i])[:(n_layer - 1) * rank - sum(ranks)]:
+        ranks[i] += 1
+    return [rank] + ranks
+
+
+def variant_changes(c, name):
+    """The train.py config keys that turn the base config c into variant `name`."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if not isinstance(c["rank"], int):
+        raise ValueError(f"rank={c['rank']!r}: ablate.py needs one CR-Net rank (an int) to derive the others from")
+    v = {"beta_learnable": True, "first_layer": "full", "rank": c["rank"], **VARIANTS[name]}
+    if v["rank"] == "matched":
+        v["rank"] = matched_rank(c, v["param"], non_embedding_params(c, param="crnet", rank=c["rank"]))
+    elif v["rank"] == "middle_heavy":
+        v["rank"] = middle_heavy_ranks(c["n_layer"], c["rank"])
+    if c["recompute"] == "crnet" and v["param"] != "crnet":
+        v["recompute"] = "block"  # crnet recomputation needs CR-Net's lanes; the baselines checkpoint blocks
+    return v
+
+
+def finished(run, max_iters):
+    m = run / "metrics.jsonl"
+    rows = [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.is_file() else []
+    return any(r.get("iter") == max_iters and "val_loss" in r for r in rows)
+
+
+def run_variant(name, args, run, a, max_iters):
+    """Train one variant into `run` (or reuse/resume it); returns the wall seconds of its training so far."""
+    stamp = run / "ablate.json"
+    old = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if old is not None and old["args"] != args and not a["overwrite"]:
+        raise ValueError(f"{run} holds variant {name!r} trained with other arguments ({' '.join(old['args'])}); "
+                         f"pass --overwrite=True or another --ablate_dir")
+    if old is None and par.find_checkpoint(run)[0] and not a["overwrite"]:
+        raise FileExistsError(f"{run} holds a checkpoint that ablate.py did not write; pass --overwrite=True or another "
+                              f"--ablate_dir")
+    same = old is not None and old["args"] == args
+    if same and finished(run, max_iters):
+        print(f"== {name}: finished earlier in {run}, reused")
+        return old["seconds"]
+    resume = same and par.find_checkpoint(run)[0] is not None
+    extra = ["--init_from='resume'"] if resume else ["--overwrite=True"]
+    launch = [sys.executable] if a["nproc"] == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       f"--nproc_per_node={a['nproc']}"]
+    cmd = [*launch, str(HERE / "train.py"), *args, f"--out_dir={str(run)!r}", *extra, f"--stop_iter={a['stop_iter']}"]
+    print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 3:])}", flush=True)
+    run.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    seconds = (old["seconds"] if resume else 0.0)
+    stamp.write_text(json.dumps({"args": args, "seconds": seconds}))  # before training: marks the dir as ours
+    with open(run / "train.log", "a" if resume else "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the log follows the run live
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if line.startswith(("eval", "model:", "error")):
+                print(f"   {line.rstrip()}", flush=True)
+    seconds += time.perf_counter() - t0
+    stamp.write_text(json.dumps({"args": args, "seconds": seconds}))
+    if proc.wait():
+        raise SystemExit(f"variant {name} failed (exit {proc.returncode}); its log: {run / 'train.log'}")
+    return seconds
+
+
+def summarize(name, run, seconds, base_ne):
+    c = json.loads((run / "config.json").read_text())
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train_rows, evals = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+    tps = sorted(r["tokens_per_s"] for r in train_rows[1:] or train_rows)  # the first window includes warmup
+    with torch.device("meta"):
+        n = Transformer(model_config(c)).num_params()  # the run's config.json holds the data's vocabulary
+    ne = n["total"] - n["embeddings"] - n["lm_head"]
+    return {"variant": name, "param": c["param"], "rank": c["rank"], "non_embedding": ne, "vs_crnet": ne / base_ne,
+            "total": n["total"], "val_loss": evals[-1]["val_loss"], "best_val": min(r["val_loss"] for r in evals),
+            "train_loss": evals[-1]["train_loss"], "tokens_per_s": tps[len(tps) // 2],
+            "peak_mem_mb": max(r["peak_mem_mb"] for r in train_rows), "seconds": seconds, "curve": rows}
+
+
+def table(results, c, device):
+    full = next((r for r in results if r["variant"] == "full"), None)
+    mem = "max_memory_allocated" if device == "cuda" else "peak RSS of the process"
+    lines = [f"{c['arch']} h={c['n_embd']} L={c['n_layer']} h_ff={c['intermediate_size']}, CR-Net rank {c['rank']}; "
+             f"{c['max_iters']} steps x {c['total_batch_tokens']:,} tokens, lr {c['learning_rate']}, seed {c['seed']}, "
+             f"data {c['data_dir']}; device {device}; memory = {mem}",
+             "| variant | rank | non-emb params | vs crnet | vs full | total params | final val loss | best val | "
+             "final train loss | tokens/s | vs full | peak mem MiB | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rank = "-" if r["param"] == "full" else (r["rank"] if isinstance(r["rank"], int) else "/".join(map(str, r["rank"][1:])))
+        vs = lambda k: f"{r[k] / full[k]:.3f}" if full else "-"
+        lines.append(f"| {r['variant']} | {rank} | {r['non_embedding']:,} | {r['vs_crnet']:.3f} | {vs('non_embedding')} | "
+                     f"{r['total']:,} | {r['val_loss']:.4f} | {r['best_val']:.4f} | {r['train_loss']:.4f} | "
+                     f"{r['tokens_per_s']:,.0f} | {vs('tokens_per_s')} | {r['peak_mem_mb']:,.0f} | {r['seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib; it is optional)")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(results):
+        tr = [x for x in r["curve"] if "loss" in x]
+        ev = [x for x in r["curve"] if "val_loss" in x]
+        line, = ax.plot([x["iter"] for x in tr], [x["loss"] for x in tr], lw=1, alpha=0.6, label=f"{r['variant']} train")
+        ax.plot([x["iter"] for x in ev], [x["val_loss"] for x in ev], "o-", color=line.get_color(), label=f"{r['variant']} val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def load_config(argv):
+    """(ablate.py's keys, train.py's keys): config files and --key=value may set both."""
+    merged = train.load_config(argv, {**train.DEFAULTS, **DEFAULTS})
+    return {k: merged[k] for k in DEFAULTS}, {k: merged[k] for k in train.DEFAULTS}
+
+
+def main(argv):
+    a, c = load_config(argv)
+    a["stop_iter"] = c["stop_iter"]  # every run stops there; the same command without it continues them
+
+    def run_args(name):  # the whole config as explicit --key=value where it differs from train.py's defaults, so
+        # the arguments stamped in a run dir are canonical, whichever files and flags produced them
+        v = {**c, **variant_changes(c, name)}
+        skip = ("out_dir", "overwrite", "init_from", "stop_iter")  # set per run, or not part of the result
+        return [f"--{k}={x!r}" for k, x in v.items() if x != train.DEFAULTS[k] and k not in skip]
+    names = [v.strip() for v in a["variants"].split(",") if v.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"variants={a['variants']!r}: give distinct names from {', '.join(VARIANTS)}")
+    plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
+    for args in plans.values():
+        model_config(train.load_config(args))
+    out = Path(a["ablate_dir"])
+    base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
+    seconds = {n: run_variant(n, args, out / n, a, c["max_iters"]) for n, args in plans.items()}
+    unfinished = [n for n in plans if not finished(out / n, c["max_iters"])]
+    if unfinished:
+        raise SystemExit(f"not finished: {', '.join(unfinished)} (stop_iter={c['stop_iter']}); run the same command "
+                         f"without --stop_iter to continue them from their checkpoints")
+    results = [summarize(n, out / n, seconds[n], base_ne) for n in plans]
+    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    text = table(results, c, device)
+    tmp = out / "results.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "results.md")
+    print("\n" + text + f"\nwrote {out / 'results.md'}")
+    if a["plot"]:
+        plot(results, out / "loss.png")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,100 @@
+"""ablate.py: ranks against models counted one by one, the runner end to end (reuse, resume, refusals)."""
+import json
+
+import pytest
+import torch
+
+import ablate
+import train
+from parallel import load_for_inference
+from model import ModelConfig, Transformer
+
+
+def counted(c, **changes):
+    """Non-embedding parameters of a model built and counted tensor by tensor (the oracle)."""
+    with torch.device("meta"):
+        m = Transformer(ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()}, "vocab_size": 257, **changes}))
+    return sum(p.numel() for n, p in m.named_parameters() if not n.startswith(("wte", "wpe", "lm_head")))
+
+
+@pytest.mark.parametrize("argv", [[], ["configs/ablate_llama_60m.py"], ["configs/crnet_llama_130m.py"],
+                                  ["configs/crnet_gpt2_124m.py"]], ids=["cpu-default", "60m", "130m", "gpt2"])
+def test_matched_ranks_are_the_nearest_and_within_2_percent(argv):
+    c = ablate.load_config(argv)[1]
+    target = counted(c, param="crnet", rank=c["rank"])
+    for param in ("lowrank", "cola"):
+        r = ablate.variant_changes(c, param)["rank"]
+        err = lambda rr: abs(counted(c, param=param, rank=rr) - target)
+        assert err(r) <= 0.02 * target and err(r) <= err(r - 1) and err(r) <= err(r + 1), (param, r)
+    ratio = target / counted(c, param="full")
+    assert 0.4 < ratio < 0.6  # "crnet at about half of full": 0.547 (CPU default), 0.47 (60M)
+
+
+@pytest.mark.parametrize("n_layer,rank", [(4, 48), (8, 128), (24, 256), (3, 7)])
+def test_middle_heavy_ranks_keep_crnet_count_and_peak_in_the_middle(n_layer, rank):
+    c = {**train.DEFAULTS, "n_layer": n_layer, "rank": rank, "n_embd": 1024, "n_head": 8, "intermediate_size": 2736}
+    ranks = ablate.variant_changes(c, "crnet_middle_heavy")["rank"]
+    inner = ranks[1:]
+    assert len(ranks) == n_layer and sum(inner) == (n_layer - 1) * rank
+    assert counted(c, param="crnet", rank=ranks) == counted(c, param="crnet", rank=rank)
+    assert all(abs(a - b) <= 1 for a, b in zip(inner, inner[::-1]))  # symmetric up to the rounding
+    if n_layer >= 4:
+        assert max(inner) == inner[(n_layer - 1) // 2] > inner[0] and inner[-1] < max(inner)
+
+
+def test_variant_errors():
+    c = train.load_config([])
+    with pytest.raises(ValueError, match="unknown variant 'crnet_fixed'"):
+        ablate.variant_changes(c, "crnet_fixed")
+    with pytest.raises(ValueError, match="needs one CR-Net rank"):
+        ablate.variant_changes({**c, "rank": [48] * 4}, "lowrank")
+    tiny = {**c, "n_layer": 2, "n_embd": 8, "n_head": 2, "intermediate_size": 8, "rank": 1}
+    with pytest.raises(ValueError, match="no cola rank matches CR-Net's"):  # one rank step is ~20% of the count here
+        ablate.variant_changes(tiny, "cola")
+    assert ablate.variant_changes({**c, "recompute": "crnet"}, "cola")["recompute"] == "block"
+
+
+SMALL = ["configs/cpu_debug.py", "--max_iters=8", "--eval_interval=4", "--log_interval=2", "--eval_tokens=2048", "--plot=False"]
+
+
+def test_runner_end_to_end_reuse_resume_and_refusals(tmp_path, capsys):
+    out = tmp_path / "abl"
+    argv = SMALL + [f"--ablate_dir={out}", "--variants=full,crnet,crnet_fixed_beta"]
+    results = ablate.main(argv)
+    table = (out / "results.md").read_text()
+    for r in results:
+        metrics = [json.loads(l) for l in (out / r["variant"] / "metrics.jsonl").read_text().splitlines()]
+        assert r["val_loss"] == metrics[-1]["val_loss"] and metrics[-1]["iter"] == 8
+        assert f"| {r['variant']} |" in table and f"{r['val_loss']:.4f}" in table
+    by = {r["variant"]: r for r in results}
+    assert by["full"]["param"] == "full" and by["crnet_fixed_beta"]["non_embedding"] == by["crnet"]["non_embedding"]
+    fixed, learnable = (load_for_inference(out / v)[0].blocks[1].qkv.beta for v in ("crnet_fixed_beta", "crnet"))
+    assert torch.equal(fixed, torch.full_like(fixed, 0.5 ** 0.5)) and not torch.equal(learnable, fixed)
+
+    # the same command again: nothing is trained, the table is the same
+    log = out / "crnet" / "train.log"
+    stamp = log.stat().st_mtime_ns
+    capsys.readouterr()
+    again = ablate.main(argv)
+    assert "finished earlier" in capsys.readouterr().out and log.stat().st_mtime_ns == stamp
+    assert [r["val_loss"] for r in again] == [r["val_loss"] for r in results]
+
+    # other arguments into the same dir: refused, naming the variant; nothing is touched
+    with pytest.raises(ValueError, match="holds variant 'crnet' trained with other arguments"):
+        ablate.main(SMALL + [f"--ablate_dir={out}", "--variants=crnet", "--learning_rate=0.01"])
+    assert log.stat().st_mtime_ns == stamp
+
+    # interrupted at iteration 4, then continued by the same command: equal to the uninterrupted run
+    with pytest.raises(SystemExit, match="not finished: crnet"):
+        ablate.main(SMALL + [f"--ablate_dir={tmp_path / 'b'}", "--variants=crnet", "--stop_iter=4"])
+    resumed = ablate.main(SMALL + [f"--ablate_dir={tmp_path / 'b'}", "--variants=crnet"])
+    assert resumed[0]["val_loss"] == by["crnet"]["val_loss"]
+
+
+def test_runner_refuses_a_foreign_checkpoint(tmp_path):
+    train.main(["configs/cpu_debug.py", "--max_iters=2", "--eval_interval=2", "--eval_tokens=2048",
+                f"--out_dir={tmp_path / 'abl' / 'crnet'}"])
+    before = (tmp_path / "abl" / "crnet" / "ckpt.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="did not write"):
+        ablate.main(SMALL + [f"--ablate_dir={tmp_path / 'abl'}", "--variants=crnet"])
+    assert (tmp_path / "abl" / "crnet" / "ckpt.pt").read_bytes() == before
