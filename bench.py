@@ -4,6 +4,9 @@ Benchmarks that print tables (never assertions; tests/ holds those).
     python bench.py recompute            # none / block / crnet recompute side by side, one fresh process each
     python bench.py recompute --profile  # plus where crnet's step time goes
     python bench.py init                 # per-layer output std at init, CR-Net vs full-rank (README "Initialization")
+    python bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
+                                         # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
+    python bench.py sizes --sizes=60m,130m --batch=8 --steps=5
 
 Defaults are a 7B-like CR-Net LLaMA shape scaled to a CPU: h 1024, 16 layers, r 256, h_ff 2736,
 sequence 256. Pass --n_embd=... etc. to change it. On a GPU (when one is lent) the same command also
@@ -12,10 +15,12 @@ reports torch.cuda.max_memory_allocated.
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,16 +77,18 @@ def one_mode(a):
             "step_s": statistics.median(times), "cuda_peak": cuda_peak, "tokens": tokens}
 
 
+def fresh_process(*args):
+    """Run `bench.py *args --_one` in a new process (clean allocator, its own peak RSS); its last stdout line is JSON."""
+    p = subprocess.run([sys.executable, __file__, *args, "--_one"], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    if p.stderr.strip():
+        print(p.stderr)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def recompute_table(a, argv):
-    rows = []
-    for mode in ("none", "block", "crnet"):
-        p = subprocess.run([sys.executable, __file__, "recompute", "--_one", f"--mode={mode}", *argv],
-                           capture_output=True, text=True)
-        if p.returncode:
-            raise SystemExit(p.stderr)
-        if p.stderr.strip():
-            print(p.stderr)
-        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    rows = [fresh_process("recompute", f"--mode={mode}", *argv) for mode in ("none", "block", "crnet")]
     r = {row["mode"]: row for row in rows}
     mib = 2 ** 20
     print(f"\nCR-Net LLaMA h={a.n_embd} L={a.n_layer} r={a.rank} h_ff={a.ff} heads={a.n_head}, batch {a.batch} x {a.seq} "
@@ -137,9 +144,97 @@ def init_table(a):
         print(f"| {l + 1} | " + " | ".join(row(ours)) + " | " + " | ".join(row(naive)) + " |")
 
 
+SIZES = ("60m", "130m", "350m", "1b", "7b")
+
+
+def size_config(a, size, param, mode, dev):
+    """train.py config of configs/{param}_llama_{size}.py at the bench's batch, the paper's vocabulary (32000),
+    the given recompute mode and the device's dtype (bf16 autocast on CUDA, float32 on the CPU)."""
+    import train
+    return train.load_config([str(Path(__file__).resolve().parent / f"configs/{param}_llama_{size}.py"),
+                              f"--batch_size={a.batch}", "--vocab_size=32000", f"--recompute={mode!r}",
+                              f"--dtype={'bfloat16' if dev == 'cuda' else 'float32'!r}"])
+
+
+def size_one(a):
+    """Runs in a fresh process: full training steps (forward, backward, AdamW) of one size/param/recompute."""
+    from model import estimate_mfu, peak_flops_for
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    c = size_config(a, a.size, a.param, a.mode, dev.type)
+    torch.manual_seed(0)
+    raw = Transformer(ModelConfig(**{k: c[k] for k in ModelConfig.field_names()})).to(dev)
+    m = torch.compile(raw) if a.compile else raw
+    opt = raw.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.type)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    idx = torch.randint(0, 32000, (a.batch, c["block_size"]), device=dev)
+    times = []
+    for i in range(a.steps + 1):  # step 0 warms up allocators (and compiles)
+        t0 = time.perf_counter()
+        with autocast:
+            loss = m(idx, idx)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.item()  # waits for the GPU
+        if i:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    tps = idx.numel() / step
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    mfu = estimate_mfu(raw.flops_per_token(), tps, peak_flops_for(torch.cuda.get_device_name() if dev.type == "cuda" else ""))
+    return {"params": raw.num_params()["total"], "step_s": step, "tps": tps, "peak": peak, "mfu": mfu, "loss": loss}
+
+
+def memory_limit(dev):
+    if dev == "cuda":
+        return torch.cuda.mem_get_info()[1]
+    with open("/proc/meminfo") as f:
+        return int(next(l for l in f if l.startswith("MemAvailable")).split()[1]) * 1024
+
+
+def sizes_table(a):
+    """Full and CR-Net LLaMA at each paper size whose planned memory fits 90% of this machine, side by side."""
+    import plan
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    limit, gib = memory_limit(dev), 2 ** 30
+    name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"LLaMA paper sizes, vocab 32000, batch {a.batch} x 256 tokens, {a.steps} timed steps (median) after one warm-up; "
+          f"{'bf16 autocast' if dev == 'cuda' else 'float32'}; device {name}; memory limit 90% of {limit / gib:.1f} GiB "
+          f"{'(GPU)' if dev == 'cuda' else '(MemAvailable)'}")
+    print("| size | param | params | recompute | step | tokens/s | vs full | peak memory | planned | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in a.sizes.split(","):
+        if size not in SIZES:
+            raise SystemExit(f"error: size {size!r} must be one of {SIZES}")
+        base = None
+        for param in ("full", "crnet"):
+            for mode in ("none", "block", "crnet") if param == "crnet" else ("none", "block"):
+                c = size_config(a, size, param, mode, dev)
+                planned, P = plan.plan(c, "ddp", mode, 1)
+                head = f"| {size} | {param} | {P / 1e6:.1f}M | {mode} |"
+                if planned["total"] > 0.9 * limit:
+                    print(f"{head} - | - | - | - | {planned['total'] / gib:.1f} GiB | does not fit |", flush=True)
+                    continue
+                r = fresh_process("sizes", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={a.batch}",
+                                  f"--steps={a.steps}", *(["--compile"] if a.compile else []))
+                base = base or (r if param == "full" else None)  # full with no recompute, or block if none does not fit
+                vs = f"{r['tps'] / base['tps']:.3f}x" if base else "-"
+                mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+                print(f"{head} {r['step_s']:.3f} s | {r['tps']:,.0f} | {vs} | {r['peak'] / gib:.2f} GiB | "
+                      f"{planned['total'] / gib:.2f} GiB | {mfu} |", flush=True)
+    print("vs full: tokens/s against the size's first full-rank row that ran (no recompute, or block where that does "
+          "not fit). peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak RSS "
+          "(including ~0.3 GiB of Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["recompute", "init"])
+    p.add_argument("what", choices=["recompute", "init", "sizes"])
+    p.add_argument("--sizes", default=",".join(SIZES), help="sizes: which paper sizes to try (each if it fits)")
+    p.add_argument("--size", default="60m", help=argparse.SUPPRESS)
+    p.add_argument("--param", default="crnet", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help="sizes: torch.compile the model")
     p.add_argument("--n_embd", type=int, default=1024)
     p.add_argument("--n_layer", type=int, default=16)
     p.add_argument("--n_head", type=int, default=16)
@@ -155,6 +250,8 @@ def main():
     a = p.parse_args()
     if a.what == "init":
         return init_table(a)
+    if a.what == "sizes":
+        return print(json.dumps(size_one(a))) if a._one else sizes_table(a)
     if a._one:
         print(json.dumps(one_mode(a)))
     else:
