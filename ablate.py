@@ -3,10 +3,10 @@ Ablations side by side: full-rank, CR-Net, vanilla low-rank and CoLA (and the pa
 trained on the same data, tokens, seed and schedule, each in a fresh train.py process; then one table
 (parameters, final validation loss, tokens/s, peak memory) and a loss-curve plot from the runs' metrics.
 
-    python ablate.py                                  # CPU default: train.py's defaults, byte Shakespeare; ~17 min on 2 cores
+    python ablate.py                                  # CPU default (train.py's defaults, byte Shakespeare): ~14 min, 2 cores
     python ablate.py --variants=crnet,crnet_fixed_beta,crnet_lowrank_first,crnet_middle_heavy
     python ablate.py configs/ablate_llama_60m.py       # the paper's 60M dimensions, for a GPU
-    python ablate.py configs/ablate_llama_60m.py --nproc=8          # each run under torchrun on 8 GPUs
+    python ablate.py configs/ablate_llama_60m.py --nproc=8 --total_batch_tokens=131072   # torchrun, 8 GPUs
 
 Ranks. The config's `rank` is CR-Net's (layers 2..L). lowrank and cola get the rank whose non-embedding
 parameter count is nearest CR-Net's (an error if none is within 2%); crnet_middle_heavy spreads the same
