@@ -136,7 +136,7 @@ def torchrun(nproc, tiny_data, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
            *TINY, f"--data_dir={tiny_data}", f"--out_dir={out}", *extra]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)  # normally 5-7 s
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
