@@ -8,9 +8,10 @@ Benchmarks that print tables (never assertions; tests/ holds those).
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
     python bench.py sizes --sizes=60m,130m --batch=8 --steps=5
 
-Defaults are a 7B-like CR-Net LLaMA shape scaled to a CPU: h 1024, 16 layers, r 256, h_ff 2736,
-sequence 256. Pass --n_embd=... etc. to change it. On a GPU (when one is lent) the same command also
-reports torch.cuda.max_memory_allocated.
+recompute and init use a 7B-like CR-Net LLaMA shape scaled to a CPU: h 1024, 16 layers, r 256, h_ff 2736,
+sequence 256 (--n_embd=... etc. change it). sizes uses configs/{full,crnet}_llama_{size}.py with the paper's
+vocabulary (32000) and skips what plan.py says will not fit 90% of the memory here. On a GPU the same
+commands report torch.cuda.max_memory_allocated (and sizes runs bf16 autocast and reports MFU).
 """
 import argparse
 import json
