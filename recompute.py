@@ -5,7 +5,7 @@ Activation recomputation for training steps (ModelConfig.recompute):
            input lanes. What a user would reach for, and the paper's baseline.
   "crnet": the paper's Algorithm 1 (method note, section 4). Forward keeps only
              1. every block's input x_l                                   (h numbers per token)
-             2. every low-rank intermediate Z_l^P = X_l^P A_l^P           (r per position, layers 2..L)
+             2. every low-rank intermediate Z_l^P = X_l^P A_l^P           (r per position, layers 2..L; 1 too if low-rank)
              3. the lanes Y_l of the checkpoint set (every k-th layer counted down from the last, never
                 the first), plus any lane the round-off guard below decides to keep.
            Backward of block l rebuilds its own *input* lanes by inverting Eq. 6,
