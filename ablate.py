@@ -52,18 +52,23 @@ def model_config(c, **changes):
     return ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()}, "vocab_size": c["vocab_size"] or 256, **changes})
 
 
-def non_embedding_params(c, **changes):
-    """Parameters outside the token/position embeddings and the LM head (the part the methods differ in)."""
+def param_counts(c, **changes):
+    """Transformer.num_params() of the config, plus "non_embedding": the parameters outside the token/position
+    embeddings and the LM head (the part the methods differ in)."""
     with torch.device("meta"):
         n = Transformer(model_config(c, **{"recompute": "none", **changes})).num_params()  # counts ignore recompute
-    return n["total"] - n["embeddings"] - n["lm_head"]
+    return {**n, "non_embedding": n["total"] - n["embeddings"] - n["lm_head"]}
+
+
+def non_embedding_params(c, **changes):
+    return param_counts(c, **changes)["non_embedding"]
 
 
 def matched_rank(c, param, target):
     """The uniform rank of `param` whose non-embedding count is nearest `target`. Counts are linear in the rank
     (P(r) = P(1) + (r - 1) k), so two counted models give it; the result is counted again and checked."""
     p1, p2 = non_embedding_params(c, param=param, rank=1), non_embedding_params(c, param=param, rank=2)
-    limit = min(c["n_embd"], c["intermediate_size"] if c["arch"] == "llama" else 4 * c["n_embd"]) - 1
+    limit = min(c["n_embd"], model_config(c, param="crnet").ff_dim) - 1  # ModelConfig's bound: r < min(h, ff)
     r = min(limit, max(1, round(1 + (target - p1) / (p2 - p1))))
     got = non_embedding_params(c, param=param, rank=r)
     if abs(got / target - 1) > MATCH_TOL:
@@ -99,10 +104,13 @@ def variant_changes(c, name):
     return v
 
 
-def finished(run, max_iters):
+def read_metrics(run):
     m = run / "metrics.jsonl"
-    rows = [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.is_file() else []
-    return any(r.get("iter") == max_iters and "val_loss" in r for r in rows)
+    return [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.is_file() else []
+
+
+def finished(run, max_iters):
+    return any(r.get("iter") == max_iters and "val_loss" in r for r in read_metrics(run))
 
 
 def run_variant(name, args, run, a, max_iters):
@@ -146,12 +154,11 @@ def run_variant(name, args, run, a, max_iters):
 
 def summarize(name, run, seconds, base_ne):
     c = json.loads((run / "config.json").read_text())
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_metrics(run)
     train_rows, evals = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
     tps = sorted(r["tokens_per_s"] for r in train_rows[1:] or train_rows)  # the first window includes warmup
-    with torch.device("meta"):
-        n = Transformer(model_config(c)).num_params()  # the run's config.json holds the data's vocabulary
-    ne = n["total"] - n["embeddings"] - n["lm_head"]
+    n = param_counts(c)  # the run's config.json holds the data's vocabulary
+    ne = n["non_embedding"]
     return {"variant": name, "param": c["param"], "rank": c["rank"], "non_embedding": ne, "vs_crnet": ne / base_ne,
             "total": n["total"], "val_loss": evals[-1]["val_loss"], "best_val": min(r["val_loss"] for r in evals),
             "train_loss": evals[-1]["train_loss"], "tokens_per_s": tps[len(tps) // 2],

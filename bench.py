@@ -16,7 +16,6 @@ commands report torch.cuda.max_memory_allocated (and sizes runs bf16 autocast an
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import train
 from model import ModelConfig, Projection, Transformer
 
 
@@ -151,7 +151,6 @@ SIZES = ("60m", "130m", "350m", "1b", "7b")
 def size_config(a, size, param, mode, dev):
     """train.py config of configs/{param}_llama_{size}.py at the bench's batch, the paper's vocabulary (32000),
     the given recompute mode and the device's dtype (bf16 autocast on CUDA, float32 on the CPU)."""
-    import train
     return train.load_config([str(Path(__file__).resolve().parent / f"configs/{param}_llama_{size}.py"),
                               f"--batch_size={a.batch}", "--vocab_size=32000", f"--recompute={mode!r}",
                               f"--dtype={'bfloat16' if dev == 'cuda' else 'float32'!r}"])
@@ -181,8 +180,7 @@ def size_one(a):
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     tps = idx.numel() / step
-    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = train.peak_memory_mb(dev) * 2 ** 20  # max_memory_allocated, or the CPU process's peak RSS
     mfu = estimate_mfu(raw.flops_per_token(), tps, peak_flops_for(torch.cuda.get_device_name() if dev.type == "cuda" else ""))
     return {"params": raw.num_params()["total"], "step_s": step, "tps": tps, "peak": peak, "mfu": mfu, "loss": loss}
 
