@@ -1,0 +1,225 @@
+"""
+One config system for every script, in nanoGPT's shape: each script opens with a block of commented defaults
+
+    # ----------------------------------------------------------------------------- config
+    batch_size = 32      # micro-batch sequences per process [>=1]
+    dtype = "auto"       # "auto" = bf16 autocast on cuda, float32 elsewhere {auto|float32|bfloat16}
+    # -----------------------------------------------------------------------------
+
+then config files of plain assignments and --key=value arguments are applied in the order given:
+
+    python train.py configs/crnet_llama_60m.py --max_iters=2000 --compile
+
+A trailing [..] or {..} in a comment is the key's rule, checked before any work starts: [>=1], [>0], [>=0], an
+interval such as [0,1) or (0,1], or a choice {a|b|c}. A bare --flag sets a boolean key to True. Unknown keys,
+wrong types, values outside their rule and config-file lines that are not plain `key = value` assignments are
+errors naming the key or the file and line; a config file written for another script says which script.
+--help prints every key with its default and its comment.
+"""
+import ast
+import difflib
+import functools
+import math
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("train.py", "sample.py", "plan.py", "ablate.py", "analyze.py", "bench.py", "prepare_data.py")
+BEGIN, END = "# " + "-" * 77 + " config", "# " + "-" * 77
+RULE = re.compile(r"\s*(\[[^\[\]]*[\])]|\([^()]*[\])]|\{[^{}]*\})\s*$")
+
+
+class ConfigError(ValueError):
+    """A bad value of one key: printed as `error: key=value: why`."""
+
+    def __init__(self, key, value, why):
+        super().__init__(f"{key}={value!r}: {why}")
+        self.key = key
+
+
+class Key:
+    def __init__(self, name, default, comment, types=None):
+        self.name, self.default, self.comment = name, default, comment
+        m = RULE.search(comment)
+        self.rule = m.group(1) if m else None
+        self.types = types or (type(default),)
+
+    def coerce(self, value):
+        """value of this key's type: ints are accepted for floats, integral floats (1e4) for ints."""
+        if isinstance(value, tuple):
+            value = list(value)
+        if float in self.types and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if int in self.types and isinstance(value, float) and value.is_integer() and float not in self.types:
+            return int(value)
+        if isinstance(value, bool) != (bool in self.types) or not isinstance(value, self.types):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in self.types)
+            raise ConfigError(self.name, value, f"expected {names}")
+        return value
+
+    def check(self, value):
+        """Raise ConfigError if value breaks this key's rule."""
+        r = self.rule
+        if r is None or value is None:
+            return
+        if r.startswith("{"):
+            choices = [x.strip() for x in r[1:-1].split("|")]
+            if str(value) not in choices:
+                raise ConfigError(self.name, value, f"must be one of {', '.join(choices)}")
+            return
+        nums = value if isinstance(value, list) else [value]
+        for v in nums:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(self.name, value, f"must be a finite number {r}")
+        body = r[1:-1].replace(" ", "")
+        if body.startswith((">", "<")):
+            op, bound = re.match(r"([<>]=?)(.*)", body).groups()
+            ok = {">": lambda v: v > float(bound), ">=": lambda v: v >= float(bound),
+                  "<": lambda v: v < float(bound), "<=": lambda v: v <= float(bound)}[op]
+            why = f"must be {op} {bound}"
+        else:
+            lo, hi = (float(x) for x in body.split(","))
+            ok = lambda v: (lo <= v if r[0] == "[" else lo < v) and (v <= hi if r[-1] == "]" else v < hi)
+            why = f"must be in {r}"
+        for v in nums:
+            if not ok(v):
+                raise ConfigError(self.name, value, why)
+
+
+def config_block(path):
+    """The statements between the config markers of a script (its defaults), as (node, source) pairs."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    try:
+        start = lines.index(BEGIN) + 1
+        stop = lines.index(END, start)
+    except ValueError:
+        raise RuntimeError(f"{path} has no config block ({BEGIN!r} ... {END!r})") from None
+    tree = ast.parse("\n".join(lines[start:stop]))
+    return tree.body, lines[start:stop]
+
+
+@functools.lru_cache(maxsize=None)
+def spec(script):
+    """{name: Key} of a script's config block: defaults evaluated in order, comments from the same line.
+    A TYPES = {...} assignment in the block names keys whose allowed types are not their default's."""
+    body, lines = config_block(HERE / script)
+    ns, keys, types = {}, {}, {}
+    for node in body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise RuntimeError(f"{script}: the config block holds only `key = value` lines (line {node.lineno})")
+        name = node.targets[0].id
+        value = eval(compile(ast.Expression(node.value), script, "eval"), {"__builtins__": {}}, ns)
+        ns[name] = value
+        if name == "TYPES":
+            types = {k: tuple(type(None) if t is None else t for t in v) for k, v in value.items()}
+            continue
+        _, _, comment = lines[node.lineno - 1].partition("#")
+        keys[name] = Key(name, value, comment.strip())
+    for k, t in types.items():
+        keys[k].types = t
+    return keys
+
+
+def owner(key, exclude):
+    """The script (other than `exclude`) whose config has `key`, if any."""
+    return next((s for s in SCRIPTS if s not in exclude and key in spec(s)), None)
+
+
+def read_file(path):
+    """The assignments of a config file, {key: value}: plain `key = expression` lines only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}", (e.text or "").strip(), f"not Python: {e.msg}") from None
+    ns = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            line = ast.get_source_segment(path.read_text(), node) or ""
+            raise ValueError(f"{path}:{node.lineno}: `{line.splitlines()[0]}` is not a plain `key = value` assignment "
+                             f"(config files hold only those)")
+        try:
+            ns[node.targets[0].id] = eval(compile(ast.Expression(node.value), str(path), "eval"), {"__builtins__": {}}, dict(ns))
+        except Exception as e:
+            raise ValueError(f"{path}:{node.lineno}: cannot evaluate {node.targets[0].id}: {e}") from None
+    return ns
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string: --out_dir=out/x
+
+
+def help_text(doc, keys, scripts):
+    out = [(doc or "").strip(), "", "Config keys (--key=value; defaults shown; a config file may set any of them):"]
+    width = min(40, max(len(f"--{k}={v.default!r}") for v in keys.values() for k in [v.name]))
+    for script in scripts:
+        if len(scripts) > 1:
+            out.append(f"  {script}:")
+        for k in spec(script).values():
+            if k.name in keys:
+                out.append(f"  {f'--{k.name}={k.default!r}':<{width}}  {k.comment}")
+    return "\n".join(out)
+
+
+def load(argv, script, extends=(), positional=None, doc=None):
+    """(config dict, set of keys given explicitly) for `script`: its defaults (and those of the scripts it
+    `extends`, e.g. ablate.py runs train.py), then each argument in order: a config file, --key=value, --flag,
+    or (if `positional` names a key) a bare word for that key. --help prints the keys and exits 0."""
+    scripts = [*extends, script]
+    keys = {}
+    for s in scripts:
+        keys.update(spec(s))
+    if "--help" in argv or "-h" in argv:
+        print(help_text(doc, keys, scripts))
+        raise SystemExit(0)
+    cfg = {k: v.default for k, v in keys.items()}
+    given = set()
+
+    def unknown(key, origin):
+        other = owner(key, scripts)
+        if other:
+            return ValueError(f"{key!r} ({origin}) is a key of {other}, not of {script}"
+                              + (f": {origin} is a config for {other}" if origin.endswith(".py") else ""))
+        near = difflib.get_close_matches(key, keys, n=1)
+        return ValueError(f"unknown config key {key!r} ({origin})" + (f"; did you mean {near[0]!r}?" if near else "")
+                          + f"; see python {script} --help")
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if key not in keys:
+                raise unknown(key, "command line")
+            if not sep and keys[key].types != (bool,):
+                raise ConfigError(key, None, "needs a value: --key=value (a bare --flag is only for True/False keys)")
+            updates, origin = {key: parse_value(text) if sep else True}, "command line"
+        elif positional and not arg.endswith(".py") and not Path(arg).is_file():
+            updates, origin = {positional: arg}, "command line"
+        else:
+            updates, origin = read_file(arg), arg
+            bad = [k for k in updates if k not in keys]
+            if bad:
+                raise unknown(bad[0], origin)
+        for key, value in updates.items():
+            cfg[key] = keys[key].coerce(value)
+            given.add(key)
+    for k, v in cfg.items():
+        keys[k].check(v)
+    return cfg, given
+
+
+def main_guard(main, errors=(ValueError, FileNotFoundError, FileExistsError)):
+    """Run main(sys.argv[1:]); a problem in the user's input ends as one `error:` line (exit 1), bugs keep
+    their traceback."""
+    try:
+        return main(sys.argv[1:])
+    except errors as e:
+        raise SystemExit(f"error: {e}")
