@@ -28,9 +28,17 @@ from pathlib import Path
 
 import torch
 
+import configurator
 import parallel as par
-import train
 from model import ModelConfig, Transformer
+
+# ----------------------------------------------------------------------------- config
+# ablate.py also takes every train.py key: they set the base config shared by every variant
+ablate_dir = "out/ablate"                # each variant trains in ablate_dir/<variant>/
+variants = "full,crnet,lowrank,cola"     # comma-separated names from VARIANTS below
+nproc = 1                                # processes per run: > 1 launches each run under torchrun [>=1]
+plot = True                              # write ablate_dir/loss.png (needs matplotlib, optional)
+# -----------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {  # name -> what it changes in the base config ("matched" / "middle_heavy": ranks computed below)
@@ -42,8 +50,6 @@ VARIANTS = {  # name -> what it changes in the base config ("matched" / "middle_
     "crnet_lowrank_first": dict(param="crnet", first_layer="lowrank"),  # paper (350M): ppl 18.95 -> 19.68
     "crnet_middle_heavy": dict(param="crnet", rank="middle_heavy"),     # paper: larger ranks in the middle work best
 }
-DEFAULTS = {"ablate_dir": "out/ablate", "variants": "full,crnet,lowrank,cola", "nproc": 1, "overwrite": False,
-            "plot": True}
 MATCH_TOL = 0.02
 
 
@@ -56,7 +62,7 @@ def param_counts(c, **changes):
     """Transformer.num_params() of the config, plus "non_embedding": the parameters outside the token/position
     embeddings and the LM head (the part the methods differ in)."""
     with torch.device("meta"):
-        n = Transformer(model_config(c, **{"recompute": "none", **changes})).num_params()  # counts ignore recompute
+        n = Transformer(model_config(c, **changes)).num_params()
     return {**n, "non_embedding": n["total"] - n["embeddings"] - n["lm_head"]}
 
 
@@ -208,25 +214,28 @@ def plot(results, path):
 
 def load_config(argv):
     """(ablate.py's keys, train.py's keys): config files and --key=value may set both."""
-    merged = train.load_config(argv, {**train.DEFAULTS, **DEFAULTS})
-    return {k: merged[k] for k in DEFAULTS}, {k: merged[k] for k in train.DEFAULTS}
+    merged, _ = configurator.load(argv, "ablate.py", extends=("train.py",), doc=__doc__)
+    own = [*configurator.defaults("ablate.py"), "overwrite"]  # overwrite: train.py's key, read here for the run dirs
+    return {k: merged[k] for k in own}, {k: merged[k] for k in configurator.defaults("train.py")}
 
 
 def main(argv):
     a, c = load_config(argv)
     a["stop_iter"] = c["stop_iter"]  # every run stops there; the same command without it continues them
 
+    base = configurator.defaults("train.py")
+
     def run_args(name):  # the whole config as explicit --key=value where it differs from train.py's defaults, so
         # the arguments stamped in a run dir are canonical, whichever files and flags produced them
         v = {**c, **variant_changes(c, name)}
         skip = ("out_dir", "overwrite", "init_from", "stop_iter")  # set per run, or not part of the result
-        return [f"--{k}={x!r}" for k, x in v.items() if x != train.DEFAULTS[k] and k not in skip]
+        return [f"--{k}={x!r}" for k, x in v.items() if x != base[k] and k not in skip]
     names = [v.strip() for v in a["variants"].split(",") if v.strip()]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"variants={a['variants']!r}: give distinct names from {', '.join(VARIANTS)}")
     plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
     for args in plans.values():
-        model_config(train.load_config(args))
+        model_config(configurator.load(args, "train.py")[0])
     out = Path(a["ablate_dir"])
     base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
     seconds = {n: run_variant(n, args, out / n, a, c["max_iters"]) for n, args in plans.items()}
@@ -247,7 +256,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}")
+    configurator.main_guard(main)

@@ -19,10 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import configurator
 from parallel import load_for_inference
-from train import load_config
 
-DEFAULTS = dict(out_dir="out", rank=0, tokens=8192, plot="")
+# ----------------------------------------------------------------------------- config
+out_dir = "out"      # the run to analyze
+rank = 0             # r; 0 = n_embd // 4 [>=0]
+tokens = 8192        # validation tokens [>=1]
+plot = ""            # write a plot here (needs matplotlib)
+# -----------------------------------------------------------------------------
 
 
 def tail_energy(m, r):
@@ -62,7 +67,7 @@ def collect_outputs(model, idx):
 
 
 def main(argv):
-    c = load_config(argv, DEFAULTS)
+    c, _ = configurator.load(argv, "analyze.py", doc=__doc__)
     model, ckpt = load_for_inference(c["out_dir"])
     cfg = model.cfg
     r = c["rank"] or cfg.n_embd // 4

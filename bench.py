@@ -13,7 +13,6 @@ sequence 256 (--n_embd=... etc. change it). sizes uses configs/{full,crnet}_llam
 vocabulary (32000) and skips what plan.py says will not fit 90% of the memory here. On a GPU the same
 commands report torch.cuda.max_memory_allocated (and sizes runs bf16 autocast and reports MFU).
 """
-import argparse
 import json
 import os
 import statistics
@@ -21,11 +20,34 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+import configurator
+import recompute
 import train
 from model import ModelConfig, Projection, Transformer
+
+# ----------------------------------------------------------------------------- config
+what = "recompute"          # which table (also as a bare word: python bench.py sizes) {recompute|init|sizes}
+n_embd = 1024               # recompute, init: the model's width [>=1]
+n_layer = 16                # [>=1]
+n_head = 16                 # [>=1]
+ff = 2736                   # SwiGLU width [>=1]
+rank = 256                  # CR-Net rank, layers 2..L [>=1]
+seq = 256                   # sequence length [>=1]
+batch = 2                   # sequences per step [>=1]
+every = 8                   # crnet recompute: keep the lanes of every k-th layer [>=1]
+steps = 3                   # timed steps (the median is reported) after one warm-up step [>=1]
+profile = False             # recompute: also print where crnet's step time goes (torch.profiler)
+sizes = "60m,130m,350m,1b,7b"  # sizes: which paper sizes to try (each if the planner says it fits)
+compile = False             # sizes: torch.compile the model
+mode = "crnet"              # one row's recompute mode (set by the table for each fresh process) {none|block|crnet}
+size = "60m"                # one row's paper size (set by the table)
+param = "crnet"             # one row's parameterization (set by the table) {full|crnet}
+one = False                 # run one row in this process and print it as JSON (the table launches these)
+# -----------------------------------------------------------------------------
 
 
 def rss_bytes():
@@ -35,12 +57,13 @@ def rss_bytes():
 
 def one_mode(a):
     """Runs in a fresh process: held bytes, resident memory growth over the forward, step times."""
-    from recompute import held_activation_bytes, plan_stored_lanes, stored_numbers_per_token
+    from plan import held_activation_bytes, stored_numbers_per_token
+    from recompute import plan_stored_lanes
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
-                      vocab_size=256, block_size=a.seq, param="crnet", recompute=a.mode, recompute_every=a.every)
-    m = Transformer(cfg).to(dev)
+                      vocab_size=256, block_size=a.seq, param="crnet")
+    m = recompute.apply(Transformer(cfg).to(dev), a.mode, a.every)
     idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
     tokens = idx.numel()
     before = rss_bytes()
@@ -52,7 +75,7 @@ def one_mode(a):
     formula = None
     if a.mode != "none":
         store = plan_stored_lanes(m.blocks, a.every, torch.float32) if a.mode == "crnet" else None
-        formula = stored_numbers_per_token(cfg, a.mode, store) * 4 * tokens
+        formula = stored_numbers_per_token(cfg, a.mode, a.every, store) * 4 * tokens
     times, cuda_peak = [], None
     for i in range(a.steps + 1):
         if dev.type == "cuda":
@@ -79,8 +102,8 @@ def one_mode(a):
 
 
 def fresh_process(*args):
-    """Run `bench.py *args --_one` in a new process (clean allocator, its own peak RSS); its last stdout line is JSON."""
-    p = subprocess.run([sys.executable, __file__, *args, "--_one"], capture_output=True, text=True)
+    """Run `bench.py *args --one` in a new process (clean allocator, its own peak RSS); its last stdout line is JSON."""
+    p = subprocess.run([sys.executable, __file__, *args, "--one"], capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(p.stderr)
     if p.stderr.strip():
@@ -151,9 +174,9 @@ SIZES = ("60m", "130m", "350m", "1b", "7b")
 def size_config(a, size, param, mode, dev):
     """train.py config of configs/{param}_llama_{size}.py at the bench's batch, the paper's vocabulary (32000),
     the given recompute mode and the device's dtype (bf16 autocast on CUDA, float32 on the CPU)."""
-    return train.load_config([str(Path(__file__).resolve().parent / f"configs/{param}_llama_{size}.py"),
+    return configurator.load([str(Path(__file__).resolve().parent / f"configs/{param}_llama_{size}.py"),
                               f"--batch_size={a.batch}", "--vocab_size=32000", f"--recompute={mode!r}",
-                              f"--dtype={'bfloat16' if dev == 'cuda' else 'float32'!r}"])
+                              f"--dtype={'bfloat16' if dev == 'cuda' else 'float32'!r}"], "train.py")[0]
 
 
 def size_one(a):
@@ -162,7 +185,7 @@ def size_one(a):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = size_config(a, a.size, a.param, a.mode, dev.type)
     torch.manual_seed(0)
-    raw = Transformer(ModelConfig(**{k: c[k] for k in ModelConfig.field_names()})).to(dev)
+    raw = recompute.apply(Transformer(train.model_config(c)).to(dev), c["recompute"], c["recompute_every"])
     m = torch.compile(raw) if a.compile else raw
     opt = raw.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.type)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -216,7 +239,7 @@ def sizes_table(a):
                     print(f"{head} - | - | - | - | {planned['total'] / gib:.1f} GiB | does not fit |", flush=True)
                     continue
                 r = fresh_process("sizes", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={a.batch}",
-                                  f"--steps={a.steps}", *(["--compile"] if a.compile else []))
+                                  f"--steps={a.steps}", f"--compile={a.compile}")
                 base = base or (r if param == "full" else None)  # full with no recompute, or block if none does not fit
                 vs = f"{r['tps'] / base['tps']:.3f}x" if base else "-"
                 mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -227,35 +250,18 @@ def sizes_table(a):
           "(including ~0.3 GiB of Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["recompute", "init", "sizes"])
-    p.add_argument("--sizes", default=",".join(SIZES), help="sizes: which paper sizes to try (each if it fits)")
-    p.add_argument("--size", default="60m", help=argparse.SUPPRESS)
-    p.add_argument("--param", default="crnet", help=argparse.SUPPRESS)
-    p.add_argument("--compile", action="store_true", help="sizes: torch.compile the model")
-    p.add_argument("--n_embd", type=int, default=1024)
-    p.add_argument("--n_layer", type=int, default=16)
-    p.add_argument("--n_head", type=int, default=16)
-    p.add_argument("--ff", type=int, default=2736)
-    p.add_argument("--rank", type=int, default=256)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--every", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--profile", action="store_true")
-    p.add_argument("--mode", default="crnet")
-    p.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args()
+def main(argv):
+    c, _ = configurator.load(argv, "bench.py", positional="what", doc=__doc__)
+    a = SimpleNamespace(**c)
     if a.what == "init":
         return init_table(a)
     if a.what == "sizes":
-        return print(json.dumps(size_one(a))) if a._one else sizes_table(a)
-    if a._one:
+        return print(json.dumps(size_one(a))) if a.one else sizes_table(a)
+    if a.one:
         print(json.dumps(one_mode(a)))
     else:
-        recompute_table(a, [x for x in sys.argv[2:] if not x.startswith("--mode")])
+        recompute_table(a, [x for x in argv if not x.startswith(("--mode", "--what")) and x != "recompute"])
 
 
 if __name__ == "__main__":
-    main()
+    configurator.main_guard(main)

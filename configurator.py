@@ -27,7 +27,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("train.py", "sample.py", "plan.py", "ablate.py", "analyze.py", "bench.py", "prepare_data.py")
 BEGIN, END = "# " + "-" * 77 + " config", "# " + "-" * 77
-RULE = re.compile(r"\s*(\[[^\[\]]*[\])]|\([^()]*[\])]|\{[^{}]*\})\s*$")
+SAFE = {"__builtins__": {}, "int": int, "float": float, "str": str, "bool": bool, "list": list}  # for TYPES lines
+NUM = r"-?(?:\d+(?:\.\d*)?(?:e[+-]?\d+)?|inf)"
+RULE = re.compile(rf"\s*(\[[<>]=?\s*{NUM}\]|[\[(]{NUM},\s*{NUM}[\])]|\{{[\w.:/-]+(?:\|[\w.:/-]+)+\}})\s*$")
 
 
 class ConfigError(ValueError):
@@ -110,7 +112,7 @@ def spec(script):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise RuntimeError(f"{script}: the config block holds only `key = value` lines (line {node.lineno})")
         name = node.targets[0].id
-        value = eval(compile(ast.Expression(node.value), script, "eval"), {"__builtins__": {}}, ns)
+        value = eval(compile(ast.Expression(node.value), script, "eval"), SAFE, ns)
         ns[name] = value
         if name == "TYPES":
             types = {k: tuple(type(None) if t is None else t for t in v) for k, v in value.items()}
@@ -120,6 +122,11 @@ def spec(script):
     for k, t in types.items():
         keys[k].types = t
     return keys
+
+
+def defaults(*scripts):
+    """{key: default} of the scripts' config blocks, later scripts' keys last."""
+    return {k: v.default for s in scripts for k, v in spec(s).items()}
 
 
 def owner(key, exclude):
@@ -135,7 +142,7 @@ def read_file(path):
     try:
         tree = ast.parse(path.read_text(), str(path))
     except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}", (e.text or "").strip(), f"not Python: {e.msg}") from None
+        raise ValueError(f"{path}:{e.lineno}: not Python ({e.msg}): {(e.text or '').strip()}") from None
     ns = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
@@ -187,11 +194,13 @@ def load(argv, script, extends=(), positional=None, doc=None):
     def unknown(key, origin):
         other = owner(key, scripts)
         if other:
-            return ValueError(f"{key!r} ({origin}) is a key of {other}, not of {script}"
+            return ValueError(f"{key!r} ({'command line' if origin == 'command line' else 'in ' + origin}) is a key of "
+                              f"{other}, not of {script}"
                               + (f": {origin} is a config for {other}" if origin.endswith(".py") else ""))
         near = difflib.get_close_matches(key, keys, n=1)
-        return ValueError(f"unknown config key {key!r} ({origin})" + (f"; did you mean {near[0]!r}?" if near else "")
-                          + f"; see python {script} --help")
+        where = "on the command line" if origin == "command line" else f"in {origin}"
+        return ValueError(f"unknown config key {key!r} {where}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                          + f"; python {script} --help lists every key")
 
     for arg in argv:
         if arg.startswith("--"):

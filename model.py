@@ -3,7 +3,8 @@ CR-Net (Cross-layer Low-Rank residual Network, arXiv 2509.18993) in one file: a 
 LLaMA / GPT-2 transformer whose linear projections can be full-rank, CR-Net (Eq. 6), vanilla
 low-rank or CoLA. Row-vector convention throughout, as in the paper: Y = X W.
 
-The model knows nothing about DDP, FSDP or torch.compile; train.py applies those from outside.
+The model knows nothing about activation recomputation, DDP, FSDP or torch.compile: recompute.apply and
+parallel.build_model apply those from outside, as torchtitan applies activation checkpointing.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 
 ARCHS = ("llama", "gpt2")
 PARAMS = ("full", "crnet", "lowrank", "cola")
-RECOMPUTE = ("none", "block", "crnet")
 SILU_SECOND_MOMENT = 0.3557  # E[silu(z)^2] for z ~ N(0, 1): CoLA's bottleneck shrinks variance by this
 
 
@@ -37,27 +37,20 @@ class ModelConfig:
     beta_learnable: bool = True    # False: every beta stays at beta_init (the paper's fixed-beta ablation)
     first_layer: str = "full"      # CR-Net's layer 1: "full" (paper) or "lowrank" (the paper's ablation: X A B, no lane in)
     init_std: float = 0.02         # std of a full-rank projection; the low-rank factors are scaled to match it
-    # Activation recomputation (recompute.py): "none" | "block" (torch.utils.checkpoint) | "crnet" (Algorithm 1)
-    recompute: str = "none"
-    recompute_every: int = 8       # crnet recompute: store the lanes of every k-th layer counted down from the last
 
     def __post_init__(self):
         def bad(name, why):
-            raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
+            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")  # as configurator.ConfigError words it
         if self.arch not in ARCHS:
             bad("arch", f"must be one of {ARCHS}")
         if self.param not in PARAMS:
             bad("param", f"must be one of {PARAMS}")
-        if self.recompute not in RECOMPUTE:
-            bad("recompute", f"must be one of {RECOMPUTE}")
         if self.first_layer not in ("full", "lowrank"):
             bad("first_layer", "must be 'full' or 'lowrank'")
         if self.param != "crnet" and (self.first_layer != "full" or not self.beta_learnable):
             bad("first_layer" if self.first_layer != "full" else "beta_learnable",
                 f"is a CR-Net ablation and needs param='crnet' (got param={self.param!r})")
-        if self.recompute == "crnet" and self.param != "crnet":
-            bad("recompute", f"'crnet' recomputation inverts Eq. 6 and needs param='crnet' (got param={self.param!r}); use 'block'")
-        for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size", "recompute_every"):
+        for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")
@@ -113,7 +106,7 @@ class Projection(nn.Module):
         lowrank: Y = (X A) B
         cola:    Y = silu(X A) B
         crnet:   Y = s * Y_prev + (X A) B,   s = sign(beta) (|beta| + eps)      # Eq. 6
-    With crnet=True on a full layer (CR-Net's layer 1) the output simply becomes the next lane.
+    CR-Net's layer 1 (full-rank, or low-rank in the paper's ablation) has no lane in; its output is the first lane.
     """
 
     def __init__(self, h_in, h_out, n, kind, rank, bias, std, cfg, lane_in=False):
@@ -154,23 +147,24 @@ class Projection(nn.Module):
         beta = self.beta.to(torch.promote_types(self.beta.dtype, torch.float32))
         return torch.sign(beta) * (beta.abs() + self.beta_eps)
 
-    def lowrank_z(self, x):
-        return (x @ self.A).unflatten(-1, (self.n, self.rank))           # (B, T, n, r)
+    def input_product(self, x):
+        """X A (B, T, n, r), or X W (B, T, n, h_out) for a full-rank projection: the input-side matmul, whose
+        result CR-Net recomputation keeps (Z) or knows, so that backward never redoes it."""
+        return (x @ (self.weight if self.kind == "full" else self.A)).unflatten(-1, (self.n, -1))
 
-    def delta(self, x, z=None):
-        """Everything but the lane term: X W, or (X A) B with the bottleneck, plus the bias."""
-        if self.kind == "full":
-            d = (x @ self.weight).unflatten(-1, (self.n, self.h_out))
-        else:
-            z = self.lowrank_z(x) if z is None else z
-            d = torch.einsum("btnr,nrh->btnh", F.silu(z) if self.kind == "cola" else z, self.B)
+    def delta(self, x, xa=None):
+        """Everything but the lane term: X W, (X A) B or silu(X A) B, plus the bias; xa: input_product(x) if known."""
+        xa = self.input_product(x) if xa is None else xa
+        d = xa if self.kind == "full" else torch.einsum("btnr,nrh->btnh", F.silu(xa) if self.kind == "cola" else xa, self.B)
         return d if self.bias is None else d + self.bias
 
-    def forward(self, x, lane=None):
-        d = self.delta(x)
-        if self.lane_in:
-            return torch.addcmul(d, self.scale().view(self.n, 1), lane)  # Eq. 6, l >= 2: s * Y_{l-1} + d
-        return d
+    def lane_add(self, d, lane):
+        """Eq. 6, layers 2..L: Y_l = s * Y_{l-1} + d with s = sign(beta) (|beta| + eps)."""
+        return torch.addcmul(d, self.scale().view(self.n, 1), lane)
+
+    def forward(self, x, lane=None, xa=None):
+        d = self.delta(x, xa)
+        return self.lane_add(d, lane) if self.lane_in else d
 
 
 class RMSNorm(nn.Module):
@@ -224,9 +218,9 @@ class Block(nn.Module):
 
     def attention(self, y_qkv, rope):
         """y_qkv (B, T, 3, h) -> attention output (B, T, h), before the o projection."""
-        B, T, _, h = y_qkv.shape
+        bsz, T, _, h = y_qkv.shape  # bsz, not B: B is the low-rank factor
         nh = self.cfg.n_head
-        q, k, v = (t.view(B, T, nh, h // nh) for t in y_qkv.unbind(2))  # (B, T, nh, hd)
+        q, k, v = (t.view(bsz, T, nh, h // nh) for t in y_qkv.unbind(2))  # (B, T, nh, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # (B, nh, T, hd) as views: SDPA's output keeps the (B, T, nh, hd) layout, so the reshape below is a view
@@ -234,7 +228,7 @@ class Block(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         p = self.cfg.dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return a.transpose(1, 2).reshape(B, T, h)
+        return a.transpose(1, 2).reshape(bsz, T, h)
 
     def mlp_act(self, y_up):
         if self.cfg.arch == "llama":
@@ -244,13 +238,10 @@ class Block(nn.Module):
     def projections(self):
         return self.qkv, self.o, self.up, self.down  # the order of the lanes
 
-    def forward(self, x, lanes, rope=None, project=None, via=None):
-        """project(proj, input, lane) -> Y computes one projection group; recompute.py swaps in versions that
-        save Z = X A or that replay a known Y, so this is the only definition of the layer. via(block, x, lanes,
-        rope) replaces the whole call: recompute's autograd Function enters through here so that module hooks
-        (FSDP2 gathering this block's parameters) run around it."""
-        if via is not None:
-            return via(self, x, lanes, rope)
+    def forward(self, x, lanes, rope=None, project=None):
+        """x (B, T, h) and the lanes of the layer below -> (x out, this layer's lanes). project(proj, input, lane)
+        computes one projection group (default: proj(input, lane)); it is the one hook recompute.py uses, to keep
+        Z = X A in forward and to replay known outputs in backward, so this is the only definition of a layer."""
         project = project or (lambda proj, inp, lane: proj(inp, lane))
         lq, lo, lu, ld = lanes if lanes is not None else (None,) * 4
         drop = lambda t: F.dropout(t, self.cfg.dropout, self.training)
@@ -342,31 +333,22 @@ class Transformer(nn.Module):
         return (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
 
     def forward(self, idx, targets=None):
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, h)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
         x = F.dropout(x, self.cfg.dropout, self.training)
-        x = self.run_blocks(x)
+        lanes, rope = None, self.rope()
+        for block in self.blocks:  # recompute.apply changes what a block does in a training step, not this loop
+            x, lanes = block(x, lanes, rope)
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
             loss = F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
-
-    def run_blocks(self, x):
-        """The layer loop; recompute.py replaces it for training steps with recompute != 'none'."""
-        use_recompute = self.cfg.recompute != "none" and self.training and torch.is_grad_enabled()
-        if use_recompute:
-            import recompute
-            return recompute.run_blocks(self, x)
-        lanes = None
-        for block in self.blocks:
-            x, lanes = block(x, lanes, self.rope())
-        return x
 
     # ----- accounting -----
     def param_groups_by_role(self):

@@ -30,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import recompute as rc
 from model import ModelConfig, Transformer
 
 MODES = ("ddp", "fsdp")
@@ -56,12 +57,13 @@ def materialize(model, device, seed):
     return model
 
 
-def build_model(mcfg, parallel, device, seed, mixed_precision=False, compile=False):
-    """(model to call, raw model to checkpoint). raw is the Transformer itself: for FSDP it is sharded in place."""
+def build_model(mcfg, parallel, device, seed, mixed_precision=False, compile=False, recompute=("none", 8)):
+    """(model to call, raw model to checkpoint). raw is the Transformer itself: for FSDP it is sharded in place.
+    Applied from outside, in this order: recomputation (recompute.apply), compile, then DDP or FSDP2."""
     if parallel not in MODES:
         raise ValueError(f"parallel={parallel!r} must be one of {MODES}")
     with torch.device("meta"):
-        raw = Transformer(mcfg)
+        raw = rc.apply(Transformer(mcfg), *recompute)
     if parallel == "fsdp":
         # A block returns its lanes, some of them views (unflatten); nothing modifies them in place (Eq. 6 is an
         # out-of-place addcmul), which is all FSDP2's warning asks.
@@ -116,12 +118,13 @@ def find_checkpoint(out):
     return ("fsdp", newest[-1]) if newest else (None, None)
 
 
-def load_train_state(out, parallel):
-    """Everything but the weights: config, iteration, RNG states... (for DDP the weights come along)."""
+def load_train_state(out, parallel=None):
+    """Everything but the weights: config, iteration, RNG states... (for DDP the weights come along). parallel:
+    the mode about to resume it (None: whichever wrote it)."""
     kind, path = find_checkpoint(out)
     if kind is None:
         raise FileNotFoundError(f"init_from='resume': no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
-    if kind != parallel:
+    if parallel is not None and kind != parallel:
         raise ValueError(f"{path} was written with parallel={kind!r}: resume it with --parallel={kind}")
     return torch.load(path if kind == "ddp" else path / "train_state.pt", map_location="cpu", weights_only=False)
 
@@ -171,7 +174,8 @@ def load_for_inference(out, **overrides):
     if kind is None:
         raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
     ckpt = load_train_state(out, kind)
-    model = Transformer(ModelConfig(**{**ckpt["model_config"], "recompute": "none", **overrides}))
+    fields = set(ModelConfig.field_names())  # checkpoints from before recompute left ModelConfig still carry it
+    model = Transformer(ModelConfig(**{k: v for k, v in {**ckpt["model_config"], **overrides}.items() if k in fields}))
     if kind == "ddp":
         model.load_state_dict(ckpt["model"])
     else:

@@ -21,19 +21,108 @@ bfloat16, the GPU default):
 Not counted: the CUDA context and allocator fragmentation (1-3 GiB in practice), so "fits" keeps 10% headroom.
 Dropout masks are not counted (the paper's configs use none).
 """
-import sys
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+import configurator
 from model import ModelConfig, Transformer
-from recompute import checkpoint_layers, lane_numbers, z_numbers
+from recompute import checkpoint_layers
+
+# ----------------------------------------------------------------------------- config
+# plan.py also takes every train.py key (config files, --batch_size=..., --recompute_every=...)
+gpus = 8                    # GPUs the FSDP column shards over [>=1]
+gpu_gib = 80.0              # memory per GPU; "fits" means total <= 90% of it [>0]
+paper = False               # print one row per paper config instead
+# -----------------------------------------------------------------------------
 
 GiB = 2 ** 30
 PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for s in ("60m", "130m", "350m", "1b", "7b") for p in ("full", "crnet")]
-EXTRA = {"gpus": 8, "gpu_gib": 80.0, "paper": False}  # planner keys, on top of train.py's
 
 
+# ----------------------------------------------------------------------------- counted numbers
+def stored_numbers_per_token(cfg, mode, every=8, store=None):
+    """What a training step keeps inside the layer loop per token, in numbers (multiply by bytes per
+    number), counting inputs of blocks 2..L (block 1's input is the embedding output, kept by every mode):
+        block: (L-1) * (h + 5h + 2 ff)                 block inputs + their input lanes
+        crnet: (L-1) * h + 7 (L-1) r + |C| (5h + 2 ff) block inputs + Z + stored lanes (C: checkpoint set)
+    for LLaMA; GPT-2's lanes are 3h + h + 4h + h = 9h per layer and its Z 6r. `store` replaces the
+    checkpoint set by an actual (layer, group) plan, e.g. one the round-off guard extended."""
+    L, h = cfg.n_layer, cfg.n_embd
+    group = lane_numbers(cfg)
+    if mode == "block":
+        return (L - 1) * (h + sum(group))
+    if mode != "crnet":
+        raise ValueError(f"no formula for recompute={mode!r}: 'none' keeps every intermediate")
+    if store is None:
+        store = {(l, g) for l in checkpoint_layers(L, every) for g in range(4)}
+    return (L - 1) * h + z_numbers(cfg) + sum(group[g] for (l, g) in store)
+
+
+def lane_numbers(cfg):
+    """Lane numbers per token of one layer, per group (qkv, o, up, down)."""
+    h = cfg.n_embd
+    return [3 * h, h, (2 if cfg.arch == "llama" else 1) * cfg.ff_dim, h]
+
+
+def z_numbers(cfg):
+    """Numbers per token of every Z = X A that crnet recompute keeps (layers 2..L, and 1 if it is low-rank)."""
+    n_up = 2 if cfg.arch == "llama" else 1
+    return sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(cfg.n_layer) if cfg.layer_kind(l) != "full")
+
+
+def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
+    """Bytes of the tensors created inside the layer loop of a training forward (whole=True: anywhere in the
+    forward) that are still alive when it returns, kept by autograd, by checkpoint's closures or by the
+    LaneStash; less the loop's output (whole: less the logits, which train.py drops). autocast: a dtype to run
+    the forward under, counted after leaving it (as train.py's backward does). Counted by storage, so
+    views and the stash's references are not double counted; parameters and buffers (e.g. a view of the RoPE
+    table) are not activations and are left out."""
+    created = []
+    existing = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            created.extend(weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            return out
+
+    outputs, tracking = [], Track()
+
+    def enter(*_):
+        tracking.__enter__()
+
+    def leave(mod, inp, out):
+        tracking.__exit__(None, None, None)
+        outputs.append(out[0])
+
+    model.train()
+    hooks = [] if whole else [model.blocks[0].register_forward_pre_hook(enter), model.blocks[-1].register_forward_hook(leave)]
+    try:
+        with torch.autocast(idx.device.type, dtype=autocast, enabled=autocast is not None):
+            if whole:
+                with tracking:
+                    logits, loss = model(idx, targets)
+                outputs.append(logits)
+            else:
+                _, loss = model(idx, targets)
+    finally:
+        for h in hooks:
+            h.remove()
+    out_ptr = outputs[0].untyped_storage().data_ptr()
+    alive = {}
+    for ref in created:
+        t = ref()
+        ptr = None if t is None else t.untyped_storage().data_ptr()
+        if t is not None and ptr != out_ptr and ptr not in existing:
+            alive[ptr] = t.untyped_storage().nbytes()
+    return sum(alive.values()), loss
+
+
+# ----------------------------------------------------------------------------- the plan
 def layer_numbers(cfg, l, bf16):
     """(float32 numbers, compute-dtype numbers) per token that autograd keeps for layer l with no recompute."""
     h, ff, nh, L = cfg.n_embd, cfg.ff_dim, cfg.n_head, cfg.n_layer
@@ -57,7 +146,7 @@ def layer_numbers(cfg, l, bf16):
     return f32 + sum(p[0] for p in parts), act + sum(p[1] for p in parts)
 
 
-def activation_numbers(cfg, mode, bf16):
+def activation_numbers(cfg, mode, bf16, every=8):
     """(float32, compute-dtype) numbers per token held at the end of a training forward (logits dropped)."""
     h, L, llama = cfg.n_embd, cfg.n_layer, cfg.arch == "llama"
     f32 = h + h + cfg.vocab_size + ((1 + h) if llama else 2)  # x_0, x_L, log-softmax, final norm statistics
@@ -73,13 +162,13 @@ def activation_numbers(cfg, mode, bf16):
         return f32 + max(0, L - 2) * sum(lanes), act + (L > 1) * sum(lanes)
     if cfg.param != "crnet":
         raise ValueError(f"recompute={mode!r} needs param='crnet'")
-    return f32 + len(checkpoint_layers(L, cfg.recompute_every)) * sum(lanes), act + z_numbers(cfg)
+    return f32 + len(checkpoint_layers(L, every)) * sum(lanes), act + z_numbers(cfg)
 
 
 def plan(c, parallel, mode, gpus):
     """Bytes per GPU: dict of params, grads, optimizer, activations, backward, total."""
     bf16 = c["dtype"] in ("bfloat16", "auto")
-    cfg = ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()}, "recompute": mode,
+    cfg = ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()},
                          "vocab_size": c["vocab_size"] or 50257})
     with torch.device("meta"):
         m = Transformer(cfg)
@@ -91,7 +180,7 @@ def plan(c, parallel, mode, gpus):
     block = max(sum(p.numel() for p in b.parameters()) for b in m.blocks)
     root = P - sum(p.numel() for p in m.blocks.parameters())
     A, tokens = (2 if bf16 else 4), c["batch_size"] * c["block_size"]
-    f32, act = activation_numbers(cfg, mode, bf16)
+    f32, act = activation_numbers(cfg, mode, bf16, c["recompute_every"])
     f, a = layer_numbers(cfg, cfg.n_layer // 2, bf16)
     backward = tokens * (cfg.vocab_size * (4 + A) + (0 if mode == "none" else 4 * f + A * a))
     if parallel == "ddp":
@@ -123,13 +212,12 @@ def report(c, argv):
 
 def paper_table(c):
     """One row per paper config: parameters, and the total per GPU with its recompute mode, DDP vs FSDP."""
-    import train
     print(f"GiB per GPU at each config's micro-batch and recompute setting, bf16; FSDP on {c['gpus']} GPUs")
     print("| config | parameters | micro-batch | recompute | DDP total | FSDP total | fits 80 GiB (DDP / FSDP) |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for path in PAPER:
-        cc = {**train.load_config([path]), **{k: c[k] for k in EXTRA}}
+        cc = {**configurator.load([path], "train.py")[0], **{k: c[k] for k in ("gpus", "gpu_gib", "paper")}}
         d, P = plan(cc, "ddp", cc["recompute"], c["gpus"])
         f, _ = plan(cc, "fsdp", cc["recompute"], c["gpus"])
         fits = lambda r: "yes" if r["total"] <= 0.9 * 80 * GiB else "no"
@@ -140,15 +228,11 @@ def paper_table(c):
 
 
 def main(argv):
-    import train
-    c = train.load_config(argv, {**train.DEFAULTS, **EXTRA})
+    c, _ = configurator.load(argv, "plan.py", extends=("train.py",), doc=__doc__)
     if c["paper"]:
         return paper_table(c)
     report(c, argv)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    configurator.main_guard(main)

@@ -27,6 +27,22 @@ ROOT = Path(__file__).resolve().parent
 BUNDLED = ROOT / "data" / "shakespeare.txt"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "assets" / "tiktoken"))  # shipped r50k_base ranks: no network
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# ----------------------------------------------------------------------------- config
+out_dir = ""
+tokenizer = "byte"
+files = ""
+hf_dataset = ""
+hf_config = ""
+hf_split = "train"
+streaming = False
+text_column = "text"
+max_docs = 0.0
+max_tokens = 0.0
+val_fraction = 0.1
+seed = 1337
+num_proc = 1
+piece_chars = 20000
+# -----------------------------------------------------------------------------
 
 
 class ByteTokenizer:

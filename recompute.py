@@ -1,9 +1,12 @@
 """
-Activation recomputation for training steps (ModelConfig.recompute):
+Activation recomputation for training steps, applied from outside the model (as torchtitan applies activation
+checkpointing): recompute.apply(model, mode, every) changes what each block does in a training step; evaluation
+and no_grad calls run the plain forward and pay nothing.
 
-  "block": torch.utils.checkpoint (non-reentrant) around every block; keeps each block's input and its
-           input lanes. What a user would reach for, and the paper's baseline.
-  "crnet": the paper's Algorithm 1 (method note, section 4). Forward keeps only
+  "none":  autograd keeps every intermediate.
+  "block": torch.utils.checkpoint (non-reentrant) around every block; keeps each block's input and its input
+           lanes. What a user would reach for, and the paper's baseline.
+  "crnet": the paper's Algorithm 1 (arXiv 2509.18993). Forward keeps only
              1. every block's input x_l                                   (h numbers per token)
              2. every low-rank intermediate Z_l^P = X_l^P A_l^P           (r per position, layers 2..L; 1 too if low-rank)
              3. the lanes Y_l of the checkpoint set (every k-th layer counted down from the last, never
@@ -24,10 +27,17 @@ top-down with the current betas and store a lane whenever that bound would excee
 lanes the budget is LANE_RTOL / eps = 84: betas near 0.7 and k = 8 stay under it (35); a |s| below
 ~0.012 stores the lane below it outright. For bfloat16/float16 lanes the budget is below 1, so every
 lane is stored: recompute never silently degrades gradients.
+
+This file knows a block only through what it uses: blocks[l].projections(), .forward(x, lanes, rope,
+project), .layer_idx, .cfg.dropout, and each projection's kind, input_product, delta, lane_add, scale.
+The stored-numbers formulas and the held-bytes counter live in plan.py, beside the planner that uses them.
 """
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
+MODES = ("none", "block", "crnet")
 LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane
 
 
@@ -103,24 +113,24 @@ class CRNetBlock(torch.autograd.Function):
     (computed by autograd on the replay), so torch.autograd.grad, gradcheck and DDP's hooks see them."""
 
     @staticmethod
-    def forward(ctx, x, stash, l, block, rope, n_lanes, *lanes_and_params):
+    def forward(ctx, x, stash, block, layer, rope, n_lanes, *lanes_and_params):
         lanes, params = lanes_and_params[:n_lanes], lanes_and_params[n_lanes:]
-        ctx.stash, ctx.l, ctx.block, ctx.rope, ctx.params = stash, l, block, rope, params
+        l = block.layer_idx
+        ctx.stash, ctx.block, ctx.layer, ctx.rope, ctx.params = stash, block, layer, rope, params
         ctx.autocast = autocast_state(x.device.type)
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if x.is_cuda else None) if block.cfg.dropout else None
         ctx.set_materialize_grads(False)
         zs = []
 
-        def project(proj, inp, lane):  # Eq. 6, keeping Z = X A
+        def project(proj, inp, lane):  # Eq. 6 as always, keeping Z = X A
             if proj.kind == "full":
-                return proj(inp)
-            z = proj.lowrank_z(inp)
+                return proj(inp, lane)
+            z = proj.input_product(inp)
             zs.append(z)
-            d = proj.delta(inp, z)
-            return torch.addcmul(d, proj.scale().view(proj.n, 1), lane) if proj.lane_in else d  # as Projection.forward
+            return proj(inp, lane, z)
 
         with torch.autocast(x.device.type, enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
-            x_out, lanes_out = block.forward(x, lanes or None, rope, project)  # .forward: hooks ran outside
+            x_out, lanes_out = layer(x, lanes or None, rope, project)  # the plain forward: hooks ran outside
         for g, y in enumerate(lanes_out):
             stash.dtypes[(l, g)] = y.dtype
             if (l, g) in stash.store:
@@ -130,7 +140,8 @@ class CRNetBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_x, *g_lanes):
-        stash, l, block = ctx.stash, ctx.l, ctx.block
+        stash, block = ctx.stash, ctx.block
+        l = block.layer_idx
         x_in, *zs = ctx.saved_tensors
         # Y_l: stored (kept while the graph lives, so a retain_graph backward can run again), or rebuilt by
         # block l + 1 (dropped now: a second backward rebuilds it again)
@@ -142,24 +153,21 @@ class CRNetBlock(torch.autograd.Function):
         def project(proj, inp, lane_unused):  # replay: known Y, exact gradient, no X A / X W product
             g = projs.index(proj)
             y_known = own[g]
-            if proj.kind == "full":  # CR-Net's layer 1: Y = X W (+ b)
+            if proj.kind == "full":  # CR-Net's layer 1: Y = X W (+ b), so X W is known
                 xw = y_known if proj.bias is None else y_known - proj.bias.detach()
-                y = KnownMatmul.apply(inp, proj.weight, xw.flatten(-2)).unflatten(-1, (proj.n, proj.h_out))
-                y = y if proj.bias is None else y + proj.bias
-            else:
-                z = KnownMatmul.apply(inp, proj.A, next(zs_iter).flatten(-2)).unflatten(-1, (proj.n, proj.rank))
-                d = proj.delta(inp, z)  # Z B (+ b): the one forward matmul redone
-                if not proj.lane_in:    # a low-rank layer 1 (first_layer="lowrank"): Y = Z B, no lane below
-                    return d
-                s = proj.scale().view(proj.n, 1)
-                prev = stash.lanes.get((l - 1, g))
-                if prev is None:  # invert Eq. 6 and hand the lane to the block below
-                    prev = torch.sub(y_known, d.detach()).div_(s.detach()).to(stash.dtypes[(l - 1, g)])
-                    stash.lanes[(l - 1, g)] = prev
-                prev = prev.detach().requires_grad_()
-                leaves.append(prev)
-                y = torch.addcmul(d, s, prev)  # = y_known up to round-off; its graph gives the gradients
-            return y
+                return proj.delta(inp, KnownMatmul.apply(inp, proj.weight, xw.flatten(-2)).unflatten(-1, (proj.n, -1)))
+            z = KnownMatmul.apply(inp, proj.A, next(zs_iter).flatten(-2)).unflatten(-1, (proj.n, -1))
+            d = proj.delta(inp, z)  # Z B (+ b): the one forward matmul redone
+            if not proj.lane_in:    # a low-rank layer 1 (first_layer="lowrank"): Y = Z B, no lane below
+                return d
+            prev = stash.lanes.get((l - 1, g))
+            if prev is None:  # invert Eq. 6 and hand the lane to the block below
+                s = proj.scale().detach().view(proj.n, 1)
+                prev = torch.sub(y_known, d.detach()).div_(s).to(stash.dtypes[(l - 1, g)])
+                stash.lanes[(l - 1, g)] = prev
+            prev = prev.detach().requires_grad_()
+            leaves.append(prev)
+            return proj.lane_add(d, prev)  # = y_known up to round-off; its graph gives the gradients
 
         x = x_in.detach().requires_grad_()
         state = torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=ctx.rng is not None)
@@ -168,7 +176,7 @@ class CRNetBlock(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1])
-            x_out, lanes_out = block.forward(x, [None] * 4 if l else None, ctx.rope, project)
+            x_out, lanes_out = ctx.layer(x, [None] * 4 if l else None, ctx.rope, project)
         pairs = [(y, g) for y, g in zip((x_out, *lanes_out), (g_x, *g_lanes)) if g is not None]
         inputs = [x, *leaves, *ctx.params]
         wanted = [t for t in inputs if t.requires_grad]  # not frozen parameters (beta_learnable=False)
@@ -177,107 +185,51 @@ class CRNetBlock(torch.autograd.Function):
         return (grads[0], None, None, None, None, None, *grads[1:])
 
 
-def run_blocks(model, x):
-    """The layer loop of a training step with recompute "block" or "crnet"."""
-    cfg, rope = model.cfg, model.rope()
-    if cfg.recompute == "block":
-        lanes = None
-        for block in model.blocks:
-            x, lanes = checkpoint(block, x, lanes, rope, use_reentrant=False)
-        return x
-    # Round-off enters where Y_l = s Y_{l-1} + Z B is formed, in the dtype of s: at least float32
-    # (Projection.scale), so bf16 parameters or autocast do not force every lane to be stored.
-    # (A low-precision lane rebuilt in float32 rounds back to its exact stored value.)
-    beta = model.blocks[-1].qkv.beta if cfg.n_layer > 1 else x
-    stash = LaneStash(plan_stored_lanes(model.blocks, cfg.recompute_every, torch.promote_types(beta.dtype, torch.float32)))
+class Recompute:
+    """What apply() installs: the mode, k, and (crnet) the lane stash of the forward in flight."""
 
-    def crnet_block(block, x, lanes, rope):  # runs inside block.__call__, after FSDP2 (if any) gathered it
+    def __init__(self, model, mode, every):
+        self.blocks, self.mode, self.every, self.stash = model.blocks, mode, every, None
+
+    def block_forward(self, block, layer, x, lanes, rope=None):
+        """Replaces block.forward (inside block.__call__, so FSDP2's hooks gather the block around it)."""
+        if not (block.training and torch.is_grad_enabled()):
+            return layer(x, lanes, rope)  # evaluation, generation, no_grad: the plain forward
+        if self.mode == "block":
+            return checkpoint(layer, x, lanes, rope, use_reentrant=False)
+        l = block.layer_idx
+        if l == 0:
+            # Round-off enters where Y_l = s Y_{l-1} + Z B is formed, in the dtype of s: at least float32
+            # (Projection.scale), so bf16 parameters or autocast do not force every lane to be stored.
+            beta = self.blocks[-1].qkv.beta if len(self.blocks) > 1 else x
+            dtype = torch.promote_types(beta.dtype, torch.float32)
+            self.stash = LaneStash(plan_stored_lanes(self.blocks, self.every, dtype))
+        stash = self.stash
+        if stash is None:
+            raise RuntimeError("crnet recompute: a training forward must run the blocks in order from the first")
+        if l == len(self.blocks) - 1:
+            self.stash = None  # the autograd graph holds it now; nothing outlives the step
         lanes = lanes or ()
-        x, *lanes = CRNetBlock.apply(x, stash, block.layer_idx, block, rope, len(lanes), *lanes, *block.parameters())
+        x, *lanes = CRNetBlock.apply(x, stash, block, layer, rope, len(lanes), *lanes, *block.parameters())
         return x, lanes
 
-    lanes = None
+
+def apply(model, mode, every=8):
+    """Make model's training steps run with recomputation `mode` ("none" | "block" | "crnet"), keeping the
+    lanes of every `every`-th layer (crnet). Changes model in place and returns it; call it after building the
+    model and before torch.compile or sharding. Applying again replaces the earlier mode."""
+    if mode not in MODES:
+        raise ValueError(f"recompute={mode!r} must be one of {MODES}")
+    if mode == "crnet" and model.cfg.param != "crnet":
+        raise ValueError(f"recompute='crnet' inverts Eq. 6 and needs param='crnet' (got param={model.cfg.param!r}); "
+                         f"use recompute='block'")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"recompute_every={every!r} must be a positive integer")
     for block in model.blocks:
-        x, lanes = block(x, lanes, rope, via=crnet_block)
-    return x
-
-
-def stored_numbers_per_token(cfg, mode, store=None):
-    """What a training step keeps inside the layer loop per token, in numbers (multiply by bytes per
-    number), counting inputs of blocks 2..L (block 1's input is the embedding output, kept by every mode):
-        block: (L-1) * (h + 5h + 2 ff)                 block inputs + their input lanes
-        crnet: (L-1) * h + 7 (L-1) r + |C| (5h + 2 ff) block inputs + Z + stored lanes (C: checkpoint set)
-    for LLaMA; GPT-2's lanes are 3h + h + 4h + h = 9h per layer and its Z 6r. `store` replaces the
-    checkpoint set by an actual (layer, group) plan, e.g. one the round-off guard extended."""
-    L, h = cfg.n_layer, cfg.n_embd
-    group = lane_numbers(cfg)
-    if mode == "block":
-        return (L - 1) * (h + sum(group))
-    if mode != "crnet":
-        raise ValueError(f"no formula for recompute={mode!r}: 'none' keeps every intermediate")
-    if store is None:
-        store = {(l, g) for l in checkpoint_layers(L, cfg.recompute_every) for g in range(4)}
-    return (L - 1) * h + z_numbers(cfg) + sum(group[g] for (l, g) in store)
-
-
-def lane_numbers(cfg):
-    """Lane numbers per token of one layer, per group (qkv, o, up, down)."""
-    h = cfg.n_embd
-    return [3 * h, h, (2 if cfg.arch == "llama" else 1) * cfg.ff_dim, h]
-
-
-def z_numbers(cfg):
-    """Numbers per token of every Z = X A that crnet recompute keeps (layers 2..L, and 1 if it is low-rank)."""
-    n_up = 2 if cfg.arch == "llama" else 1
-    return sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(cfg.n_layer) if cfg.layer_kind(l) != "full")
-
-
-def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
-    """Bytes of the tensors created inside the layer loop of a training forward (whole=True: anywhere in the
-    forward) that are still alive when it returns, kept by autograd, by checkpoint's closures or by the
-    LaneStash; less the loop's output (whole: less the logits, which train.py drops). autocast: a dtype to run
-    the forward under, counted after leaving it (as train.py's backward does). Counted by storage, so
-    views and the stash's references are not double counted; parameters and buffers (e.g. a view of the RoPE
-    table) are not activations and are left out."""
-    import weakref
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    created = []
-    existing = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            created.extend(weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-            return out
-
-    outputs = []
-    inner = model.run_blocks
-
-    def tracked(x):
-        with Track():
-            y = inner(x)
-        outputs.append(y)
-        return y
-
-    model.train()
-    with torch.autocast(idx.device.type, dtype=autocast, enabled=autocast is not None):
-        if whole:
-            with Track():
-                logits, loss = model(idx, targets)
-            outputs.append(logits)
-        else:
-            model.run_blocks = tracked
-            try:
-                _, loss = model(idx, targets)
-            finally:
-                del model.run_blocks  # back to the class method
-    out_ptr = outputs[0].untyped_storage().data_ptr()
-    alive = {}
-    for ref in created:
-        t = ref()
-        ptr = None if t is None else t.untyped_storage().data_ptr()
-        if t is not None and ptr != out_ptr and ptr not in existing:
-            alive[ptr] = t.untyped_storage().nbytes()
-    return sum(alive.values()), loss
+        block.__dict__.pop("forward", None)  # back to the class's plain forward
+    model.recompute = (mode, every)
+    if mode != "none":
+        rc = Recompute(model, mode, every)
+        for block in model.blocks:
+            block.forward = functools.partial(rc.block_forward, block, block.forward)
+    return model

@@ -5,22 +5,30 @@ Sample text from a checkpoint written by train.py.
     python sample.py --out_dir=out --start="ROMEO:" --num_samples=2 --max_new_tokens=500
     python sample.py --start=FILE:prompt.txt --temperature=0 # greedy, prompt read from a file
 """
-import sys
 from pathlib import Path
 
 import torch
 
+import configurator
 from parallel import load_for_inference
 from prepare_data import get_tokenizer
-from train import load_config
+from train import pick_device
 
-DEFAULTS = dict(out_dir="out", start="\n", num_samples=3, max_new_tokens=300, temperature=0.8, top_k=200,
-                seed=1337, device="auto")
+# ----------------------------------------------------------------------------- config
+out_dir = "out"             # the run to sample from (its ckpt.pt or ckpt_dcp/)
+start = "\n"                # the prompt, or FILE:path to read it from a file
+num_samples = 3             # [>=1]
+max_new_tokens = 300        # [>=1]
+temperature = 0.8           # 0 = greedy [>=0]
+top_k = 200                 # keep the k most likely tokens; 0 = all [>=0]
+seed = 1337                 # [>=0]
+device = "auto"             # "auto" = cuda, else mps, else cpu
+# -----------------------------------------------------------------------------
 
 
 def main(argv):
-    c = load_config(argv, DEFAULTS)
-    device = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    c, _ = configurator.load(argv, "sample.py", doc=__doc__)
+    device = pick_device(c["device"], 0)
     model, ckpt = load_for_inference(c["out_dir"])
     model.to(device)
     tok = get_tokenizer(ckpt["data_meta"]["tokenizer"])
@@ -36,7 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    configurator.main_guard(main)

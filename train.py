@@ -4,15 +4,13 @@ Train a CR-Net (or baseline) transformer.
     python train.py                                   # CPU default: small CR-Net LLaMA on bundled Shakespeare
     python train.py configs/crnet_llama_60m.py --max_iters=2000
     torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_1b.py
-    python train.py --out_dir=out --init_from=resume  # continue exactly where the checkpoint left off
+    python train.py --init_from=resume --out_dir=out  # continue exactly where the checkpoint left off
 
-Config: the defaults below, then config files (plain assignments) and --key=value arguments in the
-order given. Unknown keys and values of the wrong type are errors. The merged config is printed and
-saved to out_dir/config.json.
+Config: the defaults below, then config files (plain assignments) and --key=value arguments in the order given
+(configurator.py; --help lists every key). A resumed run reads its saved config: keys that define the model,
+the data stream and the optimization may not change; the others (logging, evaluation, recomputation, compile,
+micro-batch, stop_iter, max_iters) may. The merged config is printed and saved to out_dir/config.json.
 """
-import ast
-import builtins
-import difflib
 import json
 import math
 import os
@@ -27,109 +25,72 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import configurator
 import parallel as par
+from configurator import ConfigError
 from model import ModelConfig, estimate_mfu, peak_flops_for
 from prepare_data import ROOT, load_meta, prepare
 
-# ----------------------------------------------------------------------------- defaults
+# ----------------------------------------------------------------------------- config
 # The CPU default run: a 1.07M-parameter CR-Net LLaMA on byte-level Shakespeare; ~3.5 minutes on 2 CPU cores.
-# I/O
-out_dir = "out"
+out_dir = "out"                     # checkpoint, config.json and metrics.jsonl go here
 data_dir = "data/shakespeare_byte"  # prepared automatically when it is one of the bundled corpus's dirs
-init_from = "scratch"               # "scratch" or "resume" (from out_dir/ckpt.pt, or the newest out_dir/ckpt_dcp/iter_*)
+init_from = "scratch"               # "resume": continue out_dir's checkpoint with its saved config {scratch|resume}
 overwrite = False                   # scratch into an out_dir that holds a checkpoint needs this
-eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end)
-eval_tokens = 131072                # fixed validation (and train) tokens per evaluation, split over ranks
-log_interval = 25
-seed = 1337
-# model (every ModelConfig field; vocab_size None = the data's)
-arch = "llama"
-n_layer = 4
-n_head = 4
-n_embd = 192
-intermediate_size = 512             # ~8/3 * n_embd, as LLaMA
-vocab_size = None
-block_size = 128
-bias = False
-dropout = 0.0
-param = "crnet"
-rank = 48                           # n_embd / 4
-beta_init = 0.5 ** 0.5
-beta_eps = 1e-6
-beta_learnable = True               # False: the fixed-beta ablation
-first_layer = "full"                # "lowrank": the low-rank-first-layer ablation
-init_std = 0.02
-recompute = "none"
-recompute_every = 8
+eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end) [>=1]
+eval_tokens = 131072                # fixed validation (and train) tokens per evaluation, split over ranks [>=1]
+log_interval = 25                   # print and append a row to metrics.jsonl every this many iterations [>=1]
+seed = 1337                         # weights, batches and dropout all derive from it [>=0]
+# model: every ModelConfig field (model.py documents them); vocab_size None = the data's
+arch = "llama"                      # LLaMA (RMSNorm, RoPE, SwiGLU) or GPT-2 (LayerNorm, learned positions, GELU) {llama|gpt2}
+n_layer = 4                         # [>=1]
+n_head = 4                          # [>=1]
+n_embd = 192                        # [>=1]
+intermediate_size = 512             # LLaMA's SwiGLU width, ~8/3 * n_embd (GPT-2 uses 4 * n_embd) [>=1]
+vocab_size = None                   # None = the data's vocabulary [>=1]
+block_size = 128                    # sequence length [>=1]
+bias = False                        # GPT-2 only: biases in projections and norms
+dropout = 0.0                       # [0,1)
+param = "crnet"                     # projections: full-rank, CR-Net (Eq. 6), X A B, silu(X A) B {full|crnet|lowrank|cola}
+rank = 48                           # n_embd / 4; one rank for layers 2..L, or a list of n_layer ranks [>=1]
+beta_init = 0.5 ** 0.5              # initial beta of every CR-Net layer: the lane carries beta_init^2 of the variance
+beta_eps = 1e-6                     # Eq. 6: s = sign(beta) (|beta| + eps) [>=0]
+beta_learnable = True               # False: the paper's fixed-beta ablation
+first_layer = "full"                # "lowrank": the paper's low-rank-first-layer ablation {full|lowrank}
+init_std = 0.02                     # std of a full-rank projection [>0]
+# activation recomputation (recompute.py): not part of the model, so a run may resume with another mode
+recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1 {none|block|crnet}
+recompute_every = 8                 # crnet: keep the lanes of every k-th layer, counted down from the last [>=1]
 # optimization
-batch_size = 32                     # micro-batch sequences per process
-total_batch_tokens = 4096           # tokens per optimizer step = batch_size * block_size * world_size * grad_accum
-max_iters = 450
-stop_iter = 0                       # end this process at this iteration (checkpointed) without changing the schedule; 0 = max_iters
-learning_rate = 3e-3
-min_lr_ratio = 0.1                  # cosine decays to learning_rate * min_lr_ratio
-warmup_iters = 50
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0                     # 0 = no clipping (the norm is still computed and checked)
+batch_size = 32                     # micro-batch sequences per process [>=1]
+total_batch_tokens = 4096           # tokens per optimizer step = batch_size * block_size * world_size * grad_accum [>=1]
+max_iters = 450                     # optimizer steps; the cosine schedule ends here [>=1]
+stop_iter = 0                       # end this process at this iteration (checkpointed), schedule unchanged; 0 = max_iters [>=0]
+learning_rate = 3e-3                # peak [>0]
+min_lr_ratio = 0.1                  # cosine decays to learning_rate * min_lr_ratio [0,1]
+warmup_iters = 50                   # linear warmup [>=0]
+weight_decay = 0.1                  # AdamW, on weight matrices and low-rank factors only [>=0]
+beta1 = 0.9                         # [0,1)
+beta2 = 0.95                        # [0,1)
+grad_clip = 1.0                     # 0 = no clipping (the norm is still computed and checked) [>=0]
 # system
-device = "auto"                     # "auto" = cuda if available, else cpu
-dtype = "auto"                      # "auto" = bfloat16 autocast on cuda, float32 on cpu; or "float32" / "bfloat16"
-compile = False
-parallel = "ddp"                    # "ddp": a replica per process | "fsdp": FSDP2, parameters/grads/AdamW sharded (parallel.py)
-cpu_threads = 0                     # 0 = torch's default (divided among local processes under torchrun)
-peak_flops = 0.0                    # 0 = look the device up in model.PEAK_FLOPS; MFU is n/a when unknown
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and k.islower()
-            and isinstance(v, (int, float, str, bool, list, type(None)))}
-TYPES = {"rank": (int, list), "vocab_size": (int, type(None))}  # keys whose type is not their default's
-assert set(ModelConfig.field_names()) <= set(DEFAULTS), "every ModelConfig field needs a default here"
+device = "auto"                     # "auto" = cuda if available, else mps, else cpu; or cpu, cuda, cuda:N, mps
+dtype = "auto"                      # "auto" = bfloat16 autocast on cuda, float32 elsewhere {auto|float32|bfloat16}
+compile = False                     # torch.compile the model (per block under FSDP)
+parallel = "ddp"                    # "ddp": a replica per process; "fsdp": FSDP2 shards params/grads/AdamW {ddp|fsdp}
+cpu_threads = 0                     # 0 = torch's default, divided among local processes under torchrun [>=0]
+peak_flops = 0.0                    # 0 = look the device up in model.PEAK_FLOPS; MFU is n/a when unknown [>=0]
+TYPES = {"rank": (int, list), "vocab_size": (int, None)}
 # -----------------------------------------------------------------------------
+# what a resumed run may change; everything else defines the model, the data stream or the optimization
+FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute",
+                  "recompute_every", "batch_size", "max_iters", "stop_iter", "device", "dtype", "compile",
+                  "cpu_threads", "peak_flops", "parallel"}
 
 
-def coerce(key, value, default):
-    """Type-check one config value against its default; ints are accepted where floats are expected."""
-    want = TYPES.get(key, type(default))
-    if isinstance(value, tuple):
-        value = list(value)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if want is int and isinstance(value, float) and value.is_integer():
-        return int(value)  # e.g. max_iters=1e4
-    if isinstance(value, bool) != (want is bool or (isinstance(want, tuple) and bool in want)) or not isinstance(value, want):
-        raise ValueError(f"config key {key!r}: expected {getattr(want, '__name__', want)}, got {value!r}")
-    return value
-
-
-def load_config(argv, defaults=None):
-    """defaults <- config files (plain assignments) <- --key=value, in order; unknown keys are errors."""
-    defaults = DEFAULTS if defaults is None else defaults
-    cfg = dict(defaults)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ValueError(f"argument {arg!r}: use --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string
-            updates, origin = {key: value}, "command line"
-        else:
-            path = Path(arg)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file not found: {arg}")
-            ns = {}
-            exec(builtins.compile(path.read_text(), str(path), "exec"), ns)  # `compile` is a config key here
-            updates = {k: v for k, v in ns.items() if not k.startswith("_") and not callable(v)
-                       and type(v).__name__ != "module"}
-            origin = str(path)
-        for key, value in updates.items():
-            if key not in defaults:
-                near = difflib.get_close_matches(key, defaults, n=1)
-                raise ValueError(f"unknown config key {key!r} in {origin}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-            cfg[key] = coerce(key, value, defaults[key])
-    return cfg
+def load_config(argv):
+    """The merged config dict (defaults <- files <- --key=value), checked key by key."""
+    return configurator.load(argv, "train.py", doc=__doc__)[0]
 
 
 def lr_at(it, c):
@@ -185,9 +146,14 @@ def rng_state():
 
 
 def peak_memory_mb(device):
+    """Peak memory of this process: CUDA's max_memory_allocated; on MPS the Metal driver's current allocation
+    (torch.mps keeps no peak); on the CPU the peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux: KiB -> MiB (peak RSS)
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # macOS reports bytes, Linux KiB
 
 
 def log_metrics(path, row):
@@ -202,114 +168,185 @@ def unigram_entropy(data, vocab_size):
     return float(-(p * np.log(p)).sum())
 
 
-def main(argv):
-    c = load_config(argv)
-    if c["parallel"] not in par.MODES:
-        raise ValueError(f"parallel={c['parallel']!r} must be one of {par.MODES}")
-    fsdp = c["parallel"] == "fsdp"
-    multi = int(os.environ.get("WORLD_SIZE", 1)) > 1  # more than one process (torchrun), whichever the mode
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    dev = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda":
-        dev = f"cuda:{local_rank}"
-        torch.cuda.set_device(dev)
-    device = torch.device(dev)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if multi:
-        dist.init_process_group(backend=backend)
-    elif fsdp:  # FSDP2 needs a process group even for one process (e.g. resuming a sharded run on one GPU)
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    threads = c["cpu_threads"] or (max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    torch.set_num_threads(threads)
-    dtype = c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+# ----------------------------------------------------------------------------- the steps of main
+def resume_config(c, given):
+    """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them."""
+    ckpt = par.load_train_state(c["out_dir"], c["parallel"] if "parallel" in given else None)
+    saved = {k: v for k, v in ckpt["config"].items() if k in c}  # keys this version no longer has are dropped
+    for k in sorted(given - FREE_ON_RESUME):
+        if c[k] != saved.get(k, c[k]):
+            raise ConfigError(k, c[k], f"the checkpoint in {c['out_dir']} was trained with {saved[k]!r}; a resumed run "
+                                       f"keeps the model, data stream and optimization (start a new run to change it)")
+    c = {**c, **saved, **{k: c[k] for k in given}}
+    if c["max_iters"] <= ckpt["iter"]:
+        raise ConfigError("max_iters", c["max_iters"], f"the checkpoint is at iteration {ckpt['iter']}: nothing to train "
+                                                       f"(raise max_iters to continue)")
+    if c["max_iters"] != saved["max_iters"]:
+        print(f"note: max_iters {saved['max_iters']} -> {c['max_iters']}: the cosine schedule now ends there, so the "
+              f"learning rate from iteration {ckpt['iter']} on differs from the original run's")
+    return c, ckpt
 
-    # ---- data
-    data_dir = Path(c["data_dir"])
-    bundled = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}
-    if not (data_dir / "meta.json").is_file() and c["data_dir"] in bundled:
-        if master:
-            say(f"preparing {data_dir} from the bundled corpus")
-            prepare(ROOT / data_dir, tokenizer=bundled[c["data_dir"]])
-        if multi:
-            dist.barrier()
-        data_dir = ROOT / data_dir
-    meta = load_meta(data_dir)
-    train_data = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r")
-    val_data = np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r")
-    if c["vocab_size"] is None:
-        c["vocab_size"] = meta["vocab_size"]
-    elif c["vocab_size"] < meta["vocab_size"]:
-        raise ValueError(f"vocab_size={c['vocab_size']} is smaller than the data's vocabulary ({meta['vocab_size']}, "
-                         f"tokenizer {meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
 
-    # ---- batch arithmetic
+def check_config(c, world):
+    """Checks that span keys, before any work: the batch arithmetic, evaluation sizes, the model config."""
     B, T = c["batch_size"], c["block_size"]
     per_micro = B * T * world
     if c["total_batch_tokens"] % per_micro:
-        raise ValueError(f"total_batch_tokens={c['total_batch_tokens']} must be a multiple of batch_size * block_size * "
-                         f"world_size = {B} * {T} * {world} = {per_micro}")
-    grad_accum = c["total_batch_tokens"] // per_micro
+        raise ConfigError("total_batch_tokens", c["total_batch_tokens"], f"must be a multiple of batch_size * block_size * "
+                          f"world_size = {B} * {T} * {world} = {per_micro}")
+    if c["eval_tokens"] < T:
+        raise ConfigError("eval_tokens", c["eval_tokens"], f"is less than one block of block_size={T} tokens")
+    if c["stop_iter"] > c["max_iters"]:
+        raise ConfigError("stop_iter", c["stop_iter"], f"is beyond max_iters={c['max_iters']}")
+    dev = c["device"]
+    if dev not in ("auto", "cpu", "cuda", "mps") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ConfigError("device", dev, "must be auto, cpu, cuda, cuda:N or mps")
+    if c["parallel"] == "fsdp" and dev == "mps":
+        raise ConfigError("parallel", "fsdp", "FSDP2 needs cuda or cpu (gloo), not mps")
+    if c["recompute"] == "crnet" and c["param"] != "crnet":
+        raise ConfigError("recompute", "crnet", f"inverts Eq. 6 and needs param='crnet' (got param={c['param']!r}); "
+                                                f"use recompute='block'")
+    model_config(c)  # the model's own checks (divisibility, ranks, ...), named by key
+    return c["total_batch_tokens"] // per_micro  # grad_accum
 
-    # ---- model, optimizer, resume
+
+def model_config(c, vocab_size=None):
+    return ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()}, "vocab_size": vocab_size or c["vocab_size"] or 256})
+
+
+def pick_device(name, local_rank):
+    """"auto" is cuda, else mps (Apple silicon), else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def setup(c):
+    """Processes, device, threads and precision: everything that depends on where this process runs."""
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = pick_device(c["device"], local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world > 1:
+        dist.init_process_group(backend=backend)
+    elif c["parallel"] == "fsdp":  # FSDP2 needs a process group even for one process (e.g. resuming on one GPU)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    threads = c["cpu_threads"] or max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
+    dtype = c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)  # flushed: a redirected log grows live
+    return dict(rank=rank, world=world, device=device, dtype=dtype, autocast=autocast, threads=threads, say=say)
+
+
+def load_data(c, rt):
+    """Memory-mapped token files, checked against the config before the model is built."""
+    data_dir = Path(c["data_dir"])
+    bundled = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}
+    if not (data_dir / "meta.json").is_file() and c["data_dir"] in bundled:
+        data_dir = ROOT / data_dir
+        if rt["rank"] == 0 and not (data_dir / "meta.json").is_file():
+            rt["say"](f"preparing {data_dir} from the bundled corpus")
+            prepare(data_dir, tokenizer=bundled[c["data_dir"]])
+        if rt["world"] > 1:
+            dist.barrier()
+    meta = load_meta(data_dir)
+    splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
+    for s, d in splits.items():
+        if len(d) <= c["block_size"] + 1:
+            raise ValueError(f"{data_dir / (s + '.bin')} holds {len(d)} tokens, not more than one block of "
+                             f"block_size={c['block_size']} (+1 for the targets): prepare more data or lower block_size")
+    vocab = meta["vocab_size"]
+    if c["vocab_size"] is not None and c["vocab_size"] < max(vocab, meta.get("max_token_id", -1) + 1):
+        raise ConfigError("vocab_size", c["vocab_size"], f"is smaller than the data's vocabulary ({vocab}, tokenizer "
+                          f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
+    return splits["train"], splits["val"], meta
+
+
+def build(c, rt, ckpt):
+    """Model (identical weights on every rank and in every mode), optimizer, and the checkpoint's state if resuming.
+    raw_model is the Transformer itself: what we checkpoint, free of compile and DDP wrappers."""
+    mcfg = model_config(c)
+    model, raw = par.build_model(mcfg, c["parallel"], rt["device"], c["seed"], rt["dtype"] == "bfloat16",  # FSDP: bf16 params
+                                 c["compile"], (c["recompute"], c["recompute_every"]))
+    optimizer = raw.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt["device"].type)
+    start_iter, best_val = 0, float("inf")
+    if ckpt is None:
+        torch.manual_seed(c["seed"] + rt["rank"])  # dropout differs per rank
+        return model, raw, optimizer, mcfg, start_iter, best_val
+    par.load_weights(c["out_dir"], c["parallel"], ckpt, raw, optimizer)
+    states = ckpt["rng"]
+    if len(states) != rt["world"]:
+        rt["say"](f"note: the checkpoint has RNG states of {len(states)} processes, running {rt['world']}: dropout draws differ")
+    s = states[rt["rank"] % len(states)]
+    torch.set_rng_state(s["torch"])
+    if rt["device"].type == "cuda" and s.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    elif bool(s.get("cuda")) != (rt["device"].type == "cuda") and ckpt["config"]["dropout"]:
+        rt["say"]("note: the checkpoint's CUDA RNG state does not apply on this device: dropout draws differ")
+    rt["say"](f"resuming from {par.find_checkpoint(c['out_dir'])[1]} at iteration {ckpt['iter']}")
+    return model, raw, optimizer, mcfg, ckpt["iter"], ckpt["best_val_loss"]
+
+
+def start_logs(c, out, start_iter):
+    """config.json, and metrics.jsonl without rows an interrupted run wrote after its last checkpoint (both atomic)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.json", json.dumps(c, indent=2) + "\n")
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+        keep = [r for r in rows if r["iter"] <= start_iter] if c["init_from"] == "resume" else []
+        write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv):
+    c, given = configurator.load(argv, "train.py", doc=__doc__)
+    if c["init_from"] == "scratch":
+        kind, path = par.find_checkpoint(c["out_dir"])
+        if kind and not c["overwrite"]:
+            raise FileExistsError(f"{path} exists: continue it with --init_from=resume, or pass --overwrite or "
+                                  f"another --out_dir to start over")
+        ckpt = None
+    else:
+        c, ckpt = resume_config(c, given)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    grad_accum = check_config(c, world)
+    rt = setup(c)
+    rank, device, autocast, say = rt["rank"], rt["device"], rt["autocast"], rt["say"]
+    train_data, val_data, meta = load_data(c, rt)
+    if c["vocab_size"] is None:
+        c["vocab_size"] = meta["vocab_size"]
+    model, raw_model, optimizer, mcfg, start_iter, best_val = build(c, rt, ckpt)
+    ckpt = None  # free the checkpoint's tensors
     out = Path(c["out_dir"])
     metrics_path = out / "metrics.jsonl"
-    if c["init_from"] not in ("scratch", "resume"):
-        raise ValueError(f"init_from={c['init_from']!r} must be 'scratch' or 'resume'")
-    ckpt_kind, ckpt_path = par.find_checkpoint(out)
-    if c["init_from"] == "scratch" and ckpt_kind and not c["overwrite"]:
-        raise FileExistsError(f"{ckpt_path} exists: continue it with --init_from=resume, or pass --overwrite=True "
-                              f"or another --out_dir to start over")
-    ckpt = par.load_train_state(out, c["parallel"]) if c["init_from"] == "resume" else None
-    if ckpt is not None:  # the checkpoint's model and data must be what we are about to train
-        for k in ModelConfig.field_names() + ["data_dir", "seed", "total_batch_tokens"]:
-            if ckpt["config"][k] != c[k] and not (k == "data_dir" and Path(ckpt["config"][k]).resolve() == data_dir.resolve()):
-                raise ValueError(f"resume: config {k}={c[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}")
-    mcfg = ModelConfig(**{k: c[k] for k in ModelConfig.field_names()})
-    # identical weights on every rank and in every mode; raw_model is what we checkpoint (no compile/DDP prefixes)
-    model, raw_model = par.build_model(mcfg, c["parallel"], device, c["seed"], dtype == "bfloat16",  # FSDP: bf16 parameters
-                                       c["compile"])
-    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device.type)
-    start_iter, best_val = 0, float("inf")
-    if ckpt is not None:
-        par.load_weights(out, c["parallel"], ckpt, raw_model, optimizer)
-        start_iter, best_val = ckpt["iter"], ckpt["best_val_loss"]
-        states = ckpt["rng"]
-        if len(states) != world:
-            say(f"warning: checkpoint has RNG states of {len(states)} processes, running {world}: dropout draws will differ")
-        s = states[rank % len(states)]
-        torch.set_rng_state(s["torch"])
-        if s["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(s["cuda"])
-        del ckpt
-    else:
-        torch.manual_seed(c["seed"] + rank)  # dropout differs per rank
-
+    if rank == 0:
+        start_logs(c, out, start_iter)
     counts = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token()
     peak = c["peak_flops"] or peak_flops_for(torch.cuda.get_device_name(device) if device.type == "cuda" else "")
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "config.json.tmp"
-        tmp.write_text(json.dumps(c, indent=2) + "\n")
-        os.replace(tmp, out / "config.json")
-        if metrics_path.exists():  # drop rows an interrupted run wrote after its last checkpoint
-            rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-            keep = [r for r in rows if r["iter"] <= start_iter] if c["init_from"] == "resume" else []
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    B, T, tokens_per_step = c["batch_size"], c["block_size"], c["total_batch_tokens"]
     say("config:", json.dumps(c))
     say(f"model: {counts['total'] / 1e6:.2f}M parameters " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v and k != "total"))
     say(f"data: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {len(train_data):,} train / {len(val_data):,} val tokens; "
         f"val unigram entropy {unigram_entropy(val_data, meta['vocab_size']):.4f} nats")
-    say(f"batch: {c['total_batch_tokens']:,} tokens/step = {B} seq x {T} tok x {world} proc x {grad_accum} accum; "
-        f"device {device}, {dtype}, {threads} threads/proc; {flops_per_token / 1e6:.1f} MFLOP/token")
+    say(f"batch: {tokens_per_step:,} tokens/step = {B} seq x {T} tok x {rt['world']} proc x {grad_accum} accum; "
+        f"device {device}, {rt['dtype']}, {rt['threads']} threads/proc; recompute {c['recompute']}; "
+        f"{flops_per_token / 1e6:.1f} MFLOP/token")
 
     # ---- loop: step `it` takes the model from iteration it to it + 1
-    t0, tokens_per_step = time.perf_counter(), c["total_batch_tokens"]
+    t_start = t0 = time.perf_counter()
     train_time, timed_iters = 0.0, 0  # since the last log line; evaluation excluded
     for it in range(start_iter, c["max_iters"]):
         lr = lr_at(it, c)
@@ -317,13 +354,13 @@ def main(argv):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
-            x, y = train_batch(train_data, it, micro, rank, world, B, T, c["seed"], device)
+            x, y = train_batch(train_data, it, micro, rank, rt["world"], B, T, c["seed"], device)
             with par.gradient_sync(model, c["parallel"], micro == grad_accum - 1):
                 with autocast:
                     loss = model(x, y)[1]  # not `_, loss =`: that would keep the (B, T, vocab) logits through backward
                 (loss / grad_accum).backward()
             loss_sum += loss.detach().float()
-        if multi:
+        if rt["world"] > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = par.clip_grad_norm(list(model.parameters()), c["grad_clip"] or float("inf"))
         loss_val = loss_sum.item() / grad_accum
@@ -339,41 +376,52 @@ def main(argv):
             dt, train_time, timed_iters = train_time / timed_iters, 0.0, 0
             tps = tokens_per_step / dt
             mfu = estimate_mfu(flops_per_token, tps, peak)
+            elapsed = t1 - t_start
+            eta = elapsed / (done - start_iter) * (c["max_iters"] - done)
             row = {"iter": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": 1000 * dt,
-                   "tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device)}
+                   "tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device), "tokens": done * tokens_per_step,
+                   "elapsed_s": elapsed}
             say(f"iter {done:6d} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {1000 * dt:7.1f} ms | "
-                f"{tps:9.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | mem {row['peak_mem_mb']:.0f} MiB")
-            if master:
+                f"{tps:9.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | mem {row['peak_mem_mb']:.0f} MiB | "
+                f"{row['tokens'] / 1e6:.2f}M tok | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
+            if rank == 0:
                 log_metrics(metrics_path, row)
         stopping = done == c["stop_iter"]
         if done % c["eval_interval"] == 0 or done == c["max_iters"] or stopping:
-            val_loss = evaluate(model, val_data, c, rank, world, device, autocast)
-            train_loss = evaluate(model, train_data, c, rank, world, device, autocast)
-            best_val = min(best_val, val_loss)
-            say(f"eval {done:6d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | best val {best_val:.4f}")
-            states = [None] * world
-            if multi:
-                dist.all_gather_object(states, rng_state())
-            else:
-                states = [rng_state()]
-            if master:
-                log_metrics(metrics_path, {"iter": done, "val_loss": val_loss, "train_loss": train_loss})
-            par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
-                "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg), "data_meta": meta,
-                "rng": states}, rank)
-            if master:
-                say(f"saved {par.find_checkpoint(out)[1]}")
+            best_val = evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data, val_data, done, best_val)
             t0 = time.perf_counter()  # evaluation time is not training time
         if stopping:
-            say(f"stop_iter={done} reached; continue with --init_from=resume")
+            say(f"stop_iter={done} reached; continue with: python train.py --init_from=resume --out_dir={c['out_dir']}")
             break
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing the checkpoint: gloo aborts if a peer tears down first
         dist.destroy_process_group()
 
 
+def evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data, val_data, done, best_val):
+    rank, world, say = rt["rank"], rt["world"], rt["say"]
+    val_loss = evaluate(model, val_data, c, rank, world, rt["device"], rt["autocast"])
+    train_loss = evaluate(model, train_data, c, rank, world, rt["device"], rt["autocast"])
+    best_val = min(best_val, val_loss)
+    say(f"eval {done:6d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | best val {best_val:.4f}")
+    states = [None] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    out = Path(c["out_dir"])
+    if rank == 0:
+        log_metrics(out / "metrics.jsonl", {"iter": done, "val_loss": val_loss, "train_loss": train_loss})
+    par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
+        "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg), "data_meta": meta,
+        "rng": states}, rank)
+    say(f"saved {par.find_checkpoint(out)[1]}")
+    return best_val
+
+
+def fmt_time(s):
+    return f"{s / 3600:.1f}h" if s >= 3600 else f"{s / 60:.1f}m" if s >= 60 else f"{s:.0f}s"
+
+
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}")
+    configurator.main_guard(main)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ablate
+import configurator
 import train
 from parallel import load_for_inference
 from model import ModelConfig, Transformer
@@ -32,7 +33,7 @@ def test_matched_ranks_are_the_nearest_and_within_2_percent(argv):
 
 @pytest.mark.parametrize("n_layer,rank", [(4, 48), (8, 128), (24, 256), (3, 7)])
 def test_middle_heavy_ranks_keep_crnet_count_and_peak_in_the_middle(n_layer, rank):
-    c = {**train.DEFAULTS, "n_layer": n_layer, "rank": rank, "n_embd": 1024, "n_head": 8, "intermediate_size": 2736}
+    c = {**configurator.defaults("train.py"), "n_layer": n_layer, "rank": rank, "n_embd": 1024, "n_head": 8, "intermediate_size": 2736}
     ranks = ablate.variant_changes(c, "crnet_middle_heavy")["rank"]
     inner = ranks[1:]
     assert len(ranks) == n_layer and sum(inner) == (n_layer - 1) * rank

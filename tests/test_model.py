@@ -232,14 +232,13 @@ def test_optimizer_groups_cover_every_parameter_once(arch, param):
     (dict(rank=0), "rank"), (dict(rank=32), "rank"), (dict(rank=[8, 8]), "rank"), (dict(rank=[8, 8, 100]), "rank"),
     (dict(n_embd=30, n_head=4), "n_embd"), (dict(n_embd=30, n_head=10), "n_head"), (dict(arch="bert"), "arch"),
     (dict(param="svd"), "param"), (dict(n_layer=0), "n_layer"), (dict(vocab_size=-1), "vocab_size"),
-    (dict(recompute="crnet", param="full"), "recompute"), (dict(recompute="yes"), "recompute"),
     (dict(beta_init=0.0), "beta_init"), (dict(dropout=1.0), "dropout"), (dict(bias=True), "bias"),
     (dict(first_layer="low"), "first_layer"), (dict(param="lowrank", first_layer="lowrank"), "first_layer"),
     (dict(param="full", beta_learnable=False), "beta_learnable"),
     (dict(param="crnet", first_layer="lowrank", rank=[999, 8, 8]), "rank"),
 ])
 def test_config_errors_name_the_field(kw, field):
-    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}="):
+    with pytest.raises(ValueError, match=rf"^{field}="):
         cfg(**kw)
 
 

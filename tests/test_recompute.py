@@ -4,12 +4,13 @@ import torch
 
 import recompute
 from model import ModelConfig, Transformer
-from recompute import checkpoint_layers, held_activation_bytes, plan_stored_lanes, stored_numbers_per_token
+from plan import held_activation_bytes, stored_numbers_per_token
+from recompute import checkpoint_layers, plan_stored_lanes
 
 
-def make(recompute_mode="none", **kw):
+def make(recompute_mode="none", recompute_every=8, **kw):
     base = dict(n_layer=4, n_head=2, n_embd=32, intermediate_size=48, vocab_size=50, block_size=16, rank=8, param="crnet")
-    return Transformer(ModelConfig(**{**base, **kw, "recompute": recompute_mode}))
+    return recompute.apply(Transformer(ModelConfig(**{**base, **kw})), recompute_mode, recompute_every)
 
 
 def randomize_betas(m, low=-1.5, high=1.5):
@@ -71,7 +72,7 @@ def test_crnet_recompute_matches_plain_autograd_in_the_ablations(kw):
     assert_grads_close(g_ref, g_rc)
     m = make("crnet", n_layer=5, recompute_every=2, rank=[5, 4, 6, 5, 7], **kw)
     held, _ = held_activation_bytes(m, idx, idx)  # layer 1's Z is kept too when it is low-rank
-    assert held == stored_numbers_per_token(m.cfg, "crnet") * 4 * idx.numel()
+    assert held == stored_numbers_per_token(m.cfg, "crnet", 2) * 4 * idx.numel()
 
 
 def test_dropout_is_replayed_exactly():
@@ -164,7 +165,7 @@ def test_held_bytes_match_the_formula_and_crnet_beats_block(arch):
         held[mode], loss = held_activation_bytes(m, idx, idx)
         loss.backward()
         if mode != "none":
-            assert held[mode] == stored_numbers_per_token(m.cfg, mode) * 4 * idx.numel()
+            assert held[mode] == stored_numbers_per_token(m.cfg, mode, 8) * 4 * idx.numel()
     assert held["crnet"] < 0.4 * held["block"] < held["none"]  # 0.363 (llama), 0.370 (gpt2) at this shape
 
 
@@ -175,20 +176,47 @@ def test_guard_lanes_are_counted():
     idx = torch.randint(0, 50, (2, 16))
     held, _ = held_activation_bytes(m, idx, idx)
     plan = plan_stored_lanes(m.blocks, 8, torch.float32)
-    assert held == stored_numbers_per_token(m.cfg, "crnet", plan) * 4 * idx.numel()
-    assert held > stored_numbers_per_token(m.cfg, "crnet") * 4 * idx.numel()
+    assert held == stored_numbers_per_token(m.cfg, "crnet", 8, plan) * 4 * idx.numel()
+    assert held > stored_numbers_per_token(m.cfg, "crnet", 8) * 4 * idx.numel()
 
 
 def test_evaluation_and_generation_do_not_recompute(monkeypatch):
     m = make("crnet")
     ref = make("none")
     ref.load_state_dict(m.state_dict())
-    monkeypatch.setattr(recompute, "run_blocks", lambda *a: pytest.fail("recompute under no_grad"))
+    monkeypatch.setattr(recompute.CRNetBlock, "apply", lambda *a: pytest.fail("recompute under no_grad / eval"))
     idx = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
         assert torch.equal(m(idx)[0], ref(idx)[0])
     m.eval()
+    assert torch.equal(m(idx)[0], ref.eval()(idx)[0])  # eval with grad enabled: the plain forward too
     assert m.generate(idx, 4, temperature=0).shape == (2, 12)
+
+
+def test_apply_replaces_and_undoes(monkeypatch):
+    m = make("crnet", recompute_every=2)
+    assert m.recompute == ("crnet", 2) and "forward" in vars(m.blocks[0])
+    recompute.apply(m, "none")
+    assert m.recompute == ("none", 8) and all("forward" not in vars(b) for b in m.blocks)
+    recompute.apply(recompute.apply(m, "block"), "crnet", 3)  # a second apply replaces the first
+    calls = []
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1))
+    m.train()
+    m(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))[1].backward()
+    assert not calls and m.recompute == ("crnet", 3)
+    with pytest.raises(ValueError, match="needs param='crnet'"):
+        recompute.apply(make("none", param="full"), "crnet")
+    with pytest.raises(ValueError, match="recompute='sometimes'"):
+        recompute.apply(m, "sometimes")
+    with pytest.raises(ValueError, match="recompute_every=0"):
+        recompute.apply(m, "crnet", 0)
+
+
+def test_model_and_recompute_do_not_import_each_other():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    assert "import recompute" not in (root / "model.py").read_text()
+    assert not any(w in (root / "recompute.py").read_text() for w in ("import model", "from model"))
 
 
 def test_torch_compile_matches_eager():

@@ -17,23 +17,29 @@ def run(tiny_data, out, *extra):
 # ---------------------------------------------------------------- config
 def test_config_merging_and_type_checks(tmp_path):
     f = tmp_path / "c.py"
-    f.write_text("import math\nn_layer = 2\nlearning_rate = 1  # an int where a float is expected\nrank = [8, 4]\n")
-    c = train.load_config([str(f), "--n_layer=3", "--out_dir=somewhere", "--max_iters=1e3"])
+    f.write_text("n_layer = 2\nlearning_rate = 1  # an int where a float is expected\nrank = [8, 4]\neval_tokens = 10 * 128\n")
+    c = train.load_config([str(f), "--n_layer=3", "--out_dir=somewhere", "--max_iters=1e3", "--compile"])
     assert (c["n_layer"], c["learning_rate"], c["rank"], c["out_dir"], c["max_iters"]) == (3, 1.0, [8, 4], "somewhere", 1000)
-    assert isinstance(c["learning_rate"], float)
-    with pytest.raises(ValueError, match="unknown config key 'lerning_rate' in command line .*did you mean 'learning_rate'"):
+    assert isinstance(c["learning_rate"], float) and c["compile"] is True and c["eval_tokens"] == 1280
+    with pytest.raises(ValueError, match="unknown config key 'lerning_rate' on the command line \\(did you mean 'learning_rate'\\?\\); python train.py --help"):
         train.load_config(["--lerning_rate=1e-3"])
     f.write_text("n_layers = 2\n")
     with pytest.raises(ValueError, match=f"unknown config key 'n_layers' in {f}"):
         train.load_config([str(f)])
-    with pytest.raises(ValueError, match="config key 'n_layer': expected int, got 'three'"):
-        train.load_config(["--n_layer=three"])
-    with pytest.raises(ValueError, match="config key 'compile': expected bool"):
-        train.load_config(["--compile=1"])
-    with pytest.raises(ValueError, match="config key 'max_iters': expected int"):
-        train.load_config(["--max_iters=2.5"])
-    with pytest.raises(ValueError, match="use --key=value"):
-        train.load_config(["--compile"])
+    for bad, words in [("n_layer: 1\n", ":1: `n_layer: 1` is not a plain `key = value` assignment"),
+                       ("import math\n", ":1: `import math` is not a plain"), ("n_layer = (\n", ":1: not Python"),
+                       ("ablate_dir = 'x'\n", "'ablate_dir' .* is a key of ablate.py, not of train.py: .* is a config for ablate.py")]:
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=words):
+            train.load_config([str(f)])
+    for arg, words in [("--n_layer=three", "n_layer='three': expected int"), ("--compile=1", "compile=1: expected bool"),
+                       ("--max_iters=2.5", "max_iters=2.5: expected int"), ("--n_layer", "n_layer=None: needs a value"),
+                       ("--max_iters=-5", "max_iters=-5: must be >= 1"), ("--grad_clip=-1", "grad_clip=-1.0: must be >= 0"),
+                       ("--weight_decay=-0.1", "weight_decay=-0.1: must be >= 0"), ("--dropout=1.0", r"dropout=1.0: must be in \[0,1\)"),
+                       ("--dtype=fp16", "dtype='fp16': must be one of auto, float32, bfloat16"), ("--rank=[8, 0]", "rank=\\[8, 0\\]: must be >= 1"),
+                       ("--variants=full", "'variants' .* is a key of ablate.py")]:
+        with pytest.raises(ValueError, match=words):
+            train.load_config([arg])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         train.load_config(["configs/nope.py"])
 
@@ -86,26 +92,46 @@ def test_scratch_run_does_not_clobber_a_checkpoint(tiny_data, tmp_path):
     before = (tmp_path / "ckpt.pt").read_bytes()
     with pytest.raises(FileExistsError, match="init_from=resume"):
         run(tiny_data, tmp_path, "--max_iters=2")
-    with pytest.raises(ValueError, match="resume: config n_layer=2 differs from the checkpoint's 3"):
-        run(tiny_data, tmp_path, "--max_iters=4", "--init_from=resume", "--n_layer=2")
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    config = (tmp_path / "config.json").read_bytes()
+    for bad, words in [("--n_layer=2", "n_layer=2: the checkpoint in .* was trained with 3"),
+                       ("--learning_rate=0.1", "learning_rate=0.1: the checkpoint .* was trained with 0.003"),
+                       ("--max_iters=2", "max_iters=2: the checkpoint is at iteration 2: nothing to train")]:
+        with pytest.raises(ValueError, match=words):
+            train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4", bad])
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and (tmp_path / "config.json").read_bytes() == config
+
+
+def test_resume_reads_the_saved_config_and_may_change_the_recompute_mode(tiny_data, tmp_path):
+    """Recomputation is not part of the model: a crnet-recompute run resumed with none (and a micro-batch
+    split differently) continues the uninterrupted run's loss sequence."""
+    args = ["--max_iters=12", "--eval_interval=6", "--recompute=crnet", "--recompute_every=2"]
+    run(tiny_data, tmp_path / "a", *args)
+    run(tiny_data, tmp_path / "b", *args, "--stop_iter=6")
+    train.main(["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--recompute=none", "--batch_size=2"])
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert list(b) == list(range(1, 13))
+    for it in range(7, 13):
+        assert b[it] == pytest.approx(a[it], rel=1e-5, abs=0), (it, a[it], b[it])
+    import json
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (saved["recompute"], saved["batch_size"], saved["n_layer"]) == ("none", 2, 3)
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=20", "--stop_iter=2", "--eval_interval=100")
     before = (tmp_path / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match="non-finite loss .* stopped before the optimizer step"):
-        run(tiny_data, tmp_path, "--max_iters=20", "--eval_interval=100", "--init_from=resume", "--learning_rate=1e30")
+        run(tiny_data, tmp_path, "--max_iters=20", "--eval_interval=100", "--overwrite", "--learning_rate=1e30")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
 def test_vocab_smaller_than_the_data_is_an_error(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match="vocab_size=100 is smaller than the data's vocabulary \\(257, tokenizer 'byte'"):
+    with pytest.raises(ValueError, match="vocab_size=100: is smaller than the data's vocabulary \\(257, tokenizer 'byte'"):
         run(tiny_data, tmp_path, "--vocab_size=100")
 
 
 def test_batch_arithmetic_error(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match="total_batch_tokens=100 must be a multiple of"):
+    with pytest.raises(ValueError, match="total_batch_tokens=100: must be a multiple of"):
         run(tiny_data, tmp_path, "--total_batch_tokens=100")
 
 
@@ -128,7 +154,7 @@ def test_sample_prints_text(tiny_data, tmp_path):
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "--n_layr=2"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 1 and p.stderr.strip() == "error: unknown config key 'n_layr' in command line (did you mean 'n_layer'?)"
+    assert p.returncode == 1 and p.stderr.strip() == "error: unknown config key 'n_layr' on the command line (did you mean 'n_layer'?); python train.py --help lists every key"
 
 
 # ---------------------------------------------------------------- distributed
@@ -184,8 +210,8 @@ def test_fsdp_checkpoint_from_two_processes_resumes_on_one(tiny_data, tmp_path):
     torchrun(2, tiny_data, tmp_path / "b", *args, "--parallel=fsdp", "--stop_iter=4")
     (tmp_path / "b" / "ckpt_dcp" / "iter_0000005.tmp").mkdir()  # an interrupted later save: must be ignored
     with pytest.raises(ValueError, match="written with parallel='fsdp': resume it with --parallel=fsdp"):
-        run(tiny_data, tmp_path / "b", *args, "--init_from=resume")
-    run(tiny_data, tmp_path / "b", *args, "--parallel=fsdp", "--init_from=resume")  # one process
+        run(tiny_data, tmp_path / "b", *args, "--init_from=resume", "--parallel=ddp")
+    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])  # one process; the saved config says fsdp
     assert_same_losses(tmp_path / "ref", tmp_path / "b", iters=range(5, 9))
     assert [p.name for p in (tmp_path / "b" / "ckpt_dcp").iterdir()] == ["iter_0000008"]
     text = sample_text(tmp_path / "b")  # inference reads a sharded checkpoint without a process group
