@@ -209,9 +209,16 @@ class Recompute:
             raise RuntimeError("crnet recompute: a training forward must run the blocks in order from the first")
         if l == len(self.blocks) - 1:
             self.stash = None  # the autograd graph holds it now; nothing outlives the step
-        lanes = lanes or ()
-        x, *lanes = CRNetBlock.apply(x, stash, block, layer, rope, len(lanes), *lanes, *block.parameters())
-        return x, lanes
+        return crnet_block(x, stash, block, layer, rope, lanes or ())
+
+
+@torch.compiler.disable
+def crnet_block(x, stash, block, layer, rope, lanes):
+    """CRNetBlock runs eagerly under torch.compile: traced by dynamo (inductor, on CPU and CUDA), the replay in its
+    backward re-entered the compiled graph's backward and failed ("backward through the graph a second time").
+    The rest of the model (embeddings, head, and every block under "none" and "block") still compiles."""
+    x, *lanes = CRNetBlock.apply(x, stash, block, layer, rope, len(lanes), *lanes, *block.parameters())
+    return x, lanes
 
 
 def apply(model, mode, every=8):
