@@ -1,4 +1,4 @@
-# LLaMA-350M (crnet), GaLore/C4 benchmark dimensions (method note, section 3).
+# LLaMA-350M (crnet), the GaLore/C4 LLaMA dimensions that arXiv 2509.18993 trains.
 # Parameters: 192.8M with the paper's 32000-token vocabulary; 230.2M with GPT-2 BPE (50257), which we use.
 # Rank r = 256 in layers 2..24 (h/4 = 256); layer 1 full-rank.
 # Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 3.7 GB per GPU under DDP, before activations.
@@ -23,7 +23,7 @@ batch_size = 64
 total_batch_tokens = 131072  # 512 * 256
 max_iters = 60000
 warmup_iters = 6000
-learning_rate = 0.003  # not stated in the method note: low-rank factors usually want ~3x the full-rank lr (CoLA); untuned here
+learning_rate = 0.003  # the paper gives no lr for this size: low-rank factors usually want ~3x the full-rank lr (CoLA); untuned here
 weight_decay = 0.0  # GaLore protocol
 eval_interval = 1000
 eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens

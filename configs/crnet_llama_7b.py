@@ -1,4 +1,4 @@
-# LLaMA-7B (crnet), GaLore/C4 benchmark dimensions (method note, section 3).
+# LLaMA-7B (crnet), the GaLore/C4 LLaMA dimensions that arXiv 2509.18993 trains.
 # Parameters: 2943.4M with the paper's 32000-token vocabulary; 3092.9M with GPT-2 BPE (50257), which we use.
 # Rank r = 1024 in layers 2..32 (h/4 = 1024); layer 1 full-rank.
 # Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 49.5 GB per GPU under DDP, before activations.
@@ -23,7 +23,7 @@ batch_size = 8
 total_batch_tokens = 131072  # 512 * 256
 max_iters = 80000
 warmup_iters = 8000
-learning_rate = 0.003  # not stated in the method note: low-rank factors usually want ~3x the full-rank lr (CoLA); untuned here
+learning_rate = 0.003  # the paper gives no lr for this size: low-rank factors usually want ~3x the full-rank lr (CoLA); untuned here
 weight_decay = 0.0  # GaLore protocol
 eval_interval = 1000
 eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens

@@ -1,4 +1,4 @@
-# LLaMA-60M (full), GaLore/C4 benchmark dimensions (method note, section 3).
+# LLaMA-60M (full), the GaLore/C4 LLaMA dimensions that arXiv 2509.18993 trains.
 # Parameters: 58.1M with the paper's 32000-token vocabulary; 76.8M with GPT-2 BPE (50257), which we use.
 # Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 1.2 GB per GPU under DDP, before activations.
 # Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 256 seq x 256 tok per GPU

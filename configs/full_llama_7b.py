@@ -1,4 +1,4 @@
-# LLaMA-7B (full), GaLore/C4 benchmark dimensions (method note, section 3).
+# LLaMA-7B (full), the GaLore/C4 LLaMA dimensions that arXiv 2509.18993 trains.
 # Parameters: 6738.4M with the paper's 32000-token vocabulary; 6888.0M with GPT-2 BPE (50257), which we use.
 # Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 110.2 GB per GPU under DDP, before activations.
 # Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 8 seq x 256 tok per GPU
