@@ -209,16 +209,9 @@ class Recompute:
             raise RuntimeError("crnet recompute: a training forward must run the blocks in order from the first")
         if l == len(self.blocks) - 1:
             self.stash = None  # the autograd graph holds it now; nothing outlives the step
-        return crnet_block(x, stash, block, layer, rope, lanes or ())
-
-
-@torch.compiler.disable
-def crnet_block(x, stash, block, layer, rope, lanes):
-    """CRNetBlock runs eagerly under torch.compile: traced by dynamo (inductor, on CPU and CUDA), the replay in its
-    backward re-entered the compiled graph's backward and failed ("backward through the graph a second time").
-    The rest of the model (embeddings, head, and every block under "none" and "block") still compiles."""
-    x, *lanes = CRNetBlock.apply(x, stash, block, layer, rope, len(lanes), *lanes, *block.parameters())
-    return x, lanes
+        lanes = lanes or ()
+        x, *lanes = CRNetBlock.apply(x, stash, block, layer, rope, len(lanes), *lanes, *block.parameters())
+        return x, lanes
 
 
 def apply(model, mode, every=8):
@@ -238,5 +231,9 @@ def apply(model, mode, every=8):
     if mode != "none":
         rc = Recompute(model, mode, every)
         for block in model.blocks:
-            block.forward = functools.partial(rc.block_forward, block, block.forward)
+            forward = functools.partial(rc.block_forward, block, block.forward)
+            # Under torch.compile a CR-Net block runs eagerly: traced by dynamo (inductor, CPU and CUDA), the replay
+            # in CRNetBlock's backward re-entered the compiled graph's backward and failed ("backward through the
+            # graph a second time"). Embeddings and head still compile, and so does every block under "block".
+            block.forward = torch.compiler.disable(forward) if mode == "crnet" else forward
     return model
