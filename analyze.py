@@ -27,16 +27,22 @@ The plot needs matplotlib (optional).
 """
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import configurator
 from parallel import load_for_inference
-from train import load_config
 
-DEFAULTS = dict(out_dir="out", rank=0, tokens=8192, below=0.95, plot="")
+# ----------------------------------------------------------------------------- config
+out_dir = "out"    # checkpoint directory written by train.py: ckpt.pt or ckpt_dcp/iter_*
+rank = 0           # r of the rank-r approximations; 0 = n_embd // 4; else below every width and the tokens [>=0]
+tokens = 8192      # validation tokens run through the model, in whole blocks of block_size [>=1]
+below = 0.95       # the summary counts the best-beta ratios under this [>0]
+plot = ""          # image path for the errors per layer, written if matplotlib is installed; "" = no plot
+# -----------------------------------------------------------------------------
+
 GRID = 41                     # grid points over [-2 s, 2 s]
 GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -132,8 +138,18 @@ def collect_outputs(model, idx):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def check_rank(r, widths, n_tokens):
+    """r must leave a tail: 1 <= r < every projection width and < the number of tokens."""
+    limit = min(min(widths), n_tokens)
+    if not 1 <= r < limit:
+        raise configurator.ConfigError(
+            "rank", r, f"must be 1 <= rank <= {limit - 1}: below the narrowest projection width ({min(widths)}) "
+                       f"and the number of tokens ({n_tokens}); at rank >= width the rank-r approximation is exact "
+                       f"and there is no tail to compare")
+
+
 def main(argv):
-    c = load_config(argv, DEFAULTS)
+    c, _ = configurator.load(argv, "analyze.py", doc=__doc__)
     model, ckpt = load_for_inference(c["out_dir"])
     cfg = model.cfg
     r = c["rank"] or cfg.n_embd // 4
@@ -142,7 +158,8 @@ def main(argv):
     T = cfg.block_size
     n = min(c["tokens"] // T, (len(val) - 1) // T)
     if n < 1:
-        raise ValueError(f"tokens={c['tokens']} is less than one block of {T}")
+        raise configurator.ConfigError("tokens", c["tokens"], f"is less than one block of {T}")
+    check_rank(r, (cfg.n_embd, cfg.ff_dim), n * T)
     idx = torch.from_numpy(val[:n * T].astype(np.int64)).view(n, T)
     ys = collect_outputs(model, idx)
     positions = [p for (l, p) in ys if l == 0]
@@ -202,7 +219,4 @@ def plot(rows, positions, path, title):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    configurator.main_guard(main)

@@ -1,12 +1,14 @@
 """analyze.py: the observation's arithmetic against constructions with known answers, and the CLI end to end."""
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import analyze
 import train
-from conftest import TINY
+from conftest import ROOT, TINY
 
 
 def explicit_tail(m, r):
@@ -84,6 +86,14 @@ def test_best_beta_tail_matches_an_explicit_svd_and_beats_a_fine_grid():
     assert at_beta <= brute * (1 + 1e-9) and at_beta <= explicit_tail(y, r)
 
 
+def test_rank_must_leave_a_tail():
+    analyze.check_rank(31, (32, 64), 256)
+    for r, n_tokens, why in [(32, 256, r"<= 31: .*width \(32\)"), (1000, 256, "<= 31"), (0, 256, "1 <= rank"),
+                             (20, 20, r"<= 19: .*tokens \(20\)")]:
+        with pytest.raises(ValueError, match=f"^rank={r}: must be .*{why}"):
+            analyze.check_rank(r, (32, 64), n_tokens)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     """{param: out_dir} of tiny trained checkpoints."""
@@ -110,3 +120,16 @@ def test_cli_on_a_trained_checkpoint(trained, tmp_path, capsys):
         assert "no plot: matplotlib is not installed" in out and not png.exists()
     with pytest.raises(ValueError, match="less than one block"):
         analyze.main([f"--out_dir={trained['full']}", "--tokens=8"])
+
+
+def test_cli_rank_errors_name_the_rank(trained, monkeypatch):
+    for r in (32, 1000):  # n_embd = 32
+        monkeypatch.setattr(sys, "argv", ["analyze.py", f"--out_dir={trained['full']}", "--tokens=256", f"--rank={r}"])
+        with pytest.raises(SystemExit, match=f"^error: rank={r}: must be 1 <= rank <= 31: below the narrowest projection width"):
+            analyze.configurator.main_guard(analyze.main)
+
+
+def test_help_lists_the_keys_and_exits_zero():
+    p = subprocess.run([sys.executable, "analyze.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "arXiv 2509.18993" in p.stdout and all(f"--{k}=" in p.stdout for k in ("out_dir", "rank", "tokens", "below", "plot"))
