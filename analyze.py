@@ -23,6 +23,9 @@ so the three h_out x h_out Gram matrices are formed once (float64) and beta_best
 a grid over [-2 s, 2 s], s = ||Y_l|| / ||Y_{l-1}|| (|beta_ls| <= s always), plus 0 and beta_ls, then
 golden-section refinement around the best grid point. The reported errors are explicit SVDs at that beta.
 
+On a CR-Net checkpoint the structure is built in (Y_l = s Y_{l-1} + X A B, rank(X A B) <= the model's rank),
+so ratios near 0 there say nothing about the observation; a full-rank model (param=full) is the real test.
+
 The plot needs matplotlib (optional).
 """
 import math
@@ -148,6 +151,21 @@ def check_rank(r, widths, n_tokens):
                        f"and there is no tail to compare")
 
 
+def structure_note(cfg):
+    """A line saying when the checkpoint's own parameterization makes the measurement trivial, else None."""
+    ranks = [cfg.layer_rank(l) for l in range(1, cfg.n_layer)]
+    rk = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+    if cfg.param == "crnet":
+        return (f"note: param=crnet: this model computes Y_l = s*Y_{{l-1}} + X A B with rank(X A B) <= {rk} at every "
+                f"layer l >= 2, so the structure holds by construction (beta = s, ratio ~0 at r >= {rk}). A ratio "
+                f"near 0 here says nothing about the paper's observation; the meaningful test is a full-rank model "
+                f"(param=full).")
+    if cfg.param in ("lowrank", "cola"):
+        return (f"note: param={cfg.param}: every output has rank <= {rk} by construction; at r >= {rk} the direct "
+                f"error is ~0 and the ratios are meaningless; the meaningful test is a full-rank model (param=full).")
+    return None
+
+
 def main(argv):
     c, _ = configurator.load(argv, "analyze.py", doc=__doc__)
     model, ckpt = load_for_inference(c["out_dir"])
@@ -164,6 +182,9 @@ def main(argv):
     ys = collect_outputs(model, idx)
     positions = [p for (l, p) in ys if l == 0]
     print(f"{c['out_dir']}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, rank r={r}, {n * T} val tokens")
+    note = structure_note(cfg)
+    if note:
+        print(note)
     print("errors relative to ||Y_l||; LS = least-squares beta, best = beta minimising the rank-r tail")
     print("| layer | position | direct | residual LS | ratio LS | residual best | ratio best | beta LS | beta best | cosine |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -96,9 +96,9 @@ def test_rank_must_leave_a_tail():
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    """{param: out_dir} of tiny trained checkpoints."""
+    """{param: out_dir} of two tiny checkpoints, a full-rank one and a CR-Net one (rank 8)."""
     outs = {}
-    for param in ("full",):
+    for param in ("full", "crnet"):
         out = tmp_path_factory.mktemp(param)
         train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={out}", f"--param={param}", "--max_iters=4",
                            "--eval_interval=4"])
@@ -112,7 +112,7 @@ def test_cli_on_a_trained_checkpoint(trained, tmp_path, capsys):
     rows = analyze.main([f"--out_dir={trained['full']}", "--tokens=256", "--rank=4", f"--plot={png}"])
     out = capsys.readouterr().out
     assert len(rows) == 2 * 7 and "| 2 | q |" in out and "| 3 | down |" in out
-    assert "LS beta median" in out and "best beta median" in out and "of 14 (paper" in out
+    assert "LS beta median" in out and "best beta median" in out and "of 14 (paper" in out and "by construction" not in out
     assert all(o["best_ratio"] <= 1.0 and o["best_ratio"] <= o["ls_ratio"] + 1e-9 for *_, o in rows)
     if importlib.util.find_spec("matplotlib"):
         assert png.is_file() and [p.name for p in tmp_path.iterdir()] == ["obs.png"]  # no temp file left
@@ -127,6 +127,17 @@ def test_cli_rank_errors_name_the_rank(trained, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["analyze.py", f"--out_dir={trained['full']}", "--tokens=256", f"--rank={r}"])
         with pytest.raises(SystemExit, match=f"^error: rank={r}: must be 1 <= rank <= 31: below the narrowest projection width"):
             analyze.configurator.main_guard(analyze.main)
+
+
+def test_crnet_checkpoint_says_the_structure_is_built_in(trained, capsys):
+    capsys.readouterr()
+    rows = analyze.main([f"--out_dir={trained['crnet']}", "--tokens=256", "--rank=8"])  # r = the model's rank
+    out = capsys.readouterr().out
+    assert "param=crnet" in out and "holds by construction" in out and "full-rank model" in out
+    assert all(o["best_ratio"] < 1e-3 for *_, o in rows)  # Y_l - s Y_{l-1} = X A B has rank 8: nothing left
+    model, _ = analyze.load_for_inference(trained["crnet"])
+    s = {(l + 1, p): model.blocks[l].qkv.scale()[j].item() for l in (1, 2) for j, p in enumerate("qkv")}
+    assert all(o["best_beta"] == pytest.approx(s[(l, p)], abs=1e-4) for l, p, o in rows if p in "qkv")  # the model's s
 
 
 def test_help_lists_the_keys_and_exits_zero():
