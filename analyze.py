@@ -20,8 +20,8 @@ For every layer l >= 2 and position P, on `tokens` validation tokens, all relati
 The tail energy of R(beta) is the sum of the h_out - r smallest eigenvalues of
     G(beta) = R^T R = G_yy - beta (G_yp + G_py) + beta^2 G_pp,
 so the three h_out x h_out Gram matrices are formed once (float64) and beta_best is found by a 1-D search:
-a grid over [-2 s, 2 s], s = ||Y_l|| / ||Y_{l-1}|| (|beta_ls| <= s always), plus 0 and beta_ls, then
-golden-section refinement around the best grid point. The reported errors are explicit SVDs at that beta.
+a grid over every beta that could beat beta = 0 (see best_beta), with 0 and beta_ls among its points, then
+golden-section refinement around the best one. The reported errors are explicit SVDs at that beta.
 
 On a CR-Net checkpoint the structure is built in (Y_l = s Y_{l-1} + X A B, rank(X A B) <= the model's rank),
 so ratios near 0 there say nothing about the observation; a full-rank model (param=full) is the real test.
@@ -46,7 +46,7 @@ below = 0.95       # the summary counts the best-beta ratios under this [>0]
 plot = ""          # image path for the errors per layer, written if matplotlib is installed; "" = no plot
 # -----------------------------------------------------------------------------
 
-GRID = 41                     # grid points over [-2 s, 2 s]
+GRID = 41                     # uniform grid points over [-2 rho, 2 rho]; see best_beta
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -73,14 +73,27 @@ def tail_sq(g, beta, r):
 
 def best_beta(y_prev, y, r, grid=GRID, tol=1e-7):
     """The beta minimising the rank-r tail of Y - beta Y_prev, and that tail's squared energy. Never worse
-    than beta = 0 or the least-squares beta: both are candidates."""
+    than beta = 0 or the least-squares beta: both are candidates.
+
+    Where to look: with R = Y - beta Y_prev and M = best_r(R), -M is a rank-r approximation of beta Y_prev
+    = Y - R with error ||Y - (R - M)|| <= ||Y|| + tail_r(R); so tail_r(R) >= |beta| tail_r(Y_prev) - ||Y||,
+    and no |beta| > B = (||Y|| + tail_r(Y)) / tail_r(Y_prev) can beat beta = 0. The grid is uniform over
+    [-2 rho, 2 rho], rho = ||Y|| / ||Y_prev|| (beta_ls lies there), and geometric (4 points an octave)
+    from there out to B; B can be far out when Y_prev has a large low-rank part."""
     g = grams(y_prev, y)
     pp = g[2].trace().item()
     if pp == 0.0:
         return 0.0, tail_sq(g, 0.0, r)
-    s = math.sqrt(g[0].trace().item() / pp)
+    yy = g[0].trace().item()
+    rho = math.sqrt(yy / pp)
     beta_ls = 0.5 * g[1].trace().item() / pp
-    points = sorted(set(np.linspace(-2 * s, 2 * s, grid).tolist()) | {0.0, beta_ls})
+    ev_p = torch.linalg.eigvalsh(g[2])
+    tail_p = math.sqrt(ev_p[:ev_p.numel() - r].clamp_min(0).sum().item())
+    bound = (math.sqrt(yy) + math.sqrt(tail_sq(g, 0.0, r))) / tail_p if tail_p > 0 else math.inf
+    bound = min(bound, 2.0 ** 20 * rho)  # Y_prev of rank <= r: no finite bound; stop a million rho out
+    outer = [2 * rho * 2.0 ** (k / 4) for k in range(1, 4 * 21) if 2 * rho * 2.0 ** ((k - 1) / 4) < bound]
+    points = sorted(set(np.linspace(-2 * rho, 2 * rho, grid).tolist()) | {0.0, beta_ls}
+                    | set(outer) | {-b for b in outer})
     f = {b: tail_sq(g, b, r) for b in points}
     i = min(range(len(points)), key=lambda k: f[points[k]])
     lo, hi = points[max(i - 1, 0)], points[min(i + 1, len(points) - 1)]
@@ -89,7 +102,7 @@ def best_beta(y_prev, y, r, grid=GRID, tol=1e-7):
     fc, fd = tail_sq(g, c, r), tail_sq(g, d, r)
     f[c], f[d] = fc, fd
     for _ in range(200):  # 0.618^200: far past float resolution; the cap only guards against a stuck bracket
-        if hi - lo <= tol * s:
+        if hi - lo <= tol * max(rho, abs(lo), abs(hi)):
             break
         if fc <= fd:
             hi, d, fd = d, c, fc
@@ -113,7 +126,7 @@ def observation(y_prev, y, r):
     direct = tail_energy(y, r)
     ls = tail_energy(y - beta_ls * y_prev, r)
     best = tail_energy(y - beta * y_prev, r) if beta != 0.0 else direct
-    if best > direct:  # the search ran on Gram eigenvalues; an SVD round-off difference must not beat beta = 0
+    if best > direct:  # the search compared Gram eigenvalues; SVD round-off must not put beta above beta = 0
         beta, best = 0.0, direct
     ratio = lambda e: e / direct if direct else float("nan")
     rel = lambda e: e / norm if norm else float("nan")

@@ -58,6 +58,17 @@ def test_least_squares_beta_can_lose_to_beta_zero_where_the_best_beta_wins():
     assert o["best_beta"] == pytest.approx(1, abs=1e-5) and o["best_ratio"] < 1e-4
 
 
+def test_best_beta_far_beyond_the_norm_ratio_is_found():
+    """Y_{l-1} = Pn + 10 L (L rank 4, large), Y_l = 3 Pn: beta = 3 leaves -30 L, exactly rank 4, although
+    rho = ||Y_l|| / ||Y_{l-1}|| is ~0.05; the geometric grid out to the bound reaches it."""
+    g = torch.Generator().manual_seed(4)
+    pn = 0.3 * torch.randn(400, 32, generator=g)
+    prev = pn + 10 * torch.randn(400, 4, generator=g) @ torch.randn(4, 32, generator=g)
+    o = analyze.observation(prev, 3 * pn, 4)
+    assert (3 * pn).norm() / prev.norm() < 0.1 and abs(o["ls_beta"]) < 0.01 and o["ls_ratio"] > 0.99
+    assert o["best_beta"] == pytest.approx(3, rel=1e-6) and o["best_ratio"] < 1e-5
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_best_ratio_never_exceeds_one_or_the_least_squares_ratio(seed):
     g = torch.Generator().manual_seed(10 + seed)
