@@ -1,19 +1,35 @@
 """
-The paper's observation (method note, section 1) on our own checkpoints: the change of a projection's
-output from layer l-1 to layer l is closer to low rank than the output itself.
+CR-Net's premise, measured on our own checkpoints. CR-Net (arXiv 2509.18993) rests on an observation about
+trained transformers: for a projection P (q, k, v, o, gate, up, down) the output at layer l is better
+described as "a multiple of the same projection's output at layer l-1, plus something of low rank" than
+as "something of low rank" alone. In symbols, with Y_l the (tokens x h_out) output of P at layer l and
+best_r the best rank-r approximation (truncated SVD): some beta makes
+    ||R - best_r(R)||_F  <  ||Y_l - best_r(Y_l)||_F,      R = R(beta) = Y_l - beta Y_{l-1}.
 
     python analyze.py --out_dir=out_full                   # any param type; rank defaults to n_embd / 4
     python analyze.py --out_dir=out_full --rank=32 --tokens=8192 --plot=observation.png
 
-For every layer l >= 2 and projection position P (q, k, v, o, gate, up, down; GPT-2: fc for gate/up), on
-`tokens` validation tokens, with Y_l the (tokens x h_out) output of P at layer l:
-    direct    ||Y_l - best_r(Y_l)||_F / ||Y_l||_F
-    residual  ||R - best_r(R)||_F / ||Y_l||_F,   R = Y_l - beta* Y_{l-1},  beta* = <Y_l, Y_{l-1}> / ||Y_{l-1}||^2
-    ratio     residual / direct (the paper reports 0.4-0.97)
-    cosine    <Y_l, Y_{l-1}> / (||Y_l|| ||Y_{l-1}||)
-best_r is the best rank-r approximation (truncated SVD). The plot needs matplotlib (optional).
+For every layer l >= 2 and position P, on `tokens` validation tokens, all relative to ||Y_l||_F:
+    direct        ||Y_l - best_r(Y_l)||_F
+    residual LS   the rank-r tail of R(beta_ls), beta_ls = <Y_l, Y_{l-1}> / ||Y_{l-1}||^2 (least squares on
+                  the whole output; it can make the tail worse than beta = 0 does, i.e. ratio > 1)
+    residual best the rank-r tail of R(beta_best), beta_best the beta that minimises that tail. beta = 0 gives
+                  R = Y_l, so the best ratio is <= 1 by construction; it is < 1 exactly when the claim holds.
+    ratio         residual / direct, for either beta (the paper reports ratios of 0.4-0.97)
+    cosine        <Y_l, Y_{l-1}> / (||Y_l|| ||Y_{l-1}||)
+The tail energy of R(beta) is the sum of the h_out - r smallest eigenvalues of
+    G(beta) = R^T R = G_yy - beta (G_yp + G_py) + beta^2 G_pp,
+so the three h_out x h_out Gram matrices are formed once (float64) and beta_best is found by a 1-D search:
+a grid over every beta that could beat beta = 0 (see best_beta), with 0 and beta_ls among its points, then
+golden-section refinement around the best one. The reported errors are explicit SVDs at that beta.
+
+On a CR-Net checkpoint the structure is built in (Y_l = s Y_{l-1} + X A B, rank(X A B) <= the model's rank),
+so ratios near 0 there say nothing about the observation; a full-rank model (param=full) is the real test.
+
+The plot needs matplotlib (optional).
 """
-import sys
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +39,15 @@ import configurator
 from parallel import load_for_inference
 
 # ----------------------------------------------------------------------------- config
-out_dir = "out"      # the run to analyze
-rank = 0             # r; 0 = n_embd // 4 [>=0]
-tokens = 8192        # validation tokens [>=1]
-plot = ""            # write a plot here (needs matplotlib)
+out_dir = "out"    # checkpoint directory written by train.py: ckpt.pt or ckpt_dcp/iter_*
+rank = 0           # r of the rank-r approximations; 0 = n_embd // 4; else below every width and the tokens [>=0]
+tokens = 8192      # validation tokens run through the model, in whole blocks of block_size [>=1]
+below = 0.95       # the summary counts the best-beta ratios under this [>0]
+plot = ""          # image path for the errors per layer, written if matplotlib is installed; "" = no plot
 # -----------------------------------------------------------------------------
+
+GRID = 41                     # uniform grid points over [-2 rho, 2 rho]; see best_beta
+GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def tail_energy(m, r):
@@ -36,15 +56,83 @@ def tail_energy(m, r):
     return s[r:].square().sum().sqrt().item()
 
 
-def observation(y_prev, y, r):
-    """dict(direct, residual, ratio, cosine, beta) for one position between adjacent layers; y: (N, h_out)."""
+def grams(y_prev, y):
+    """(G_yy, G_yp + G_py, G_pp) in float64: everything the tail of Y - beta Y_prev depends on."""
     y_prev, y = y_prev.double(), y.double()
-    norm = y.norm().item()
-    beta = (y * y_prev).sum() / y_prev.square().sum()  # least squares
-    direct = tail_energy(y, r) / norm
-    residual = tail_energy(y - beta * y_prev, r) / norm
-    return {"direct": direct, "residual": residual, "ratio": residual / direct if direct else float("nan"),
-            "cosine": ((y * y_prev).sum() / (norm * y_prev.norm())).item(), "beta": beta.item()}
+    g_yp = y.T @ y_prev
+    return y.T @ y, g_yp + g_yp.T, y_prev.T @ y_prev
+
+
+def tail_sq(g, beta, r):
+    """||R - best_r(R)||_F^2 for R = Y - beta Y_prev, from g = grams(Y_prev, Y): the h_out - r smallest
+    eigenvalues of R^T R (clamped at 0 against round-off)."""
+    g_yy, g_sym, g_pp = g
+    ev = torch.linalg.eigvalsh(g_yy - beta * g_sym + beta * beta * g_pp)  # ascending
+    return ev[:ev.numel() - r].clamp_min(0).sum().item()
+
+
+def best_beta(y_prev, y, r, grid=GRID, tol=1e-7):
+    """The beta minimising the rank-r tail of Y - beta Y_prev, and that tail's squared energy. Never worse
+    than beta = 0 or the least-squares beta: both are candidates.
+
+    Where to look: with R = Y - beta Y_prev and M = best_r(R), -M is a rank-r approximation of beta Y_prev
+    = Y - R with error ||Y - (R - M)|| <= ||Y|| + tail_r(R); so tail_r(R) >= |beta| tail_r(Y_prev) - ||Y||,
+    and no |beta| > B = (||Y|| + tail_r(Y)) / tail_r(Y_prev) can beat beta = 0. The grid is uniform over
+    [-2 rho, 2 rho], rho = ||Y|| / ||Y_prev|| (beta_ls lies there), and geometric (4 points an octave)
+    from there out to B; B can be far out when Y_prev has a large low-rank part."""
+    g = grams(y_prev, y)
+    pp = g[2].trace().item()
+    if pp == 0.0:
+        return 0.0, tail_sq(g, 0.0, r)
+    yy = g[0].trace().item()
+    rho = math.sqrt(yy / pp)
+    beta_ls = 0.5 * g[1].trace().item() / pp
+    ev_p = torch.linalg.eigvalsh(g[2])
+    tail_p = math.sqrt(ev_p[:ev_p.numel() - r].clamp_min(0).sum().item())
+    bound = (math.sqrt(yy) + math.sqrt(tail_sq(g, 0.0, r))) / tail_p if tail_p > 0 else math.inf
+    bound = min(bound, 2.0 ** 20 * rho)  # Y_prev of rank <= r: no finite bound; stop a million rho out
+    outer = [2 * rho * 2.0 ** (k / 4) for k in range(1, 4 * 21) if 2 * rho * 2.0 ** ((k - 1) / 4) < bound]
+    points = sorted(set(np.linspace(-2 * rho, 2 * rho, grid).tolist()) | {0.0, beta_ls}
+                    | set(outer) | {-b for b in outer})
+    f = {b: tail_sq(g, b, r) for b in points}
+    i = min(range(len(points)), key=lambda k: f[points[k]])
+    lo, hi = points[max(i - 1, 0)], points[min(i + 1, len(points) - 1)]
+    # golden section on [lo, hi]; a unimodal f there is not guaranteed, so the grid's best stays a candidate
+    c, d = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
+    fc, fd = tail_sq(g, c, r), tail_sq(g, d, r)
+    f[c], f[d] = fc, fd
+    for _ in range(200):  # 0.618^200: far past float resolution; the cap only guards against a stuck bracket
+        if hi - lo <= tol * max(rho, abs(lo), abs(hi)):
+            break
+        if fc <= fd:
+            hi, d, fd = d, c, fc
+            c = hi - GOLDEN * (hi - lo)
+            fc = f[c] = tail_sq(g, c, r)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + GOLDEN * (hi - lo)
+            fd = f[d] = tail_sq(g, d, r)
+    beta = min(f, key=lambda b: (f[b], abs(b)))  # ties go to the smaller |beta|, so to 0 if it ties
+    return beta, f[beta]
+
+
+def observation(y_prev, y, r):
+    """One position between adjacent layers; y_prev, y: (N, h_out). dict of direct, ls_residual, ls_ratio,
+    best_residual, best_ratio (errors relative to ||Y_l||), ls_beta, best_beta, cosine."""
+    y_prev, y = y_prev.double(), y.double()
+    norm, norm_prev, dot = y.norm().item(), y_prev.norm().item(), (y * y_prev).sum().item()
+    beta_ls = dot / norm_prev ** 2 if norm_prev else 0.0
+    beta, _ = best_beta(y_prev, y, r)
+    direct = tail_energy(y, r)
+    ls = tail_energy(y - beta_ls * y_prev, r)
+    best = tail_energy(y - beta * y_prev, r) if beta != 0.0 else direct
+    if best > direct:  # the search compared Gram eigenvalues; SVD round-off must not put beta above beta = 0
+        beta, best = 0.0, direct
+    ratio = lambda e: e / direct if direct else float("nan")
+    rel = lambda e: e / norm if norm else float("nan")
+    return {"direct": rel(direct), "ls_residual": rel(ls), "ls_ratio": ratio(ls), "best_residual": rel(best),
+            "best_ratio": ratio(best), "ls_beta": beta_ls, "best_beta": beta,
+            "cosine": dot / (norm * norm_prev) if norm and norm_prev else float("nan")}
 
 
 @torch.no_grad()
@@ -66,6 +154,31 @@ def collect_outputs(model, idx):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def check_rank(r, widths, n_tokens):
+    """r must leave a tail: 1 <= r < every projection width and < the number of tokens."""
+    limit = min(min(widths), n_tokens)
+    if not 1 <= r < limit:
+        raise configurator.ConfigError(
+            "rank", r, f"must be 1 <= rank <= {limit - 1}: below the narrowest projection width ({min(widths)}) "
+                       f"and the number of tokens ({n_tokens}); at rank >= width the rank-r approximation is exact "
+                       f"and there is no tail to compare")
+
+
+def structure_note(cfg):
+    """A line saying when the checkpoint's own parameterization makes the measurement trivial, else None."""
+    ranks = [cfg.layer_rank(l) for l in range(1, cfg.n_layer)]
+    rk = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+    if cfg.param == "crnet":
+        return (f"note: param=crnet: this model computes Y_l = s*Y_{{l-1}} + X A B with rank(X A B) <= {rk} at every "
+                f"layer l >= 2, so the structure holds by construction (beta = s, ratio ~0 at r >= {rk}). A ratio "
+                f"near 0 here says nothing about the paper's observation; the meaningful test is a full-rank model "
+                f"(param=full).")
+    if cfg.param in ("lowrank", "cola"):
+        return (f"note: param={cfg.param}: every output has rank <= {rk} by construction; at r >= {rk} the direct "
+                f"error is ~0 and the ratios are meaningless; the meaningful test is a full-rank model (param=full).")
+    return None
+
+
 def main(argv):
     c, _ = configurator.load(argv, "analyze.py", doc=__doc__)
     model, ckpt = load_for_inference(c["out_dir"])
@@ -76,28 +189,38 @@ def main(argv):
     T = cfg.block_size
     n = min(c["tokens"] // T, (len(val) - 1) // T)
     if n < 1:
-        raise ValueError(f"tokens={c['tokens']} is less than one block of {T}")
+        raise configurator.ConfigError("tokens", c["tokens"], f"is less than one block of {T}")
+    check_rank(r, (cfg.n_embd, cfg.ff_dim), n * T)
     idx = torch.from_numpy(val[:n * T].astype(np.int64)).view(n, T)
     ys = collect_outputs(model, idx)
     positions = [p for (l, p) in ys if l == 0]
     print(f"{c['out_dir']}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, rank r={r}, {n * T} val tokens")
-    print("| layer | position | direct | residual | ratio | cosine | beta* |")
-    print("|---|---|---|---|---|---|---|")
+    note = structure_note(cfg)
+    if note:
+        print(note)
+    print("errors relative to ||Y_l||; LS = least-squares beta, best = beta minimising the rank-r tail")
+    print("| layer | position | direct | residual LS | ratio LS | residual best | ratio best | beta LS | beta best | cosine |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for l in range(1, cfg.n_layer):
         for p in positions:
             o = observation(ys[(l - 1, p)], ys[(l, p)], r)
             rows.append((l + 1, p, o))
-            print(f"| {l + 1} | {p} | {o['direct']:.3f} | {o['residual']:.3f} | {o['ratio']:.3f} | {o['cosine']:.3f} | {o['beta']:.3f} |")
-    ratios = np.array([o["ratio"] for *_, o in rows])
-    print(f"ratio residual/direct: median {np.median(ratios):.3f}, range {ratios.min():.3f}-{ratios.max():.3f}; "
-          f"residual below direct in {int((ratios < 1).sum())} of {len(ratios)} (paper: 0.4-0.97)")
+            print(f"| {l + 1} | {p} | {o['direct']:.4f} | {o['ls_residual']:.4f} | {o['ls_ratio']:.3f} | "
+                  f"{o['best_residual']:.4f} | {o['best_ratio']:.3f} | {o['ls_beta']:.3f} | {o['best_beta']:.3f} | "
+                  f"{o['cosine']:.3f} |")
+    ls = np.array([o["ls_ratio"] for *_, o in rows])
+    best = np.array([o["best_ratio"] for *_, o in rows])
+    print(f"ratio residual/direct at r={r}: LS beta median {np.median(ls):.3f}, range {ls.min():.3f}-{ls.max():.3f}; "
+          f"best beta median {np.median(best):.3f}, range {best.min():.3f}-{best.max():.3f}; "
+          f"best-beta ratio below {c['below']:g} in {int((best < c['below']).sum())} of {len(best)} "
+          f"(paper: 0.4-0.97)")
     if c["plot"]:
-        plot(rows, positions, cfg.n_layer, c["plot"], f"{c['out_dir']} (r={r})")
+        plot(rows, positions, c["plot"], f"{c['out_dir']} ({cfg.param}, r={r})")
     return rows
 
 
-def plot(rows, positions, n_layer, path, title):
+def plot(rows, positions, path, title):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -105,25 +228,29 @@ def plot(rows, positions, n_layer, path, title):
     except ImportError:
         print("no plot: matplotlib is not installed (pip install matplotlib); the table above has the numbers")
         return
-    fig, axes = plt.subplots(1, len(positions), figsize=(2.6 * len(positions), 2.8), sharey=True)
+    fig, axes = plt.subplots(1, len(positions), figsize=(2.6 * len(positions), 2.9), sharey=True)
     for ax, p in zip(np.atleast_1d(axes), positions):
-        ls = [l for l, q, _ in rows if q == p]
-        ax.plot(ls, [o["direct"] for _, q, o in rows if q == p], "o-", label="rank-r of Y_l")
-        ax.plot(ls, [o["residual"] for _, q, o in rows if q == p], "s-", label="beta* Y_{l-1} + rank-r")
+        mine = [(l, o) for l, q, o in rows if q == p]
+        ls = [l for l, _ in mine]
+        ax.plot(ls, [o["direct"] for _, o in mine], "o-", label="rank-r of Y_l")
+        ax.plot(ls, [o["ls_residual"] for _, o in mine], "s--", label="LS beta Y_{l-1} + rank-r")
+        ax.plot(ls, [o["best_residual"] for _, o in mine], "^-", label="best beta Y_{l-1} + rank-r")
         ax.set_title(p)
         ax.set_xlabel("layer")
     np.atleast_1d(axes)[0].set_ylabel("relative error")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+    np.atleast_1d(axes)[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).stem + ".tmp" + Path(path).suffix)
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same directory: the rename is atomic
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    configurator.main_guard(main)
