@@ -167,25 +167,25 @@ def jsonl_problem(path):
     return None
 
 
-def explain(e):
-    """The innermost cause of a datasets / pyarrow failure, on one line."""
-    while e.__cause__ or e.__context__:
-        e = e.__cause__ or e.__context__
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
-def read_dataset(load, text_column, where):
-    """Lists of documents, BATCH rows at a time, of the datasets Dataset or IterableDataset that load() returns:
-    the one reader of local .jsonl / .json / .parquet files and of hub datasets. Errors name `where`."""
-    from datasets.exceptions import DatasetGenerationError
+def read_dataset(text_column, where, *args, **kwargs):
+    """Lists of documents, BATCH rows at a time, of the datasets Dataset or IterableDataset that
+    load_dataset(*args, **kwargs) gives: the one reader of local .jsonl / .json / .parquet files and of the hub.
+    Errors name `where`, with their innermost cause (or, for a JSON-lines file, the line)."""
+    if "datasets" not in sys.modules:  # else it imports torch (~180 MB) for a tensor format nothing here uses
+        os.environ.setdefault("USE_TORCH", "0")
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors are re-raised below
     rows = None
     while True:
         try:
-            rows = rows or iter(load().iter(batch_size=BATCH))
+            rows = rows or iter(datasets.load_dataset(*args, **kwargs).iter(batch_size=BATCH))
             batch = next(rows, None)
-        except (DatasetGenerationError, ValueError, TypeError, StopIteration) as e:
-            problem = str(where).endswith(".jsonl") and jsonl_problem(where)
-            raise ValueError(f"{where}: {problem or explain(e)}") from None
+        except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError, StopIteration) as e:
+            while e.__cause__ or e.__context__:
+                e = e.__cause__ or e.__context__
+            why = (str(where).endswith(".jsonl") and jsonl_problem(where)) or f"{type(e).__name__}: {e}".splitlines()[0]
+            raise ValueError(f"{where}: {why}") from None
         if batch is None:
             return
         if text_column not in batch:
@@ -194,15 +194,6 @@ def read_dataset(load, text_column, where):
         if (wrong := next((t for t in batch[text_column] if not isinstance(t, (str, type(None)))), None)) is not None:
             raise ValueError(f"{where}: column {text_column!r} holds a {type(wrong).__name__} ({wrong!r:.40}), not text")
         yield [t for t in batch[text_column] if t]
-
-
-def quiet_datasets():
-    if "datasets" not in sys.modules:  # else it imports torch (~180 MB) for a tensor format nothing here uses
-        os.environ.setdefault("USE_TORCH", "0")
-    import datasets
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors are re-raised naming the file
-    return datasets.load_dataset
 
 
 def resolve_files(entries):
@@ -237,16 +228,8 @@ def local_batches(paths, kind, text_column, piece_chars):
             while batch := list(itertools.islice(pieces, BATCH)):
                 yield batch
         elif os.path.getsize(path):  # (datasets fails on an empty file, which adds nothing anyway)
-            load_dataset = quiet_datasets()  # streaming, local files too: no Arrow copy in the cache, no memory map
-            yield from read_dataset(lambda: load_dataset(kind, data_files=[path], split="train", streaming=True),
-                                    text_column, path)
-
-
-def hub_batches(name, config, split, streaming, text_column):
-    """The hub path: one load_dataset call, read by read_dataset as the local files are."""
-    load_dataset = quiet_datasets()
-    yield from read_dataset(lambda: load_dataset(name, config or None, split=split, streaming=streaming),
-                            text_column, f"hf:{name}")
+            # streaming, for local files too: no Arrow copy of the corpus in the cache, no memory-mapped reads
+            yield from read_dataset(text_column, path, kind, data_files=[path], split="train", streaming=True)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -328,7 +311,8 @@ def prepare(out_dir, tokenizer="byte", files=None, hf_dataset="", hf_config="", 
         raise ValueError("streaming needs a cap: set --max_docs or --max_tokens")
     tok = get_tokenizer(tokenizer)
     if hf_dataset:
-        batches = hub_batches(hf_dataset, hf_config, hf_split, streaming, text_column)
+        batches = read_dataset(text_column, f"hf:{hf_dataset}", hf_dataset, hf_config or None, split=hf_split,
+                               streaming=streaming)  # the hub: one call, then read as the local files are
         source = f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "") + f":{hf_split}"
     else:
         entries = files.split(",") if isinstance(files, str) else [str(f) for f in files or []]
