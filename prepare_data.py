@@ -13,7 +13,9 @@ Memory stays flat however large the corpus: documents are read, tokenized and ap
 at a time. Plain .txt files are cut into documents of about --piece_chars characters at paragraph breaks, so
 that a single-file corpus still gets a random split. val gets a share of the tokens within one document of
 --val_fraction (Splits says how). Output appears only when complete: files are written to a temporary folder
-next to out_dir and moved into place, meta.json last (a folder without meta.json is an incomplete one).
+next to out_dir and moved into place, meta.json last. A run that fails leaves out_dir as it was; one killed
+leaves it as it was, or (killed among the final renames) without meta.json, which load_meta refuses, and a
+.<out_dir>.tmp-* folder beside it that may be deleted.
 """
 import codecs
 import glob
@@ -309,6 +311,8 @@ def prepare(out_dir, tokenizer="byte", files=None, hf_dataset="", hf_config="", 
     max_docs, max_tokens = int(max_docs or 0), int(max_tokens or 0)
     if streaming and not (max_docs or max_tokens):
         raise ValueError("streaming needs a cap: set --max_docs or --max_tokens")
+    if files and hf_dataset:
+        raise ValueError("give files or hf_dataset, not both")
     tok = get_tokenizer(tokenizer)
     if hf_dataset:
         batches = read_dataset(text_column, f"hf:{hf_dataset}", hf_dataset, hf_config or None, split=hf_split,

@@ -267,6 +267,24 @@ def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_killed_run_leaves_the_old_dataset_or_an_incomplete_one(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    prepare(tmp_path / "out", files=[src])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    kill = "lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
+    for target, patch in [("Splits.add", f"prepare_data.Splits.add = {kill}"),  # while tokens are being written
+                          ("os.replace", f"r = os.replace; os.replace = lambda *a: (r(*a), ({kill})())")]:  # after 1 rename
+        code = f"import os, signal, sys, prepare_data; {patch}; prepare_data.main(sys.argv[1:])"
+        p = subprocess.run([sys.executable, "-c", code, f"--files={src}", f"--out_dir={tmp_path / 'out'}", "--seed=7"],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == -9, (target, p.stderr[-2000:])
+        if target == "Splits.add":
+            assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+        else:
+            with pytest.raises(FileNotFoundError, match="meta.json not found"):
+                load_meta(tmp_path / "out")
+
+
 def test_command_line(tmp_path):
     p = subprocess.run([sys.executable, "prepare_data.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0 and "--val_fraction=0.1" in p.stdout and "--files=''" in p.stdout
@@ -276,7 +294,8 @@ def test_command_line(tmp_path):
     assert load_meta(tmp_path / "o")["tokenizer"] == "gpt2"
     for argv, message in [([f"--files={src}"], "out_dir=''.*needed with --files"),
                           ([f"--files={src}", "--out_dir=x", "--val_fraction=1.5"], r"val_fraction=1.5: must be in \(0,1\)"),
-                          ([f"--files={src}", "--out_dir=x", "--streaming"], "streaming needs a cap")]:
+                          ([f"--files={src}", "--out_dir=x", "--streaming"], "streaming needs a cap"),
+                          ([f"--files={src}", "--out_dir=x", "--hf_dataset=a/b"], "files or hf_dataset, not both")]:
         with pytest.raises(ValueError, match=message):
             prepare_data.main(argv)
 
