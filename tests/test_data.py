@@ -46,6 +46,19 @@ def test_round_trip(tmp_path, tokenizer, fmt):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
 
 
+def test_local_files_are_read_without_network(tmp_path, monkeypatch):
+    """datasets pings the hub for a download count on every load_dataset call: 3 s per file where offline."""
+    import socket
+    calls = []
+
+    def offline(*a, **k):
+        calls.append(a)
+        raise socket.gaierror("offline")
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    prepare(tmp_path / "o", files=[write_jsonl(tmp_path / "d.jsonl", DOCS)])
+    assert calls == []
+
+
 def test_split_is_seeded(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
