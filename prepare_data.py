@@ -218,9 +218,8 @@ def resolve_files(entries):
     kinds = {FORMATS.get(Path(p).suffix.lower()): p for p in paths}
     if None in kinds:
         raise ValueError(f"{kinds[None]}: files must all be one of {sorted(FORMATS)}")
-    if len(kinds) != 1:
-        raise ValueError(f"files mix formats ({', '.join(f'{p} is {k}' for k, p in kinds.items())}): one format "
-                         f"per run" if kinds else "no data files given")
+    if len(kinds) > 1:
+        raise ValueError(f"files mix formats ({', '.join(f'{p} is {k}' for k, p in kinds.items())}): one format per run")
     return list(dict.fromkeys(paths)), kinds.popitem()[0]
 
 
