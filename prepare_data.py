@@ -5,43 +5,56 @@ every document) plus meta.json, which train.py checks before it trains.
     python prepare_data.py                                   # bundled Shakespeare, byte tokenizer
     python prepare_data.py --tokenizer=gpt2                  # same corpus, GPT-2 BPE (r50k_base)
     python prepare_data.py --files=a.txt,b.txt --out_dir=data/mine
-    python prepare_data.py --files=docs.jsonl --text_column=body --out_dir=data/mine
-    python prepare_data.py --hf_dataset=roneneldan/TinyStories --max_docs=200000 --tokenizer=gpt2 --out_dir=data/tinystories
-    python prepare_data.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --streaming --max_tokens=1e9 ...
+    python prepare_data.py --files='corpus/*.jsonl' --text_column=body --out_dir=data/mine
+    python prepare_data.py --files=corpus/ --tokenizer=gpt2 --out_dir=data/mine      # every supported file inside
+    python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --max_tokens=1.4e9 --tokenizer=gpt2 ...
 
-Documents are the unit of the train/val split (a seeded random draw per document). Plain .txt
-files are one document each, cut into pieces of about --piece_chars characters at paragraph
-breaks, so that a single-file corpus still gets a random split. Output appears only when complete:
-files are written to a temporary folder and moved into place, meta.json last.
+Memory stays flat however large the corpus: documents are read, tokenized and appended to the output a batch
+at a time. Plain .txt files are cut into documents of about --piece_chars characters at paragraph breaks, so
+that a single-file corpus still gets a random split. val gets a share of the tokens within one document of
+--val_fraction (Splits says how). Output appears only when complete: files are written to a temporary folder
+next to out_dir and moved into place, meta.json last. A run that fails leaves out_dir as it was; one killed
+leaves it as it was, or (killed among the final renames) without meta.json, which load_meta refuses, and a
+.<out_dir>.tmp-* folder beside it that may be deleted.
 """
-import argparse
+import codecs
+import glob
+import io
+import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+
+import configurator
 
 ROOT = Path(__file__).resolve().parent
 BUNDLED = ROOT / "data" / "shakespeare.txt"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "assets" / "tiktoken"))  # shipped r50k_base ranks: no network
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BATCH = 1024  # documents per tokenizer call: enough to keep its threads busy, few enough to keep memory flat
+REQUIRED = ("tokenizer", "vocab_size", "eot_token", "max_token_id", "dtype", "train_tokens", "val_tokens")
+
 # ----------------------------------------------------------------------------- config
-out_dir = ""
-tokenizer = "byte"
-files = ""
-hf_dataset = ""
-hf_config = ""
-hf_split = "train"
-streaming = False
-text_column = "text"
-max_docs = 0.0
-max_tokens = 0.0
-val_fraction = 0.1
-seed = 1337
-num_proc = 1
-piece_chars = 20000
+out_dir = ""            # output folder; "" = data/shakespeare_<tokenizer> for the bundled corpus
+tokenizer = "byte"      # byte, gpt2 (= r50k_base, shipped) or another tiktoken encoding whose ids fit uint16
+files = ""              # comma-separated .txt / .jsonl / .json / .parquet files, globs and folders; "" = bundled
+hf_dataset = ""         # a Hugging Face hub dataset instead of files, e.g. allenai/c4
+hf_config = ""          # the hub dataset's config, e.g. en
+hf_split = "train"      # the hub dataset's split
+streaming = False       # read the hub dataset as it downloads instead of downloading it whole; needs a cap
+text_column = "text"    # the field of .jsonl / .parquet / hub rows that holds the document
+max_docs = 0            # stop after this many non-empty documents; 0 = no cap [>=0]
+max_tokens = 0          # stop once this many tokens are written; 0 = no cap [>=0]
+val_fraction = 0.1      # share of the tokens that goes to val.bin (0,1)
+seed = 1337             # the split's random draw [>=0]
+num_proc = 0            # tokenizer threads; 0 = one per CPU core, at most 8 [>=0]
+piece_chars = 20000     # .txt files are cut at the first paragraph break after this many characters [>=1]
 # -----------------------------------------------------------------------------
 
 
@@ -54,6 +67,12 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def encode_docs(self, texts, threads=1):
+        """(uint16 tokens of every text, each followed by end-of-text; tokens per document), vectorized."""
+        raw = [t.encode("utf-8") for t in texts]
+        lens = np.fromiter(map(len, raw), np.int64, len(raw))
+        return np.insert(np.frombuffer(b"".join(raw), np.uint8).astype(np.uint16), np.cumsum(lens), 256), lens + 1
 
 
 class TiktokenTokenizer:
@@ -69,104 +88,254 @@ class TiktokenTokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    def encode_docs(self, texts, threads=1):
+        ids = self.enc.encode_ordinary_batch(texts, num_threads=threads)  # the BPE runs without the GIL
+        lens = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
+        eot = [self.eot_token]
+        return np.fromiter(itertools.chain.from_iterable(x + eot for x in ids), np.uint16, int(lens.sum())), lens
+
 
 def get_tokenizer(name):
+    if name != "byte":
+        import tiktoken
+        if name not in tiktoken.list_encoding_names():
+            raise ValueError(f"unknown tokenizer {name!r}: choose byte or a tiktoken encoding "
+                             f"({', '.join(tiktoken.list_encoding_names())}; gpt2 is r50k_base)")
     tok = ByteTokenizer() if name == "byte" else TiktokenTokenizer(name)
     if tok.n_vocab > 2 ** 16:
         raise ValueError(f"tokenizer {name!r} has {tok.n_vocab} tokens; ids above 65535 do not fit the uint16 token files")
     return tok
 
 
+# ----------------------------------------------------------------------------- reading documents
+def cut_pieces(chunks, piece_chars):
+    """Documents of a text given as consecutive chunks, each ending at the first paragraph break ("\\n\\n") after
+    piece_chars characters. 4 * piece_chars without one are cut at a line break, or anywhere, so that a file of
+    single-spaced lines still gives many documents and memory stays bounded."""
+    buf = ""
+    for chunk in chunks:
+        buf, start = buf + chunk, 0
+        while True:
+            cut = buf.find("\n\n", start + piece_chars)
+            if cut >= 0:
+                end = cut + 2
+            elif len(buf) - start >= 4 * piece_chars:
+                end = buf.find("\n", start + piece_chars, start + 4 * piece_chars) + 1 or start + 4 * piece_chars
+            else:
+                break
+            yield buf[start:end]
+            start = end
+        buf = buf[start:]
+    if buf:
+        yield buf
+
+
 def split_pieces(text, piece_chars):
-    """Cut text at paragraph breaks ("\\n\\n") into pieces of at least piece_chars characters."""
-    pieces, start = [], 0
-    while start < len(text):
-        cut = text.find("\n\n", start + piece_chars)
-        end = len(text) if cut < 0 else cut + 2
-        pieces.append(text[start:end])
-        start = end
-    return pieces
+    return list(cut_pieces([text], piece_chars))
 
 
-def load_documents(files=None, hf_dataset=None, hf_config=None, hf_split="train", streaming=False,
-                   text_column="text", piece_chars=20000):
-    """A datasets.Dataset (or IterableDataset when streaming) with one document per row in `text_column`."""
+def text_chunks(path):
+    """A text file's contents a megabyte at a time, newlines translated as open() does."""
+    decoder, line = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True), 1
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(1 << 20)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                line += e.object[:e.start].count(b"\n")
+                raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason}); is it a binary file?") from None
+            yield text
+            if not raw:
+                return
+            line += raw.count(b"\n")
+
+
+def jsonl_problem(path):
+    """'line N: cause' for the first line of a JSON-lines file that is not a JSON object, else None. datasets'
+    reader only tells what went wrong somewhere in a 10 MB block, so a failed file is scanned again here."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                if b"\0" in line:
+                    return f"line {n}: binary data (NUL bytes), not JSON lines"
+                row = json.loads(line.decode("utf-8")) if line.strip() else {}
+            except UnicodeDecodeError as e:
+                return f"line {n}: not UTF-8 text ({e.reason}); is it a binary file?"
+            except json.JSONDecodeError as e:
+                return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {n}: a JSON {type(row).__name__}, not an object"
+    return None
+
+
+def read_dataset(text_column, where, *args, **kwargs):
+    """Lists of documents, BATCH rows at a time, of the datasets Dataset or IterableDataset that
+    load_dataset(*args, **kwargs) gives: the one reader of local .jsonl / .json / .parquet files and of the hub.
+    Errors name `where`, with their innermost cause (or, for a JSON-lines file, the line)."""
+    if "datasets" not in sys.modules:  # else it imports torch (~180 MB) for a tensor format nothing here uses
+        os.environ.setdefault("USE_TORCH", "0")
     import datasets
-    from datasets import load_dataset
     datasets.disable_progress_bars()
-    if hf_dataset:  # the hub path: a thin call; everything after it is shared with (and tested on) local files
-        ds = load_dataset(hf_dataset, hf_config, split=hf_split, streaming=streaming)
-    else:
-        files = [str(f) for f in files]
-        for f in files:
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"data file not found: {f}")
-        kinds = {FORMATS.get(Path(f).suffix.lower()) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise ValueError(f"files must all be one of {sorted(FORMATS)} (one format per run), got {files}")
-        kind = kinds.pop()
-        extra = {"sample_by": "document"} if kind == "text" else {}
-        ds = load_dataset(kind, data_files=files, split="train", streaming=streaming, **extra)
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors are re-raised below
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # a web request per file read, 3 s each where offline
+    rows = None
+    while True:
+        try:
+            rows = rows or iter(datasets.load_dataset(*args, **kwargs).iter(batch_size=BATCH))
+            batch = next(rows, None)
+        except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError, StopIteration) as e:
+            while e.__cause__ or e.__context__:
+                e = e.__cause__ or e.__context__
+            why = (str(where).endswith(".jsonl") and jsonl_problem(where)) or f"{type(e).__name__}: {e}".splitlines()[0]
+            raise ValueError(f"{where}: {why}") from None
+        if batch is None:
+            return
+        if text_column not in batch:
+            raise ValueError(f"{where}: text column {text_column!r} not in the data; columns are {list(batch)} "
+                             f"(use --text_column)")
+        if (wrong := next((t for t in batch[text_column] if not isinstance(t, (str, type(None)))), None)) is not None:
+            raise ValueError(f"{where}: column {text_column!r} holds a {type(wrong).__name__} ({wrong!r:.40}), not text")
+        yield [t for t in batch[text_column] if t]
+
+
+def resolve_files(entries):
+    """(paths, format) of the files that entries name: files, globs, and folders (their supported files,
+    recursively, sorted, hidden ones skipped, as datasets does). One format per run."""
+    paths = []
+    for e in filter(None, (str(e).strip() for e in entries)):
+        if any(c in e for c in "*?["):
+            found, why = sorted(glob.glob(e, recursive=True)), f"no file matches {e!r}"
+        elif Path(e).is_dir():
+            found = sorted(str(p) for p in Path(e).rglob("*") if p.suffix.lower() in FORMATS and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(e).parts))
+            why = f"folder {e} holds no {' / '.join(FORMATS)} files"
+        else:
+            found, why = [e] if Path(e).is_file() else [], f"data file not found: {e}"
+        if not found:
+            raise FileNotFoundError(why)
+        paths += found
+    kinds = {FORMATS.get(Path(p).suffix.lower()): p for p in paths}
+    if None in kinds:
+        raise ValueError(f"{kinds[None]}: files must all be one of {sorted(FORMATS)}")
+    if len(kinds) > 1:
+        raise ValueError(f"files mix formats ({', '.join(f'{p} is {k}' for k, p in kinds.items())}): one format per run")
+    return list(dict.fromkeys(paths)), kinds.popitem()[0]
+
+
+def local_batches(paths, kind, text_column, piece_chars):
+    for path in paths:
         if kind == "text":
-            ds = ds.map(lambda b: {"text": [p for t in b["text"] for p in split_pieces(t, piece_chars)]},
-                        batched=True, remove_columns=ds.column_names)
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
-    if text_column not in columns:
-        raise ValueError(f"text column {text_column!r} not in the data; columns are {columns} (use --text_column)")
-    return ds
+            pieces = cut_pieces(text_chunks(path), piece_chars)
+            while batch := list(itertools.islice(pieces, BATCH)):
+                yield batch
+        elif os.path.getsize(path):  # (datasets fails on an empty file, which adds nothing anyway)
+            # streaming, for local files too: no Arrow copy of the corpus in the cache, no memory-mapped reads
+            yield from read_dataset(text_column, path, kind, data_files=[path], split="train", streaming=True)
 
 
-def tokenize(ds, tok, text_column="text", max_docs=None, max_tokens=None, num_proc=1):
-    """A list of uint16 arrays, one per non-empty document, each ending with the end-of-text token."""
-    encode = lambda b: {"ids": [tok.encode(t) + [tok.eot_token] if t and t.strip() else [] for t in b[text_column]]}
-    if hasattr(ds, "num_rows"):  # an in-memory / on-disk Dataset: parallel map
-        if max_docs is not None:
-            ds = ds.select(range(min(int(max_docs), ds.num_rows)))
-        ds = ds.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=ds.column_names)
-        rows = (r["ids"] for r in ds)
-    else:  # streaming: an open-ended iterator, so it needs a cap
-        if max_docs is None and max_tokens is None:
-            raise ValueError("streaming needs a cap: set --max_docs or --max_tokens")
-        rows = (encode({text_column: [r[text_column]]})["ids"][0] for i, r in enumerate(ds)
-                if max_docs is None or i < int(max_docs))
-    docs, total = [], 0
-    for ids in rows:
-        if max_tokens is not None and total >= int(max_tokens):
-            break
-        if ids:
-            docs.append(np.asarray(ids, dtype=np.uint16))
-            total += len(ids)
-        if max_docs is not None and len(docs) >= int(max_docs):
-            break
-    if not docs:
-        raise ValueError("the source contains no text (every document is empty)")
-    return docs
+# ----------------------------------------------------------------------------- writing
+class Splits:
+    """train.bin and val.bin as they are appended to. The split cannot wait for the whole corpus (it may be
+    streamed, and is never held), so each document is decided as it comes: it goes to val with probability
+    val_fraction + debt / its length, clipped to [0, 1], where debt = val_fraction * tokens so far - val tokens
+    so far: a seeded coin that leans against the running error. Each choice keeps |debt| at most the longest
+    document so far, so val's token share is within one document of val_fraction at every point of the stream
+    (a cap included), and val's documents come from the whole corpus, not from its end."""
+
+    def __init__(self, folder, val_fraction, seed):
+        self.files = {s: open(folder / f"{s}.bin", "wb") for s in ("train", "val")}
+        self.tokens, self.docs = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+        self.fraction, self.debt, self.rng, self.max_id = val_fraction, 0.0, np.random.default_rng(seed), 0
+
+    def add(self, flat, lens):
+        is_val, debt, f = np.empty(len(lens), bool), self.debt, self.fraction
+        for i, (n, u) in enumerate(zip(lens.tolist(), self.rng.random(len(lens)).tolist())):
+            debt += f * n
+            is_val[i] = v = debt >= u * n
+            debt -= n if v else 0
+        self.debt = debt
+        for split, chosen in (("train", ~is_val), ("val", is_val)):
+            self.write(split, flat[np.repeat(chosen, lens)], int(chosen.sum()))
+        self.max_id = max(self.max_id, int(flat.max()))
+        self.last = (flat[len(flat) - int(lens[-1]):].copy(), "val" if is_val[-1] else "train")
+
+    def write(self, split, ids, docs):
+        self.files[split].write(ids.tobytes())
+        self.tokens[split], self.docs[split] = self.tokens[split] + len(ids), self.docs[split] + docs
+
+    def close(self):
+        """Flush to disk; a tiny source whose documents all fell on one side gives its last one to the other."""
+        if sum(self.docs.values()) < 2:
+            raise ValueError("need at least 2 documents (pieces) to make a train and a val split"
+                             if any(self.docs.values()) else "the source contains no text (every document is empty)")
+        ids, side = self.last
+        if not (self.docs["train"] and self.docs["val"]):
+            self.files[side].truncate(2 * (self.tokens[side] - len(ids)))  # flushes, then drops its last document
+            self.tokens[side], self.docs[side] = self.tokens[side] - len(ids), self.docs[side] - 1
+            self.write("val" if side == "train" else "train", ids, 1)
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())  # on disk before a rename publishes it
+            f.close()
 
 
-def write_dataset(docs, out_dir, tok, source, val_fraction=0.1, seed=1337):
-    """Split documents with a seeded draw, write train.bin / val.bin / meta.json atomically."""
-    if len(docs) < 2:
-        raise ValueError("need at least 2 documents (pieces) to make a train and a val split")
-    is_val = np.random.default_rng(seed).random(len(docs)) < val_fraction
-    if is_val.all() or not is_val.any():  # tiny sources: force one document to the other side
-        is_val[-1] = not is_val[-1]
+def write_tokens(batches, tok, splits, max_docs, max_tokens, threads):
+    """Tokenize batch after batch into splits until the source or a cap ends, with a progress bar on stderr."""
+    from tqdm import tqdm
+    docs = tokens = 0
+    start = time.time()
+    with tqdm(desc="tokenizing", unit=" docs", total=max_docs or None, file=sys.stderr, mininterval=1) as bar:
+        for texts in batches:
+            texts = [t for t in texts if t and not t.isspace()][:(max_docs - docs) if max_docs else None]
+            if not texts:
+                continue
+            flat, lens = tok.encode_docs(texts, threads)
+            if max_tokens:  # keep the documents that start below the cap, as a stream cut there would
+                keep = int(np.searchsorted(np.cumsum(lens) - lens, max_tokens - tokens))
+                flat, lens = flat[:int(lens[:keep].sum())], lens[:keep]
+            splits.add(flat, lens)
+            docs, tokens = docs + len(lens), tokens + int(lens.sum())
+            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / max(time.time() - start, 1e-6):,.0f} tokens/s", refresh=False)
+            bar.update(len(lens))
+            if (max_docs and docs >= max_docs) or (max_tokens and tokens >= max_tokens):
+                break
+
+
+def prepare(out_dir, tokenizer="byte", files=None, hf_dataset="", hf_config="", hf_split="train", streaming=False,
+            text_column="text", max_docs=0, max_tokens=0, val_fraction=0.1, seed=1337, num_proc=0, piece_chars=20000):
+    """Tokenize local files (a list, or comma-separated entries) or a hub dataset (neither: the bundled corpus)
+    into out_dir; returns meta. On any error out_dir is left as it was."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    max_docs, max_tokens = int(max_docs or 0), int(max_tokens or 0)
+    if streaming and not (max_docs or max_tokens):
+        raise ValueError("streaming needs a cap: set --max_docs or --max_tokens")
+    if files and hf_dataset:
+        raise ValueError("give files or hf_dataset, not both")
+    tok = get_tokenizer(tokenizer)
+    if hf_dataset:
+        batches = read_dataset(text_column, f"hf:{hf_dataset}", hf_dataset, hf_config or None, split=hf_split,
+                               streaming=streaming)  # the hub: one call, then read as the local files are
+        source = f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "") + f":{hf_split}"
+    else:
+        entries = files.split(",") if isinstance(files, str) else [str(f) for f in files or []]
+        entries = [e.strip() for e in entries if e.strip()] or [str(BUNDLED)]
+        batches = local_batches(*resolve_files(entries), text_column, piece_chars)
+        rel = lambda e: str(Path(e).resolve().relative_to(ROOT)) if Path(e).resolve().is_relative_to(ROOT) else e
+        source = ",".join(map(rel, entries))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))  # same disk: renames are atomic
     try:
-        meta = {"format": 1, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot_token": tok.eot_token,
-                "dtype": "uint16", "source": source, "split_seed": seed, "val_fraction": val_fraction}
-        for split, mask in (("train", ~is_val), ("val", is_val)):
-            chosen = [d for d, v in zip(docs, mask) if v]
-            n = sum(len(d) for d in chosen)
-            out = np.memmap(tmp / f"{split}.bin", dtype=np.uint16, mode="w+", shape=(n,))  # pre-sized
-            pos = 0
-            for d in chosen:
-                out[pos:pos + len(d)] = d
-                pos += len(d)
-            out.flush()
-            del out
-            meta[f"{split}_tokens"], meta[f"{split}_documents"] = n, len(chosen)
+        splits = Splits(tmp, val_fraction, seed)
+        write_tokens(batches, tok, splits, max_docs, max_tokens, num_proc or min(8, os.cpu_count() or 1))
+        splits.close()
+        meta = {"format": 2, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot_token": tok.eot_token,
+                "max_token_id": splits.max_id, "dtype": "uint16", "source": source, "split_seed": seed,
+                "val_fraction": val_fraction}
+        for s in ("train", "val"):
+            meta[f"{s}_tokens"], meta[f"{s}_documents"] = splits.tokens[s], splits.docs[s]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         out_dir.mkdir(exist_ok=True)
         (out_dir / "meta.json").unlink(missing_ok=True)  # no meta.json = incomplete, until the new one lands
@@ -175,20 +344,6 @@ def write_dataset(docs, out_dir, tok, source, val_fraction=0.1, seed=1337):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
-
-
-def prepare(out_dir, tokenizer="byte", files=None, hf_dataset=None, hf_config=None, hf_split="train",
-            streaming=False, text_column="text", max_docs=None, max_tokens=None, val_fraction=0.1,
-            seed=1337, num_proc=1, piece_chars=20000):
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-    tok = get_tokenizer(tokenizer)
-    files = files or ([] if hf_dataset else [BUNDLED])
-    ds = load_documents(files, hf_dataset, hf_config, hf_split, streaming, text_column, piece_chars)
-    docs = tokenize(ds, tok, text_column, max_docs, max_tokens, num_proc)
-    source = f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "") + f":{hf_split}" if hf_dataset else \
-        ",".join(str(Path(f).resolve().relative_to(ROOT)) if Path(f).resolve().is_relative_to(ROOT) else str(f) for f in files)
-    return write_dataset(docs, out_dir, tok, source, val_fraction, seed)
 
 
 def load_meta(data_dir):
@@ -201,6 +356,9 @@ def load_meta(data_dir):
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is corrupt: {e}") from None
+    for key in REQUIRED:
+        if not isinstance(meta, dict) or key not in meta:
+            raise ValueError(f"{meta_path} has no {key!r}: corrupt, or from an older prepare_data.py; re-run prepare_data.py")
     for split in ("train", "val"):
         path = data_dir / f"{split}.bin"
         if not path.is_file():
@@ -211,33 +369,15 @@ def load_meta(data_dir):
     return meta
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=None, help="default: data/shakespeare_<tokenizer> for the bundled corpus")
-    p.add_argument("--tokenizer", default="byte", help="byte | gpt2 (= r50k_base) | another tiktoken encoding")
-    p.add_argument("--files", default=None, help="comma-separated local .txt / .jsonl / .parquet files")
-    p.add_argument("--hf_dataset", default=None)
-    p.add_argument("--hf_config", default=None)
-    p.add_argument("--hf_split", default="train")
-    p.add_argument("--streaming", action="store_true")
-    p.add_argument("--text_column", default="text")
-    p.add_argument("--max_docs", type=float, default=None)
-    p.add_argument("--max_tokens", type=float, default=None)
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num_proc", type=int, default=max(1, min(8, os.cpu_count() or 1)))
-    p.add_argument("--piece_chars", type=int, default=20000)
-    a = p.parse_args(argv)
-    if a.files is None and a.hf_dataset is None and a.out_dir is None:
-        a.out_dir = f"data/shakespeare_{a.tokenizer}"
-    if a.out_dir is None:
-        p.error("--out_dir is required for --files / --hf_dataset")
-    files = a.files.split(",") if a.files else None
-    meta = prepare(a.out_dir, a.tokenizer, files, a.hf_dataset, a.hf_config, a.hf_split, a.streaming, a.text_column,
-                   a.max_docs, a.max_tokens, a.val_fraction, a.seed, a.num_proc, a.piece_chars)
-    print(f"wrote {a.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+def main(argv):
+    c, _ = configurator.load(argv, "prepare_data.py", doc=__doc__)
+    if not c["out_dir"] and (c["files"] or c["hf_dataset"]):
+        raise configurator.ConfigError("out_dir", "", "needed with --files or --hf_dataset")
+    out = c["out_dir"] or f"data/shakespeare_{c['tokenizer']}"
+    meta = prepare(out if c["out_dir"] else ROOT / out, **{k: v for k, v in c.items() if k != "out_dir"})
+    print(f"wrote {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['train_documents']} / {meta['val_documents']} documents), tokenizer {meta['tokenizer']}")
 
 
 if __name__ == "__main__":
-    main()
+    configurator.main_guard(main)

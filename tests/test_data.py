@@ -1,11 +1,16 @@
-"""prepare_data.py: round trips, end-of-text placement, metadata, and errors that lose nothing."""
+"""prepare_data.py: round trips, end-of-text placement, metadata, the token-fraction split, flat memory, and
+errors that name the file and lose nothing."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+import configurator
 import prepare_data
-from prepare_data import get_tokenizer, load_meta, prepare, split_pieces
+from conftest import ROOT
+from prepare_data import Splits, get_tokenizer, load_meta, prepare, split_pieces
 
 DOCS = [f"Document {i}: " + "to be or not to be, " * (i % 7 + 1) + ("héllo ✓" if i % 5 == 0 else "") for i in range(40)]
 
@@ -41,6 +46,19 @@ def test_round_trip(tmp_path, tokenizer, fmt):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
 
 
+def test_local_files_are_read_without_network(tmp_path, monkeypatch):
+    """datasets pings the hub for a download count on every load_dataset call: 3 s per file where offline."""
+    import socket
+    calls = []
+
+    def offline(*a, **k):
+        calls.append(a)
+        raise socket.gaierror("offline")
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    prepare(tmp_path / "o", files=[write_jsonl(tmp_path / "d.jsonl", DOCS)])
+    assert calls == []
+
+
 def test_split_is_seeded(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
@@ -61,6 +79,9 @@ def test_text_files_are_cut_into_pieces_at_paragraphs(tmp_path):
     meta = prepare(tmp_path / "out", files=[tmp_path / "a.txt"], piece_chars=300)
     assert meta["train_documents"] + meta["val_documents"] == len(pieces)
     assert "".join(sorted(decode_docs(tmp_path / "out", get_tokenizer("byte")))) == "".join(sorted(pieces))
+    lines = "".join(f"line {i} has no paragraph break after it.\n" for i in range(300))  # a file of single lines
+    pieces = split_pieces(lines, 300)
+    assert "".join(pieces) == lines and all(p.endswith("\n") and len(p) < 4 * 300 for p in pieces) and len(pieces) > 10
 
 
 def test_caps_on_documents_and_tokens(tmp_path):
@@ -76,9 +97,16 @@ def test_caps_on_documents_and_tokens(tmp_path):
         prepare(tmp_path / "d", files=[src], streaming=True)
 
 
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
 def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data file not found"):
         prepare(tmp_path / "o", files=[tmp_path / "missing.txt"])
+    with pytest.raises(FileNotFoundError, match="no file matches '.*nothing/\\*.jsonl'"):
+        prepare(tmp_path / "o", files=f"{tmp_path}/nothing/*.jsonl")
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
     with pytest.raises(ValueError, match="no text"):
         prepare(tmp_path / "o", files=[tmp_path / "empty.jsonl"])
@@ -87,7 +115,137 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="files must all be one of"):
         prepare(tmp_path / "o", files=[tmp_path / "x.csv"])
-    assert not (tmp_path / "o").exists()
+    (tmp_path / "a.txt").write_text("some text\n")
+    with pytest.raises(ValueError, match="files mix formats .*a.txt is text.*one format per run"):
+        prepare(tmp_path / "o", files=[tmp_path / "a.txt", tmp_path / "empty.jsonl"])
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt3': choose byte or a tiktoken encoding \\(.*r50k_base"):
+        prepare(tmp_path / "o", files=[tmp_path / "a.txt"], tokenizer="gpt3")
+    for f in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="val_fraction=.* must be in \\(0, 1\\)"):
+            prepare(tmp_path / "o", files=[tmp_path / "a.txt"], val_fraction=f)
+    with pytest.raises(ValueError, match="need at least 2 documents"):
+        prepare(tmp_path / "o", files=[tmp_path / "a.txt"])
+    assert not (tmp_path / "o").exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_broken_files_are_named_with_line_and_cause(tmp_path):
+    good = [json.dumps({"text": t}) for t in DOCS[:8]]
+    cases = {
+        "bad.jsonl": ("\n".join(good[:6] + ["{not json"] + good[6:]) + "\n", r"bad.jsonl: line 7: not valid JSON"),
+        "list.jsonl": ("\n".join(good[:3] + ["[1, 2]"]) + "\n", r"list.jsonl: line 4: a JSON list, not an object"),
+        "number.jsonl": ("\n".join(good[:3] + [json.dumps({"text": 5})]) + "\n", r"number.jsonl: column 'text' holds a int"),
+        "binary.jsonl": (bytes(range(256)) * 64, r"binary.jsonl: line 1: binary data"),
+        "latin1.jsonl": ("\n".join(good[:2] + ['{"text": "caf\xe9"}']).encode("latin-1"), r"latin1.jsonl: line 3: not UTF-8"),
+        "binary.txt": (b"fine text\n\nmore\n" + bytes(range(128, 256)), r"binary.txt:4: not UTF-8 text .*binary file"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            prepare(tmp_path / "o", files=[path])
+    assert not (tmp_path / "o").exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_files_take_globs_folders_and_lists(tmp_path):
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / ".hidden").mkdir()
+    write_jsonl(d / "a.jsonl", DOCS[:10])
+    write_jsonl(d / "sub" / "b.jsonl", DOCS[10:25])
+    write_jsonl(d / ".hidden" / "c.jsonl", ["never read"] * 5)
+    (d / "notes.md").write_text("not a data file")
+    tok = get_tokenizer("byte")
+    for spec, docs in [(str(d), DOCS[:25]), (f"{d}/*.jsonl", DOCS[:10]), (f"{d}/**/*.jsonl", DOCS[:25]),
+                       (f"{d}/sub/b.jsonl,{d}/a.jsonl", DOCS[:25]), (f"{d}/a.jsonl, {d}/*.jsonl", DOCS[:10])]:
+        prepare(tmp_path / "out", files=spec)
+        assert sorted(decode_docs(tmp_path / "out", tok)) == sorted(docs), spec
+    (tmp_path / "none").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder .*none holds no"):
+        prepare(tmp_path / "o", files=str(tmp_path / "none"))
+
+
+def test_val_gets_its_token_fraction_within_one_document(tmp_path):
+    """The tolerance: |val tokens - val_fraction * all tokens| <= the longest document. A coin per document gave
+    val 20% of 25 documents when 10% was asked."""
+    rng = np.random.default_rng(0)
+    docs = [f"doc {i:03d} " + "x" * int(rng.integers(20, 400)) for i in range(400)]
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    longest = max(len(t) + 1 for t in docs)
+    for seed in range(3):
+        for f in (0.02, 0.1, 0.5):
+            m = prepare(tmp_path / "o", files=[src], val_fraction=f, seed=seed)
+            total = m["train_tokens"] + m["val_tokens"]
+            assert abs(m["val_tokens"] - f * total) <= longest
+            val = [int(t[4:7]) for t in decode_docs(tmp_path / "o", get_tokenizer("byte"))[m["train_documents"]:]]
+            assert min(val) < 100 and max(val) >= 300  # spread through the corpus, not its tail
+    same = write_jsonl(tmp_path / "s.jsonl", [f"document {i:02d} " + "y" * 100 for i in range(25)])
+    for seed in range(20):
+        m = prepare(tmp_path / "o", files=[same], val_fraction=0.1, seed=seed)
+        assert m["val_documents"] in (2, 3)  # 2.5 documents asked
+
+
+def test_split_stays_within_one_document_at_every_prefix(tmp_path):
+    rng = np.random.default_rng(1)
+    lens = rng.integers(1, 5000, size=3000)
+    for f in (0.01, 0.1, 0.7):
+        s = Splits(tmp_path, f, seed=5)
+        for i, n in enumerate(lens):
+            s.add(np.zeros(n, np.uint16), lens[i:i + 1])
+            total = s.tokens["train"] + s.tokens["val"]
+            assert abs(s.tokens["val"] - f * total) <= lens[:i + 1].max()
+        s.close()
+
+
+def test_max_token_id_is_the_largest_id_written(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    for tokenizer in ("byte", "gpt2"):
+        m = prepare(tmp_path / tokenizer, files=[src], tokenizer=tokenizer)
+        ids = np.concatenate([np.fromfile(tmp_path / tokenizer / f"{s}.bin", np.uint16) for s in ("train", "val")])
+        assert m["max_token_id"] == ids.max() == get_tokenizer(tokenizer).eot_token
+
+
+def test_hub_path_is_one_load_dataset_call(tmp_path, monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"body": DOCS, "n": list(range(len(DOCS)))})
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    m = prepare(tmp_path / "o", hf_dataset="org/corpus", hf_config="en", hf_split="train", text_column="body",
+                streaming=True, max_docs=30)
+    assert calls == [("org/corpus", "en", "train", True)] and m["source"] == "hf:org/corpus/en:train"
+    assert len(decode_docs(tmp_path / "o", get_tokenizer("byte"))) == 30
+
+    def failing_load_dataset(*a, **k):
+        try:
+            raise ValueError("Trailing data at line 3")
+        except ValueError as e:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from e
+    monkeypatch.setattr(datasets, "load_dataset", failing_load_dataset)
+    with pytest.raises(ValueError, match="hf:org/corpus: ValueError: Trailing data at line 3"):
+        prepare(tmp_path / "p", hf_dataset="org/corpus")
+    assert not (tmp_path / "p").exists()
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    """A corpus held whole would add 60 MB of text and 120 MB of tokens; read a batch at a time, it adds little.
+    The peak is VmHWM: ru_maxrss of a child counts its parent's memory at fork."""
+    block = "".join(json.dumps({"text": t}) + "\n" for t in DOCS * 100)
+    code = "import sys, prepare_data; prepare_data.main(sys.argv[1:]); " \
+           "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    peaks = []
+    for mb in (20, 80):
+        src = tmp_path / f"c{mb}.jsonl"
+        with open(src, "w") as f:
+            for _ in range(mb * 2 ** 20 // len(block)):
+                f.write(block)
+        p = subprocess.run([sys.executable, "-c", code, f"--files={src}", f"--out_dir={tmp_path / 'o'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        peaks.append(int(p.stdout.split()[-1]) / 1024)  # MB
+    assert peaks[1] - peaks[0] < 40, peaks
 
 
 def test_tokenizer_that_overflows_uint16_is_rejected(monkeypatch):
@@ -100,23 +258,59 @@ def test_tokenizer_that_overflows_uint16_is_rejected(monkeypatch):
 
 
 def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
-    src = tmp_path / "d.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     prepare(tmp_path / "out", files=[src])
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    real_memmap = np.memmap
-    calls = []
+    after = lambda: {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    (tmp_path / "e.jsonl").write_text(src.read_text() + "{broken\n")  # tokens already written when it breaks
+    with pytest.raises(ValueError, match="e.jsonl: line 41"):
+        prepare(tmp_path / "out", files=[src, tmp_path / "e.jsonl"], seed=99)
+    assert after() == before
+    real_write, calls = Splits.write, []
 
-    def failing_memmap(*a, **k):  # the disk fills up while writing the second split
+    def failing_write(self, *a):  # the disk fills up while writing
         calls.append(1)
         if len(calls) == 2:
             raise OSError("No space left on device")
-        return real_memmap(*a, **k)
-    monkeypatch.setattr(prepare_data.np, "memmap", failing_memmap)
+        return real_write(self, *a)
+    monkeypatch.setattr(Splits, "write", failing_write)
     with pytest.raises(OSError):
         prepare(tmp_path / "out", files=[src], seed=99)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert after() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_killed_run_leaves_the_old_dataset_or_an_incomplete_one(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    prepare(tmp_path / "out", files=[src])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    kill = "lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
+    for target, patch in [("Splits.add", f"prepare_data.Splits.add = {kill}"),  # while tokens are being written
+                          ("os.replace", f"r = os.replace; os.replace = lambda *a: (r(*a), ({kill})())")]:  # after 1 rename
+        code = f"import os, signal, sys, prepare_data; {patch}; prepare_data.main(sys.argv[1:])"
+        p = subprocess.run([sys.executable, "-c", code, f"--files={src}", f"--out_dir={tmp_path / 'out'}", "--seed=7"],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == -9, (target, p.stderr[-2000:])
+        if target == "Splits.add":
+            assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+        else:
+            with pytest.raises(FileNotFoundError, match="meta.json not found"):
+                load_meta(tmp_path / "out")
+
+
+def test_command_line(tmp_path):
+    p = subprocess.run([sys.executable, "prepare_data.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0 and "--val_fraction=0.1" in p.stdout and "--files=''" in p.stdout
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    configurator.spec.cache_clear()
+    prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'o'}", "--tokenizer=gpt2", "--max_tokens=1e3"])
+    assert load_meta(tmp_path / "o")["tokenizer"] == "gpt2"
+    for argv, message in [([f"--files={src}"], "out_dir=''.*needed with --files"),
+                          ([f"--files={src}", "--out_dir=x", "--val_fraction=1.5"], r"val_fraction=1.5: must be in \(0,1\)"),
+                          ([f"--files={src}", "--out_dir=x", "--streaming"], "streaming needs a cap"),
+                          ([f"--files={src}", "--out_dir=x", "--hf_dataset=a/b"], "files or hf_dataset, not both")]:
+        with pytest.raises(ValueError, match=message):
+            prepare_data.main(argv)
 
 
 def test_load_meta_detects_missing_and_truncated_files(tmp_path):
@@ -128,6 +322,11 @@ def test_load_meta_detects_missing_and_truncated_files(tmp_path):
     with open(tmp_path / "out" / "train.bin", "r+b") as f:
         f.truncate(10)
     with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_meta(tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    del meta["max_token_id"]
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="meta.json has no 'max_token_id'"):
         load_meta(tmp_path / "out")
     (tmp_path / "out" / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="meta.json is corrupt"):
