@@ -66,7 +66,7 @@ def test_short_run_learns(tiny_data, tmp_path):
     losses = list(train_losses(tmp_path).values())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
     evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
-    assert len(evals) == 1 and evals[0]["val_loss"] < 3.5
+    assert len(evals) == 1 and evals[0]["val_loss"] < 3.7  # ln(257) = 5.55 at init
     assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "config.json").is_file()
     assert not (tmp_path / "ckpt.pt.tmp").exists()
 
