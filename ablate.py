@@ -15,7 +15,7 @@ crnet_lowrank_first keeps the rank and simply drops layer 1's full-rank weights 
 Each run writes to ablate_dir/<variant>/ (its train.log, metrics.jsonl, checkpoint). Running the same command
 again reuses finished runs, resumes interrupted ones from their checkpoint, and refuses (naming the variant) a
 directory trained with other arguments unless --overwrite=True. --stop_iter=N stops every run at N, to split an
-ablation across sessions. Config files and --key=value set train.py's keys (shared by every run) and
+ablation across several sittings. Config files and --key=value set train.py's keys (shared by every run) and
 ablate.py's own keys below; each run is launched with the merged config spelled out as --key=value.
 """
 import json

@@ -298,7 +298,12 @@ def start_logs(c, out, start_iter):
     write_atomic(out / "config.json", json.dumps(c, indent=2) + "\n")
     metrics = out / "metrics.jsonl"
     if metrics.exists():
-        rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+        rows = []
+        for line in metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut short by a kill during an append
         keep = [r for r in rows if r["iter"] <= start_iter] if c["init_from"] == "resume" else []
         write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in keep))
 

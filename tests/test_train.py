@@ -78,7 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, arch):
     run(tiny_data, tmp_path / "b", *args, "--stop_iter=8")
     assert max(train_losses(tmp_path / "b")) == 8
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # rows an interrupted run wrote past its checkpoint
-        f.write('{"iter": 9, "loss": 123.0}\n')
+        f.write('{"iter": 9, "loss": 123.0}\n{"iter": 10, "lo')  # and a line cut short by a kill
     run(tiny_data, tmp_path / "b", *args, "--init_from=resume")
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert list(b) == list(range(1, 17))
@@ -123,6 +123,35 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="non-finite loss .* stopped before the optimizer step"):
         run(tiny_data, tmp_path, "--max_iters=20", "--eval_interval=100", "--overwrite", "--learning_rate=1e30")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda:1"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(train.torch.backends.mps, "is_available", lambda: mps)
+    assert str(train.pick_device("auto", 1)) == want
+    assert str(train.pick_device("cpu", 1)) == "cpu" and str(train.pick_device("cuda:3", 0)) == "cuda:3"
+    with pytest.raises(ValueError, match="device='tpu': must be auto, cpu, cuda, cuda:N or mps"):
+        train.check_config({**train.load_config([]), "device": "tpu"}, 1)
+
+
+def test_a_checkpoint_from_a_cuda_machine_resumes_on_the_cpu(tiny_data, tmp_path, monkeypatch, capsys):
+    """A checkpoint carrying CUDA RNG states resumes where CUDA is absent (the note says dropout draws on the GPU
+    are not reproduced); the CPU generator is restored, so the loss sequence continues exactly."""
+    import torch
+    args = ["--max_iters=8", "--eval_interval=4", "--dropout=0.1"]
+    run(tiny_data, tmp_path / "a", *args)
+    run(tiny_data, tmp_path / "b", *args, "--stop_iter=4")
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert ckpt["rng"][0]["cuda"] is None  # written here, without CUDA
+    ckpt["rng"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA machine writes it
+    torch.save(ckpt, tmp_path / "b" / "ckpt.pt")
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    train.main(["--init_from=resume", f"--out_dir={tmp_path / 'b'}"])
+    assert "CUDA RNG state does not apply on this device" in capsys.readouterr().out
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert [b[i] for i in range(5, 9)] == pytest.approx([a[i] for i in range(5, 9)], rel=1e-6)
 
 
 def test_vocab_smaller_than_the_data_is_an_error(tiny_data, tmp_path):
@@ -216,3 +245,14 @@ def test_fsdp_checkpoint_from_two_processes_resumes_on_one(tiny_data, tmp_path):
     assert [p.name for p in (tmp_path / "b" / "ckpt_dcp").iterdir()] == ["iter_0000008"]
     text = sample_text(tmp_path / "b")  # inference reads a sharded checkpoint without a process group
     assert text.count("ROMEO:") == 1
+
+
+@pytest.mark.parametrize("script,key", [("train.py", "--recompute_every=8"), ("sample.py", "--top_k=200"),
+                                        ("plan.py", "--gpu_gib=80.0"), ("ablate.py", "--variants="),
+                                        ("analyze.py", "--rank=0"), ("bench.py", "--what='recompute'"),
+                                        ("prepare_data.py", "--tokenizer='byte'")])
+def test_every_script_answers_help(script, key):
+    p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and key in p.stdout and p.stderr == "", (p.stdout[-500:], p.stderr[-500:])
+    if script in ("plan.py", "ablate.py"):  # they also take every train.py key
+        assert "--learning_rate=0.003" in p.stdout
