@@ -155,7 +155,13 @@ class Projection(nn.Module):
     def delta(self, x, xa=None):
         """Everything but the lane term: X W, (X A) B or silu(X A) B, plus the bias; xa: input_product(x) if known."""
         xa = self.input_product(x) if xa is None else xa
-        d = xa if self.kind == "full" else torch.einsum("btnr,nrh->btnh", F.silu(xa) if self.kind == "cola" else xa, self.B)
+        if self.kind == "full":
+            d = xa
+        else:
+            z = F.silu(xa) if self.kind == "cola" else xa
+            # n = 1 (o, down) as a plain matmul: einsum's gradient for a (1, r, h) factor comes out with strides
+            # that differ from DDP's bucket view in the size-1 dim (a warning and a copy on every step)
+            d = (z[:, :, 0] @ self.B[0]).unsqueeze(2) if self.n == 1 else torch.einsum("btnr,nrh->btnh", z, self.B)
         return d if self.bias is None else d + self.bias
 
     def lane_add(self, d, lane):
