@@ -3,7 +3,7 @@ Benchmarks that print tables (never assertions; tests/ holds those).
 
     python bench.py recompute            # none / block / crnet recompute side by side, one fresh process each
     python bench.py recompute --profile  # plus where crnet's step time goes
-    python bench.py init                 # per-layer output std at init, CR-Net vs full-rank (README "Initialization")
+    python bench.py init                 # per-layer output std at init, CR-Net vs full-rank (results/init.md)
     python bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
     python bench.py sizes --sizes=60m,130m --batch=8 --steps=5

@@ -20,6 +20,7 @@ import ast
 import difflib
 import functools
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = ("train.py", "sample.py", "plan.py", "ablate.py", "analyze.py", "bench.py", "prepare_data.py")
 BEGIN, END = "# " + "-" * 77 + " config", "# " + "-" * 77
 SAFE = {"__builtins__": {}, "int": int, "float": float, "str": str, "bool": bool, "list": list}  # for TYPES lines
+FILE_FUNCS = {"min": min, "max": max, "round": round, "range": range}  # what a config file's arithmetic may call
 NUM = r"-?(?:\d+(?:\.\d*)?(?:e[+-]?\d+)?|inf)"
 RULE = re.compile(rf"\s*(\[[<>]=?\s*{NUM}\]|[\[(]{NUM},\s*{NUM}[\])]|\{{[\w.:/-]+(?:\|[\w.:/-]+)+\}})\s*$")
 
@@ -38,6 +40,10 @@ class ConfigError(ValueError):
     def __init__(self, key, value, why):
         super().__init__(f"{key}={value!r}: {why}")
         self.key = key
+
+    def with_message(self, text):
+        self.args = (text,)
+        return self
 
 
 class Key:
@@ -143,7 +149,7 @@ def read_file(path):
         tree = ast.parse(path.read_text(), str(path))
     except SyntaxError as e:
         raise ValueError(f"{path}:{e.lineno}: not Python ({e.msg}): {(e.text or '').strip()}") from None
-    ns = {}
+    ns, lines = {}, {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             continue  # a docstring
@@ -151,11 +157,15 @@ def read_file(path):
             line = ast.get_source_segment(path.read_text(), node) or ""
             raise ValueError(f"{path}:{node.lineno}: `{line.splitlines()[0]}` is not a plain `key = value` assignment "
                              f"(config files hold only those)")
+        key = node.targets[0].id
+        if key in lines:
+            raise ValueError(f"{path}:{node.lineno}: {key} is assigned twice (first at line {lines[key]})")
         try:
-            ns[node.targets[0].id] = eval(compile(ast.Expression(node.value), str(path), "eval"), {"__builtins__": {}}, dict(ns))
+            ns[key] = eval(compile(ast.Expression(node.value), str(path), "eval"), {**SAFE, **FILE_FUNCS}, dict(ns))
         except Exception as e:
-            raise ValueError(f"{path}:{node.lineno}: cannot evaluate {node.targets[0].id}: {e}") from None
-    return ns
+            raise ValueError(f"{path}:{node.lineno}: cannot evaluate {key}: {e}") from None
+        lines[key] = node.lineno
+    return ns, lines
 
 
 def parse_value(text):
@@ -189,7 +199,7 @@ def load(argv, script, extends=(), positional=None, doc=None):
         print(help_text(doc, keys, scripts))
         raise SystemExit(0)
     cfg = {k: v.default for k, v in keys.items()}
-    given = set()
+    given, origins = set(), {}
 
     def unknown(key, origin):
         other = owner(key, scripts)
@@ -209,20 +219,34 @@ def load(argv, script, extends=(), positional=None, doc=None):
                 raise unknown(key, "command line")
             if not sep and keys[key].types != (bool,):
                 raise ConfigError(key, None, "needs a value: --key=value (a bare --flag is only for True/False keys)")
-            updates, origin = {key: parse_value(text) if sep else True}, "command line"
+            value = (text if keys[key].types == (str,) else parse_value(text)) if sep else True  # --out_dir=123 is a str
+            updates, where = {key: value}, {key: "command line"}
         elif positional and not arg.endswith(".py") and not Path(arg).is_file():
-            updates, origin = {positional: arg}, "command line"
+            updates, where = {positional: arg}, {positional: "command line"}
         else:
-            updates, origin = read_file(arg), arg
+            updates, lines = read_file(arg)
+            where = {k: f"{arg}:{n}" for k, n in lines.items()}
             bad = [k for k in updates if k not in keys]
             if bad:
-                raise unknown(bad[0], origin)
+                raise unknown(bad[0], arg)
         for key, value in updates.items():
-            cfg[key] = keys[key].coerce(value)
+            try:
+                cfg[key] = keys[key].coerce(value)
+            except ConfigError as e:
+                raise named(e, where[key]) from None
             given.add(key)
+            origins[key] = where[key]
     for k, v in cfg.items():
-        keys[k].check(v)
+        try:
+            keys[k].check(v)
+        except ConfigError as e:
+            raise named(e, origins.get(k, "command line")) from None
     return cfg, given
+
+
+def named(e, where):
+    """A ConfigError from a config file names the file and line."""
+    return e if where == "command line" else ConfigError(e.key, "", "").with_message(f"{where}: {e}")
 
 
 def main_guard(main, errors=(ValueError, FileNotFoundError, FileExistsError)):
@@ -231,4 +255,6 @@ def main_guard(main, errors=(ValueError, FileNotFoundError, FileExistsError)):
     try:
         return main(sys.argv[1:])
     except errors as e:
+        if int(os.environ.get("RANK", 0)):  # under torchrun every rank fails the same way: rank 0 says it once
+            raise SystemExit(1)
         raise SystemExit(f"error: {e}")

@@ -31,7 +31,7 @@ class ModelConfig:
     dropout: float = 0.0
     param: str = "crnet"           # "full" | "crnet" (Eq. 6) | "lowrank" (X A B) | "cola" (silu(X A) B)
     rank: int | list = 128         # one rank for every low-rank layer, or a list of n_layer ranks
-    # CR-Net specifics. Paper: eps = 1e-6, beta learnable; the rest is our choice (README, "Initialization").
+    # CR-Net specifics. Paper: eps = 1e-6, beta learnable; the rest is our choice (results/init.md).
     beta_init: float = 0.5 ** 0.5  # initial beta of every CR layer: the lane carries beta_init^2 of the output variance
     beta_eps: float = 1e-6         # Eq. 6: s = sign(beta) * (|beta| + eps)
     beta_learnable: bool = True    # False: every beta stays at beta_init (the paper's fixed-beta ablation)
@@ -275,7 +275,7 @@ class Transformer(nn.Module):
     | low-rank B (n x r x h_out)     | N(0, std_W * sqrt(h_in / r * gain))     | Var(X A B) = gain * Var(X W_full) |
     |   gain, crnet layers 2..L      | 1 - beta_init^2                         | Var(Y_l) = b^2 Var(Y_{l-1}) + (1-b^2) Var(full) = Var(full) at every depth |
     |   gain, lowrank / cola         | 1 / 1 / E[silu(z)^2] = 1 / 0.3557       | same output variance as full-rank (so is a low-rank CR-Net layer 1) |
-    | beta (crnet, layers 2..L)      | beta_init (default 1/sqrt(2))           | see README "Initialization": measured per-layer output std ratio |
+    | beta (crnet, layers 2..L)      | beta_init (default 1/sqrt(2))           | results/init.md: measured per-layer output std ratio |
     | norm weights                   | 1 (biases 0)                            | standard |
     | projection biases (GPT-2)      | 0                                       | standard |
 

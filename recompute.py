@@ -43,7 +43,8 @@ LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane
 
 class LaneStash:
     """Lanes of one forward pass, keyed by (layer, group): kept in forward (checkpoint set and guard),
-    rebuilt in backward, each dropped as soon as the block that needs it has run its backward."""
+    rebuilt in backward. A rebuilt lane is dropped once the block below has used it; stored lanes live as long as
+    the autograd graph (so a retain_graph backward can run again): drop the loss after backward to free them."""
 
     def __init__(self, store):
         self.store = store        # set of (layer, group) whose lanes forward keeps
@@ -208,7 +209,7 @@ class Recompute:
         if stash is None:
             raise RuntimeError("crnet recompute: a training forward must run the blocks in order from the first")
         if l == len(self.blocks) - 1:
-            self.stash = None  # the autograd graph holds it now; nothing outlives the step
+            self.stash = None  # the autograd graph holds it now, and frees it with the graph
         lanes = lanes or ()
         x, *lanes = CRNetBlock.apply(x, stash, block, layer, rope, len(lanes), *lanes, *block.parameters())
         return x, lanes
@@ -231,9 +232,13 @@ def apply(model, mode, every=8):
     if mode != "none":
         rc = Recompute(model, mode, every)
         for block in model.blocks:
-            forward = functools.partial(rc.block_forward, block, block.forward)
-            # Under torch.compile a CR-Net block runs eagerly: traced by dynamo (inductor, CPU and CUDA), the replay
-            # in CRNetBlock's backward re-entered the compiled graph's backward and failed ("backward through the
-            # graph a second time"). Embeddings and head still compile, and so does every block under "block".
-            block.forward = torch.compiler.disable(forward) if mode == "crnet" else forward
+            # module-level functions in a partial: copy.deepcopy copies rc and block with the model
+            block.forward = functools.partial(eager_block_forward if mode == "crnet" else Recompute.block_forward,
+                                              rc, block, block.forward)
     return model
+
+
+# Under torch.compile a CR-Net block runs eagerly: traced by dynamo (inductor, CPU and CUDA), the replay in
+# CRNetBlock's backward re-entered the compiled graph's backward and failed ("backward through the graph a second
+# time"). Embeddings and head still compile, and so does every block under "block".
+eager_block_forward = torch.compiler.disable(Recompute.block_forward)

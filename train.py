@@ -35,6 +35,7 @@ from prepare_data import ROOT, load_meta, prepare
 # The CPU default run: a 1.07M-parameter CR-Net LLaMA on byte-level Shakespeare; ~3.5 minutes on 2 CPU cores.
 out_dir = "out"                     # checkpoint, config.json and metrics.jsonl go here
 data_dir = "data/shakespeare_byte"  # prepared automatically when it is one of the bundled corpus's dirs
+data_recipe = ""                    # the prepare_data.py command that makes data_dir: printed when it is missing
 init_from = "scratch"               # "resume": continue out_dir's checkpoint with its saved config {scratch|resume}
 overwrite = False                   # scratch into an out_dir that holds a checkpoint needs this
 eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end) [>=1]
@@ -80,12 +81,14 @@ compile = False                     # torch.compile the model (per block under F
 parallel = "ddp"                    # "ddp": a replica per process; "fsdp": FSDP2 shards params/grads/AdamW {ddp|fsdp}
 cpu_threads = 0                     # 0 = torch's default, divided among local processes under torchrun [>=0]
 peak_flops = 0.0                    # 0 = look the device up in model.PEAK_FLOPS; MFU is n/a when unknown [>=0]
+preflight = False                   # run every check a launch makes (config, batch, data, memory plan), then exit
+world_size = 0                      # preflight: the number of processes to check for; 0 = this launch's [>=0]
 TYPES = {"rank": (int, list), "vocab_size": (int, None)}
 # -----------------------------------------------------------------------------
 # what a resumed run may change; everything else defines the model, the data stream or the optimization
 FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute",
                   "recompute_every", "batch_size", "max_iters", "stop_iter", "device", "dtype", "compile",
-                  "cpu_threads", "peak_flops", "parallel"}
+                  "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe"}
 
 
 def load_config(argv):
@@ -174,7 +177,8 @@ def resume_config(c, given):
     ckpt = par.load_train_state(c["out_dir"], c["parallel"] if "parallel" in given else None)
     saved = {k: v for k, v in ckpt["config"].items() if k in c}  # keys this version no longer has are dropped
     for k in sorted(given - FREE_ON_RESUME):
-        if c[k] != saved.get(k, c[k]):
+        same_dir = k == "data_dir" and Path(c[k]).resolve() == Path(saved[k]).resolve()
+        if c[k] != saved.get(k, c[k]) and not same_dir:
             raise ConfigError(k, c[k], f"the checkpoint in {c['out_dir']} was trained with {saved[k]!r}; a resumed run "
                                        f"keeps the model, data stream and optimization (start a new run to change it)")
     c = {**c, **saved, **{k: c[k] for k in given}}
@@ -243,28 +247,78 @@ def setup(c):
     return dict(rank=rank, world=world, device=device, dtype=dtype, autocast=autocast, threads=threads, say=say)
 
 
-def load_data(c, rt):
-    """Memory-mapped token files, checked against the config before the model is built."""
+BUNDLED = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}  # data dirs made from the bundled corpus on demand
+
+
+def find_data(c):
+    """(data dir, meta or None if it is not prepared yet). Missing data that cannot be made here is an error that
+    prints the command that makes it."""
     data_dir = Path(c["data_dir"])
-    bundled = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}
-    if not (data_dir / "meta.json").is_file() and c["data_dir"] in bundled:
+    if not (data_dir / "meta.json").is_file() and c["data_dir"] in BUNDLED:
         data_dir = ROOT / data_dir
-        if rt["rank"] == 0 and not (data_dir / "meta.json").is_file():
-            rt["say"](f"preparing {data_dir} from the bundled corpus")
-            prepare(data_dir, tokenizer=bundled[c["data_dir"]])
-        if rt["world"] > 1:
-            dist.barrier()
-    meta = load_meta(data_dir)
-    splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
-    for s, d in splits.items():
-        if len(d) <= c["block_size"] + 1:
-            raise ValueError(f"{data_dir / (s + '.bin')} holds {len(d)} tokens, not more than one block of "
+    if (data_dir / "meta.json").is_file() or c["data_dir"] in BUNDLED:
+        return data_dir, (load_meta(data_dir) if (data_dir / "meta.json").is_file() else None)
+    how = c["data_recipe"] or f"python prepare_data.py --files=<your text files> --out_dir={c['data_dir']}"
+    raise FileNotFoundError(f"{data_dir} holds no prepared data ({data_dir / 'meta.json'} is missing); make it with:\n  {how}")
+
+
+def check_data(c, data_dir, meta):
+    """The token files against the config: each split more than one block, every token id inside the vocabulary."""
+    for s in ("train", "val"):
+        n = meta[f"{s}_tokens"]
+        if n <= c["block_size"] + 1:
+            raise ValueError(f"{data_dir / (s + '.bin')} holds {n} tokens, not more than one block of "
                              f"block_size={c['block_size']} (+1 for the targets): prepare more data or lower block_size")
     vocab = meta["vocab_size"]
     if c["vocab_size"] is not None and c["vocab_size"] < max(vocab, meta.get("max_token_id", -1) + 1):
         raise ConfigError("vocab_size", c["vocab_size"], f"is smaller than the data's vocabulary ({vocab}, tokenizer "
                           f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
+
+
+def load_data(c, rt):
+    """Memory-mapped token files, checked against the config before the model is built."""
+    data_dir, meta = find_data(c)
+    if meta is None:  # a bundled corpus's dir: rank 0 prepares it, the others wait
+        if rt["rank"] == 0:
+            rt["say"](f"preparing {data_dir} from the bundled corpus")
+            prepare(data_dir, tokenizer=BUNDLED[c["data_dir"]])
+        if rt["world"] > 1:
+            dist.barrier()
+        meta = load_meta(data_dir)
+    check_data(c, data_dir, meta)
+    splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
     return splits["train"], splits["val"], meta
+
+
+def run_preflight(c, world):
+    """Every check a launch at `world` processes makes before it costs GPU time, on any machine: the config,
+    the batch arithmetic, the data (where it is present here) and the memory plan. Prints a summary; errors raise."""
+    import plan
+    grad_accum = check_config(c, world)
+    try:
+        data_dir, meta = find_data(c)
+    except FileNotFoundError as e:
+        data_dir, meta = None, None
+        print(f"note: {e}\n  (not needed for the preflight; needed on the machines that train)")
+    if meta is not None:
+        check_data(c, data_dir, meta)
+    vocab = c["vocab_size"] or (meta or {}).get("vocab_size") or (50257 if "gpt2" in c["data_dir"] else 256)
+    cp = {**c, "vocab_size": vocab}
+    r, P = plan.plan(cp, c["parallel"], c["recompute"], world)
+    gib = 2 ** 30
+    where = "here"
+    if torch.cuda.is_available():
+        limit = torch.cuda.get_device_properties(0).total_memory
+        if r["total"] > 0.9 * limit:
+            raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute="
+                             f"{c['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's "
+                             f"{limit / gib:.1f} GiB: lower batch_size, use recompute or parallel='fsdp'")
+        where = f"of this GPU's {limit / gib:.1f} GiB"
+    print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
+          f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
+          f"{r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute={c['recompute']}, "
+          f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){'' if where == 'here' else ', fits ' + where}; "
+          f"data {'found in ' + str(data_dir) if meta else 'not here'}")
 
 
 def build(c, rt, ckpt):
@@ -326,6 +380,8 @@ def main(argv):
     else:
         c, ckpt = resume_config(c, given)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if c["preflight"]:
+        return run_preflight(c, c["world_size"] or world)
     grad_accum = check_config(c, world)
     rt = setup(c)
     rank, device, autocast, say = rt["rank"], rt["device"], rt["autocast"], rt["say"]
@@ -363,8 +419,9 @@ def main(argv):
             with par.gradient_sync(model, c["parallel"], micro == grad_accum - 1):
                 with autocast:
                     loss = model(x, y)[1]  # not `_, loss =`: that would keep the (B, T, vocab) logits through backward
+                loss_sum += loss.detach().float()
                 (loss / grad_accum).backward()
-            loss_sum += loss.detach().float()
+            del loss  # frees the graph now, with what recompute stored for it, not during the next forward
         if rt["world"] > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = par.clip_grad_norm(list(model.parameters()), c["grad_clip"] or float("inf"))
@@ -382,7 +439,7 @@ def main(argv):
             tps = tokens_per_step / dt
             mfu = estimate_mfu(flops_per_token, tps, peak)
             elapsed = t1 - t_start
-            eta = elapsed / (done - start_iter) * (c["max_iters"] - done)
+            eta = elapsed / (done - start_iter) * ((c["stop_iter"] or c["max_iters"]) - done)
             row = {"iter": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": 1000 * dt,
                    "tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device), "tokens": done * tokens_per_step,
                    "elapsed_s": elapsed}

@@ -2,15 +2,15 @@
 # Parameters: 44.7M with the paper's 32000-token vocabulary; 63.4M with GPT-2 BPE (50257), which we use.
 # Rank r = 128 in layers 2..8 (h/4 = 128); layer 1 full-rank.
 # Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 1.0 GB per GPU under DDP, before activations.
-# Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 256 seq x 256 tok per GPU
-#   -> grad_accum = 131072 / (256 * 256 * n_gpus) = 2 on 1 GPU.
+# Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 64 seq x 256 tok per GPU
+#   -> grad_accum = 131072 / (64 * 256 * n_gpus) = 1 on 8 GPUs, 8 on 1 GPU.
 # Schedule: 10,000 steps = 1.3B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
-# Data: python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 \
-#         --max_tokens=1.34e+09 --out_dir=data/c4_gpt2
+# Data: data_recipe below (train.py prints it when data_dir has no prepared data).
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_60m.py
 
 out_dir = "out/crnet_llama_60m"
 data_dir = "data/c4_gpt2"
+data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --max_tokens=1.34e+09 --out_dir=data/c4_gpt2"
 arch = "llama"
 n_layer = 8
 n_head = 8
@@ -19,7 +19,7 @@ intermediate_size = 1376
 block_size = 256
 param = "crnet"
 rank = 128
-batch_size = 256
+batch_size = 64
 total_batch_tokens = 131072  # 512 * 256
 max_iters = 10000
 warmup_iters = 1000

@@ -4,12 +4,12 @@
 # Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 64 seq x 256 tok per GPU
 #   -> grad_accum = 131072 / (64 * 256 * n_gpus) = 8 on 1 GPU, 1 on 8.
 # Schedule: 60,000 steps = 7.9B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
-# Data: python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 \
-#         --max_tokens=8.02e+09 --out_dir=data/c4_gpt2
+# Data: data_recipe below (train.py prints it when data_dir has no prepared data).
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/full_llama_350m.py
 
 out_dir = "out/full_llama_350m"
 data_dir = "data/c4_gpt2"
+data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --max_tokens=8.02e+09 --out_dir=data/c4_gpt2"
 arch = "llama"
 n_layer = 24
 n_head = 16

@@ -9,7 +9,7 @@
 # Schedule: 160 steps = 1.3M tokens (~0.9 epoch), 16 warmup, cosine to 10%: about an hour on a 2-core CPU.
 # Measured on a 2-core CPU (float32, `--stop_iter=10`): 21-26 s per step (320-385 tokens/s), peak RSS 6.2 GiB;
 #   loss from ln(50257) = 10.8 at init to 6.62 at step 10, val 6.45 (the val split's unigram entropy is 6.33);
-#   the eval (2 x 32,768 tokens) about 50 s; the log's ETA for 160 steps: 1.0 h. A laptop CPU with more cores,
+#   the eval (2 x 32,768 tokens) about a minute; the log's ETA for 160 steps: 1.0 h. A laptop CPU with more cores,
 #   or mps, should be faster: not measured here.
 # Not measured on mps. dtype "auto" is float32 there: bf16 autocast on mps depends on the macOS and torch
 #   versions, and float32 always works; --dtype=bfloat16 to try it.

@@ -233,3 +233,14 @@ def test_inductor_compile_matches_eager(mode):
         loss.backward()
         assert torch.allclose(loss, l_ref, rtol=1e-5)
         assert_grads_close(g_ref, {n: p.grad for n, p in rc.named_parameters()}, rtol=1e-4)  # fused kernels round differently
+
+
+def test_a_deep_copy_recomputes_its_own_blocks():
+    import copy
+    ref, rc = twins("crnet", n_layer=4, recompute_every=2)
+    twin = copy.deepcopy(rc)
+    idx = torch.randint(0, 50, (2, 16))
+    l_ref, g_ref = loss_and_grads(ref, idx)
+    l_twin, g_twin = loss_and_grads(twin, idx)
+    assert torch.equal(l_ref, l_twin) and all(p.grad is None for p in rc.parameters())  # the original untouched
+    assert_grads_close(g_ref, g_twin)
