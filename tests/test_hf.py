@@ -244,3 +244,48 @@ def test_grouped_query_attention_counts_and_trains():
     _, loss = m(idx, idx)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+# ---------------------------------------------------------------- analyze.py --hf
+@pytest.fixture(scope="module")
+def gpt2_tokens(tmp_path_factory):
+    """A slice of the bundled corpus as GPT-2 BPE, as prepare_data.py writes it."""
+    from conftest import ROOT
+    from prepare_data import prepare
+    d = tmp_path_factory.mktemp("gpt2_tokens")
+    (d / "small.txt").write_text((ROOT / "data" / "shakespeare.txt").read_text()[:60_000])
+    prepare(d / "gpt2", tokenizer="gpt2", files=[d / "small.txt"], piece_chars=2000)
+    return d / "gpt2"
+
+
+def test_analyze_a_pretrained_gpt2(gpt2_tokens, tmp_path, monkeypatch, capsys):
+    import analyze
+    d = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64)).save_pretrained(d)
+    monkeypatch.setattr(analyze, "GPT2_DATA", gpt2_tokens)  # what --data_dir="" uses for GPT-2's BPE
+    capsys.readouterr()
+    rows = analyze.main([f"--hf={d}", "--tokens=256", "--rank=4"])
+    out = capsys.readouterr().out
+    assert f"{d}: param=full, 3 layers, h=32, rank r=4, 256 val tokens from {gpt2_tokens}" in out
+    assert len(rows) == 2 * 6 and "| 2 | q |" in out and "| 3 | fc |" in out and "by construction" not in out
+    assert all(o["best_ratio"] <= 1.0 for *_, o in rows)
+    assert analyze.main([f"--hf={d}", "--tokens=256", "--rank=4", f"--data_dir={gpt2_tokens}"]) == rows
+
+
+def test_analyze_a_pretrained_llama_needs_its_tokens(small_llama, tiny_data, tmp_path, capsys):
+    import analyze
+    with pytest.raises(configurator.ConfigError, match=r"^data_dir='': .* a llama model with a 96-token vocabulary, "
+                                                       r"not GPT-2's BPE: pass --data_dir=DIR"):
+        analyze.main([f"--hf={small_llama}"])
+    with pytest.raises(configurator.ConfigError, match=r"^data_dir=.*: holds token ids up to 256 \(byte tokenizer\), "
+                                                       r"beyond the model's vocabulary of 96"):
+        analyze.main([f"--hf={small_llama}", f"--data_dir={tiny_data}"])
+    d = tmp_path / "llama"  # grouped-query attention: k and v are 16 wide
+    llama(vocab_size=257, num_key_value_heads=2, max_position_embeddings=32).save_pretrained(d)
+    capsys.readouterr()
+    rows = analyze.main([f"--hf={d}", f"--data_dir={tiny_data}", "--tokens=256"])
+    out = capsys.readouterr().out
+    assert "rank r=4," in out and len(rows) == 7 and "| 2 | k |" in out and "| 2 | gate |" in out
+    with pytest.raises(configurator.ConfigError, match=r"^rank=16: must be 1 <= rank <= 15: below the narrowest "
+                                                       r"projection width \(16\)"):
+        analyze.main([f"--hf={d}", f"--data_dir={tiny_data}", "--tokens=256", "--rank=16"])
