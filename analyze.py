@@ -8,6 +8,8 @@ best_r the best rank-r approximation (truncated SVD): some beta makes
 
     python analyze.py --out_dir=out_full                   # any param type; rank defaults to n_embd / 4
     python analyze.py --out_dir=out_full --rank=32 --tokens=8192 --plot=observation.png
+    python analyze.py --hf=openai-community/gpt2             # a pretrained Hugging Face model (hf.py), full-rank
+    python analyze.py --hf=path/to/llama --data_dir=data/mine  # val.bin tokenized with that model's tokenizer
 
 For every layer l >= 2 and position P, on `tokens` validation tokens, all relative to ||Y_l||_F:
     direct        ||Y_l - best_r(Y_l)||_F
@@ -26,6 +28,12 @@ golden-section refinement around the best one. The reported errors are explicit 
 On a CR-Net checkpoint the structure is built in (Y_l = s Y_{l-1} + X A B, rank(X A B) <= the model's rank),
 so ratios near 0 there say nothing about the observation; a full-rank model (param=full) is the real test.
 
+With --hf the model is loaded by hf.load_pretrained (a local directory or a hub name) and run on tokens of its
+own tokenizer: --data_dir, or for GPT-2 models (OpenAI's 50257-token BPE) the bundled corpus as GPT-2 BPE
+(data/shakespeare_gpt2, prepared on first use). prepare_data.py tokenizes with bytes or tiktoken encodings only;
+for a LLaMA tokenizer write val.bin (uint16 ids, so at most 65536 of them: not LLaMA 3's) and meta.json in its
+format yourself. Under grouped-query attention k and v are kv_dim wide, and r must be below that too.
+
 The plot needs matplotlib (optional).
 """
 import math
@@ -37,15 +45,20 @@ import torch
 
 import configurator
 from parallel import load_for_inference
+from prepare_data import ROOT, load_meta, prepare
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out"    # checkpoint directory written by train.py: ckpt.pt or ckpt_dcp/iter_*
-rank = 0           # r of the rank-r approximations; 0 = n_embd // 4; else below every width and the tokens [>=0]
+hf = ""            # a Hugging Face model name or local directory: analyze a pretrained model instead of out_dir
+data_dir = ""      # prepared tokens (val.bin) to run; "" = the checkpoint's, or with hf the bundled corpus (GPT-2 only)
+rank = 0           # r of the rank-r approximations; 0 = min(n_embd, kv_dim) // 4; else below every width and the tokens [>=0]
 tokens = 8192      # validation tokens run through the model, in whole blocks of block_size [>=1]
 below = 0.95       # the summary counts the best-beta ratios under this [>0]
 plot = ""          # image path for the errors per layer, written if matplotlib is installed; "" = no plot
 # -----------------------------------------------------------------------------
 
+GPT2_DATA = ROOT / "data" / "shakespeare_gpt2"  # the bundled corpus as GPT-2 BPE, as train.py prepares it
+GPT2_VOCAB = 50257
 GRID = 41                     # uniform grid points over [-2 rho, 2 rho]; see best_beta
 GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -141,11 +154,15 @@ def collect_outputs(model, idx):
     names = {"qkv": ["q", "k", "v"], "o": ["o"], "up": ["gate", "up"] if model.cfg.arch == "llama" else ["fc"],
              "down": ["down"]}
     out, hooks = {}, []
+    h, kv = model.cfg.n_embd, model.cfg.kv_dim
     for l, blk in enumerate(model.blocks):
         for group in names:
             def hook(mod, inp, y, l=l, group=group):  # y: (B, T, n, h_out)
-                for j, name in enumerate(names[group]):
-                    out.setdefault((l, name), []).append(y[:, :, j].reshape(-1, y.shape[-1]).float())
+                # grouped-query attention: one (B, T, 1, h + 2 kv_dim) output, cut into q, k, v
+                gqa = y.shape[2] != len(names[group])
+                parts = y[:, :, 0].split((h, kv, kv), -1) if gqa else y.unbind(2)
+                for name, t in zip(names[group], parts, strict=True):
+                    out.setdefault((l, name), []).append(t.reshape(-1, t.shape[-1]).float())
             hooks.append(getattr(blk, group).register_forward_hook(hook))
     for i in range(0, len(idx), 8):
         model(idx[i:i + 8])
@@ -179,22 +196,55 @@ def structure_note(cfg):
     return None
 
 
+def hf_data_dir(c, cfg):
+    """Where a pretrained model's validation tokens are: data_dir, or the bundled corpus for GPT-2's BPE."""
+    if c["data_dir"]:
+        return Path(c["data_dir"])
+    if cfg.arch == "gpt2" and cfg.vocab_size == GPT2_VOCAB:
+        if not (GPT2_DATA / "meta.json").is_file():
+            print(f"preparing {GPT2_DATA} from the bundled corpus (tiktoken gpt2)")
+            prepare(GPT2_DATA, tokenizer="gpt2")
+        return GPT2_DATA
+    raise configurator.ConfigError(
+        "data_dir", c["data_dir"], f"{c['hf']} is a {cfg.arch} model with a {cfg.vocab_size}-token vocabulary, not "
+                                   f"GPT-2's BPE: pass --data_dir=DIR with val.bin prepared (prepare_data.py) with that "
+                                   f"model's own tokenizer")
+
+
+def load(c):
+    """(model, directory of the val.bin to run, the name to print)."""
+    if c["hf"]:
+        from hf import load_pretrained
+        model = load_pretrained(c["hf"])
+        data_dir = hf_data_dir(c, model.cfg)
+    else:
+        model, ckpt = load_for_inference(c["out_dir"])
+        data_dir = Path(c["data_dir"] or ckpt["config"]["data_dir"])
+    if c["hf"] or c["data_dir"]:
+        meta = load_meta(data_dir)
+        if meta["max_token_id"] >= model.cfg.vocab_size:
+            raise configurator.ConfigError(
+                "data_dir", str(data_dir), f"holds token ids up to {meta['max_token_id']} ({meta['tokenizer']} "
+                                           f"tokenizer), beyond the model's vocabulary of {model.cfg.vocab_size}")
+    return model, data_dir, c["hf"] or c["out_dir"]
+
+
 def main(argv):
     c, _ = configurator.load(argv, "analyze.py", doc=__doc__)
-    model, ckpt = load_for_inference(c["out_dir"])
+    model, data_dir, name = load(c)
     cfg = model.cfg
-    r = c["rank"] or cfg.n_embd // 4
-    data_dir = Path(ckpt["config"]["data_dir"])
+    r = c["rank"] or min(cfg.n_embd, cfg.kv_dim) // 4
     val = np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r")
     T = cfg.block_size
     n = min(c["tokens"] // T, (len(val) - 1) // T)
     if n < 1:
         raise configurator.ConfigError("tokens", c["tokens"], f"is less than one block of {T}")
-    check_rank(r, (cfg.n_embd, cfg.ff_dim), n * T)
+    check_rank(r, (cfg.n_embd, cfg.ff_dim, cfg.kv_dim), n * T)
     idx = torch.from_numpy(val[:n * T].astype(np.int64)).view(n, T)
     ys = collect_outputs(model, idx)
     positions = [p for (l, p) in ys if l == 0]
-    print(f"{c['out_dir']}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, rank r={r}, {n * T} val tokens")
+    print(f"{name}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, rank r={r}, {n * T} val tokens"
+          f"{f' from {data_dir}' if c['hf'] or c['data_dir'] else ''}")
     note = structure_note(cfg)
     if note:
         print(note)
@@ -216,7 +266,7 @@ def main(argv):
           f"best-beta ratio below {c['below']:g} in {int((best < c['below']).sum())} of {len(best)} "
           f"(paper: 0.4-0.97)")
     if c["plot"]:
-        plot(rows, positions, c["plot"], f"{c['out_dir']} ({cfg.param}, r={r})")
+        plot(rows, positions, c["plot"], f"{name} ({cfg.param}, r={r})")
     return rows
 
 

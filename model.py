@@ -37,6 +37,12 @@ class ModelConfig:
     beta_learnable: bool = True    # False: every beta stays at beta_init (the paper's fixed-beta ablation)
     first_layer: str = "full"      # CR-Net's layer 1: "full" (paper) or "lowrank" (the paper's ablation: X A B, no lane in)
     init_std: float = 0.02         # std of a full-rank projection; the low-rank factors are scaled to match it
+    # Set by pretrained checkpoints (hf.py); training configs keep the defaults, so they are not train.py keys.
+    rope_theta: float = 10000.0    # LLaMA: RoPE base
+    norm_eps: float | None = None  # None = the arch's default: 1e-6 (RMSNorm, llama), 1e-5 (LayerNorm, gpt2)
+    n_kv_head: int = 0             # key/value heads; 0 = n_head; fewer = grouped-query attention (param='full' only)
+    gelu_approx: str = "none"      # GPT-2's GELU: "none" (exact erf) or "tanh" (OpenAI / HF GPT-2's gelu_new)
+    tie_embeddings: bool | None = None  # lm_head shares wte; None = the arch's default: tied gpt2, untied llama
 
     def __post_init__(self):
         def bad(name, why):
@@ -66,6 +72,23 @@ class ModelConfig:
             bad("beta_init", "must satisfy 0 < |beta_init| <= 1 (the rest of the variance goes to X A B)")
         if not self.beta_eps >= 0.0 or not self.init_std > 0.0:
             bad("beta_eps" if not self.beta_eps >= 0.0 else "init_std", "must be non-negative / positive")
+        if not (isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool)
+                and 0.0 < self.rope_theta < math.inf):
+            bad("rope_theta", "must be a positive number")
+        if self.norm_eps is not None and (not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool)
+                                          or not 0.0 <= self.norm_eps < 1.0):
+            bad("norm_eps", "must be None (the arch's default) or a number in [0, 1)")
+        if not isinstance(self.n_kv_head, int) or isinstance(self.n_kv_head, bool) or self.n_kv_head < 0:
+            bad("n_kv_head", "must be a non-negative integer (0 = n_head)")
+        if self.n_head % self.kv_heads:
+            bad("n_kv_head", f"must divide n_head={self.n_head}")
+        if self.kv_heads != self.n_head and self.param != "full":
+            bad("n_kv_head", f"grouped-query attention (n_kv_head < n_head={self.n_head}) needs param='full' "
+                             f"(got param={self.param!r}): the low-rank and CR-Net q/k/v share one width")
+        if self.gelu_approx not in ("none", "tanh"):
+            bad("gelu_approx", "must be 'none' or 'tanh'")
+        if not (self.tie_embeddings is None or isinstance(self.tie_embeddings, bool)):
+            bad("tie_embeddings", "must be None (the arch's default), True or False")
         if self.param == "full":
             return
         ranks = self.rank if isinstance(self.rank, (list, tuple)) else [self.rank] * self.n_layer
@@ -78,6 +101,23 @@ class ModelConfig:
             if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r < limit:
                 bad("rank", f"layer {l + 1} rank {r!r} must be an integer with 1 <= r < min(n_embd, ff_dim) = {limit}")
         self.rank = list(ranks) if isinstance(self.rank, (list, tuple)) else self.rank
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def kv_dim(self):
+        """Width of k and of v: n_embd, or less under grouped-query attention."""
+        return self.kv_heads * (self.n_embd // self.n_head)
+
+    @property
+    def tied(self):
+        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def norm_eps_value(self):
+        return self.norm_eps if self.norm_eps is not None else (1e-6 if self.arch == "llama" else 1e-5)
 
     @property
     def ff_dim(self):
@@ -94,8 +134,11 @@ class ModelConfig:
         return self.param
 
     @classmethod
-    def field_names(cls):
-        return [f.name for f in fields(cls)]
+    def field_names(cls, pretrained=False):
+        """The fields a training config sets (train.py's keys); pretrained=True adds those only pretrained
+        checkpoints change (rope_theta .. tie_embeddings), which training keeps at their defaults."""
+        names = [f.name for f in fields(cls)]
+        return names if pretrained else names[:names.index("rope_theta")]
 
 
 class Projection(nn.Module):
@@ -214,32 +257,37 @@ class Block(nn.Module):
         self.cfg = cfg
         llama = cfg.arch == "llama"
         resid_std = cfg.init_std / math.sqrt(2 * L)  # GPT-2: scale the projections that write to the residual stream
-        Norm = RMSNorm if llama else (lambda d: nn.LayerNorm(d, bias=cfg.bias))
+        eps = cfg.norm_eps_value
+        Norm = (lambda d: RMSNorm(d, eps)) if llama else (lambda d: nn.LayerNorm(d, eps, bias=cfg.bias))
         P = lambda h_in, h_out, n, std: Projection(h_in, h_out, n, kind, r, cfg.bias, std, cfg, lane_in)
         self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
-        self.qkv = P(h, h, 3, cfg.init_std)
+        # q, k, v: three h-wide outputs; under grouped-query attention (full-rank only) one h + 2 kv_dim output
+        self.qkv = P(h, h, 3, cfg.init_std) if cfg.kv_dim == h else P(h, h + 2 * cfg.kv_dim, 1, cfg.init_std)
         self.o = P(h, h, 1, resid_std)
         self.up = P(h, ff, 2 if llama else 1, cfg.init_std)  # LLaMA: gate and up share the input
         self.down = P(ff, h, 1, resid_std)
 
     def attention(self, y_qkv, rope):
-        """y_qkv (B, T, 3, h) -> attention output (B, T, h), before the o projection."""
-        bsz, T, _, h = y_qkv.shape  # bsz, not B: B is the low-rank factor
-        nh = self.cfg.n_head
-        q, k, v = (t.view(bsz, T, nh, h // nh) for t in y_qkv.unbind(2))  # (B, T, nh, hd)
+        """y_qkv (B, T, 3, h), or (B, T, 1, h + 2 kv_dim) under grouped-query attention -> attention output
+        (B, T, h), before the o projection."""
+        cfg = self.cfg
+        bsz, T, h = y_qkv.shape[0], y_qkv.shape[1], cfg.n_embd  # bsz, not B: B is the low-rank factor
+        nh, nkv, hd = cfg.n_head, cfg.kv_heads, h // cfg.n_head
+        parts = y_qkv.unbind(2) if y_qkv.shape[2] == 3 else y_qkv[:, :, 0].split((h, cfg.kv_dim, cfg.kv_dim), -1)
+        q, k, v = (t.view(bsz, T, n, hd) for t, n in zip(parts, (nh, nkv, nkv)))  # (B, T, heads, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # (B, nh, T, hd) as views: SDPA's output keeps the (B, T, nh, hd) layout, so the reshape below is a view
         # too, not one more (B, T, h) copy kept for the o projection's backward
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         p = self.cfg.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=nkv != nh)
         return a.transpose(1, 2).reshape(bsz, T, h)
 
     def mlp_act(self, y_up):
         if self.cfg.arch == "llama":
             return F.silu(y_up[:, :, 0]) * y_up[:, :, 1]  # SwiGLU
-        return F.gelu(y_up[:, :, 0])
+        return F.gelu(y_up[:, :, 0], approximate=self.cfg.gelu_approx)
 
     def projections(self):
         return self.qkv, self.o, self.up, self.down  # the order of the lanes
@@ -268,8 +316,8 @@ class Transformer(nn.Module):
     |--------------------------------|-----------------------------------------|-----|
     | wte (token embedding)          | N(0, init_std)                          | GPT-2 / LLaMA convention |
     | wpe (GPT-2 positions)          | N(0, init_std)                          | GPT-2 |
-    | lm_head (LLaMA, untied)        | N(0, init_std)                          | as wte |
-    | full W of q,k,v,gate,up,fc     | N(0, init_std)                          | GPT-2 |
+    | lm_head (untied, as in LLaMA)  | N(0, init_std)                          | as wte |
+    | full W of q,k,v,gate,up,fc     | N(0, init_std) (also GQA's h+2kv wide)  | GPT-2 |
     | full W of o, down, mlp-out     | N(0, init_std / sqrt(2 n_layer))        | GPT-2: residual writes grow with depth |
     | low-rank A (h_in x n*r)        | N(0, 1 / sqrt(h_in))                    | Z = X A keeps the variance of X (what recompute stores) |
     | low-rank B (n x r x h_out)     | N(0, std_W * sqrt(h_in / r * gain))     | Var(X A B) = gain * Var(X W_full) |
@@ -290,11 +338,12 @@ class Transformer(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, h)
         self.wpe = nn.Embedding(cfg.block_size, h) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
-        self.norm_f = RMSNorm(h) if cfg.arch == "llama" else nn.LayerNorm(h, bias=cfg.bias)
+        eps = cfg.norm_eps_value
+        self.norm_f = RMSNorm(h, eps) if cfg.arch == "llama" else nn.LayerNorm(h, eps, bias=cfg.bias)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
         self.tie_weights()
         if cfg.arch == "llama":
-            cos, sin = rope_tables(h // cfg.n_head, cfg.block_size)
+            cos, sin = rope_tables(h // cfg.n_head, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -325,14 +374,15 @@ class Transformer(nn.Module):
         self.reset_buffers()
 
     def tie_weights(self):
-        """GPT-2 shares the token embedding with the head. Again after to_empty(), which unties them."""
-        if self.cfg.arch == "gpt2":
+        """GPT-2 (or tie_embeddings=True) shares the token embedding with the head. Again after to_empty(),
+        which unties them."""
+        if self.cfg.tied:
             self.lm_head.weight = self.wte.weight
 
     def reset_buffers(self):
         """The RoPE tables: computed, not stored, so a model built on the meta device can be materialized."""
         if self.cfg.arch == "llama":
-            cos, sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size)
+            cos, sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size, self.cfg.rope_theta)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def rope(self):

@@ -1,0 +1,301 @@
+"""
+Hugging Face GPT-2 and LLaMA-family checkpoints loaded into our full-rank Transformer (param="full"), exactly:
+the same logits as transformers' own model, to float round-off (tests/test_hf.py compares them).
+
+    from hf import load_pretrained
+    model = load_pretrained("path/to/dir")            # config.json + model.safetensors (or shards, or pytorch_model.bin)
+    model = load_pretrained("openai-community/gpt2")  # a hub name, where the network allows (needs huggingface_hub)
+
+Supported: model_type "gpt2" and the LLaMA family ("llama", "mistral"): grouped-query attention, tied or untied
+embeddings, any rope_theta, plain RoPE only (rope_scaling must be None). transformers is not needed: config.json
+is plain JSON and safetensors files are read by the short reader below (8-byte little-endian header length, a
+JSON header of name -> dtype, shape, byte offsets, then the raw little-endian tensors).
+
+Layouts. HF GPT-2's Conv1D weights are (in, out), our Y = X W convention: c_attn -> qkv (columns q | k | v), attn
+c_proj -> o, c_fc -> up, mlp c_proj -> down, as they are. HF LLaMA's nn.Linear weights are (out, in), so they
+are transposed: q/k/v -> the columns of qkv, gate/up -> the columns of up (gate first, as SwiGLU reads them),
+o, down. HF LLaMA's RoPE rotates the two halves of each head, the layout model.apply_rope uses.
+
+block_size: GPT-2's n_positions (its wpe table). LLaMA: max_position_embeddings capped at MAX_BLOCK (LLaMA 3.1
+says 131072; the RoPE tables and the longest forward are what block_size sizes), or the block_size argument.
+Mistral's sliding window is exact while block_size <= sliding_window, so block_size is capped there as well.
+"""
+import json
+import math
+import os
+import re
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, Transformer
+
+MAX_BLOCK = 4096  # default cap on a LLaMA model's block_size (see the docstring)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")  # in order of preference
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")  # buffers
+
+
+# ----------------------------------------------------------------------------- reading weights
+def read_safetensors(path):
+    """Yield (name, tensor) for every tensor of a .safetensors file, one at a time, in file order."""
+    if sys.byteorder != "little":
+        raise NotImplementedError("the safetensors reader assumes a little-endian machine")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        header.pop("__metadata__", None)
+        start = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not know")
+            begin, end = info["data_offsets"]
+            numel = math.prod(info["shape"])
+            if end - begin != numel * dtype.itemsize or start + end > size:
+                raise ValueError(f"{path}: tensor {name}: byte range {begin}-{end} does not fit its shape "
+                                 f"{info['shape']} or the file: truncated or corrupt")
+            if numel == 0:
+                yield name, torch.empty(info["shape"], dtype=dtype)
+                continue
+            buf = bytearray(end - begin)
+            f.seek(start + begin)
+            f.readinto(buf)
+            yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+def read_tensors(path):
+    if path.suffix == ".safetensors":
+        yield from read_safetensors(path)
+    else:  # pytorch_model.bin: a pickled state dict; weights_only refuses anything but tensors
+        yield from torch.load(path, map_location="cpu", weights_only=True).items()
+
+
+def weight_files(d):
+    """The weight files of a model directory: one file, or the shards its index names."""
+    for name in WEIGHT_FILES:
+        p = d / name
+        if not p.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [p]
+        shards = sorted(set(json.loads(p.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{p} names shards that are not in {d}: {', '.join(missing)}")
+        return [d / s for s in shards]
+    raise FileNotFoundError(f"{d}: no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+# ----------------------------------------------------------------------------- config.json -> ModelConfig
+def unsupported(key, value, why):
+    return ValueError(f"config.json: {key}={value!r} is not supported: {why}")
+
+
+def gpt2_config(hf):
+    h = hf["n_embd"]
+    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+    act = hf.get("activation_function", "gelu_new")
+    if act not in gelu:
+        raise unsupported("activation_function", act, f"expected one of {', '.join(gelu)}")
+    if hf.get("n_inner") not in (None, 4 * h):
+        raise unsupported("n_inner", hf["n_inner"], f"our GPT-2 MLP is 4 * n_embd = {4 * h} wide")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if hf.get(key, want) != want:
+            raise unsupported(key, hf[key], f"only {want} is")
+    return ModelConfig(arch="gpt2", param="full", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=h,
+                       intermediate_size=4 * h, vocab_size=hf["vocab_size"], block_size=hf["n_positions"], bias=True,
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), gelu_approx=gelu[act],
+                       tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def llama_config(hf, block_size=None):
+    h, nh = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, h // nh) or h % nh:
+        raise unsupported("head_dim", hf.get("head_dim"), f"must be hidden_size / num_attention_heads = {h}/{nh}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported("hidden_act", hf["hidden_act"], "LLaMA's MLP is SwiGLU (silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key, False):
+            raise unsupported(key, hf[key], "the LLaMA architecture here has no biases")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5; before: rope_theta and rope_scaling at the top
+    for key, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", rope)):
+        kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
+        if kind != "default":
+            raise unsupported(key, value, "only plain RoPE (rope_scaling None / rope_type 'default') is")
+    limit = hf.get("max_position_embeddings", MAX_BLOCK)
+    if hf.get("sliding_window") is not None:
+        limit = min(limit, hf["sliding_window"])  # within the window, sliding-window attention is causal attention
+    if block_size is not None and not 1 <= block_size <= limit:
+        raise ValueError(f"block_size={block_size}: must be in [1, {limit}] (max_position_embeddings"
+                         f"{' / sliding_window' if hf.get('sliding_window') is not None else ''})")
+    return ModelConfig(arch="llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh, n_embd=h,
+                       intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                       block_size=block_size or min(limit, MAX_BLOCK), n_kv_head=hf.get("num_key_value_heads") or nh,
+                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def model_config(hf, block_size=None):
+    """Our ModelConfig for an HF config.json dict."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if block_size not in (None, hf["n_positions"]):
+            raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
+        return gpt2_config(hf)
+    if kind in ("llama", "mistral"):
+        return llama_config(hf, block_size)
+    raise ValueError(f"config.json: model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: "
+                     f"hf.py loads 'gpt2' and the LLaMA family ('llama', 'mistral')")
+
+
+# ----------------------------------------------------------------------------- HF names -> our parameters
+def tensor_map(cfg):
+    """{HF name (without its transformer. / model. prefix): (our parameter, where in it, transpose?)}. 'where' is
+    None (the whole tensor), a column range (a, b) of a weight, or "flat" for a projection bias (n, h_out) that HF
+    stores as one n * h_out vector."""
+    m = {}
+    h, ff, kv = cfg.n_embd, cfg.ff_dim, cfg.kv_dim
+    if cfg.arch == "gpt2":
+        m.update({"wte.weight": ("wte.weight", None, False), "wpe.weight": ("wpe.weight", None, False),
+                  "ln_f.weight": ("norm_f.weight", None, False), "ln_f.bias": ("norm_f.bias", None, False)})
+        for l in range(cfg.n_layer):
+            for theirs, ours in (("ln_1", "norm_attn"), ("ln_2", "norm_mlp"), ("attn.c_attn", "qkv"),
+                                 ("attn.c_proj", "o"), ("mlp.c_fc", "up"), ("mlp.c_proj", "down")):
+                norm = ours.startswith("norm")
+                m[f"h.{l}.{theirs}.weight"] = (f"blocks.{l}.{ours}.weight", None, False)
+                m[f"h.{l}.{theirs}.bias"] = (f"blocks.{l}.{ours}.bias", None if norm else "flat", False)
+    else:
+        m.update({"embed_tokens.weight": ("wte.weight", None, False), "norm.weight": ("norm_f.weight", None, False)})
+        for l in range(cfg.n_layer):
+            b, a = f"blocks.{l}", f"layers.{l}.self_attn"
+            m.update({
+                f"layers.{l}.input_layernorm.weight": (f"{b}.norm_attn.weight", None, False),
+                f"layers.{l}.post_attention_layernorm.weight": (f"{b}.norm_mlp.weight", None, False),
+                f"{a}.q_proj.weight": (f"{b}.qkv.weight", (0, h), True),
+                f"{a}.k_proj.weight": (f"{b}.qkv.weight", (h, h + kv), True),
+                f"{a}.v_proj.weight": (f"{b}.qkv.weight", (h + kv, h + 2 * kv), True),
+                f"{a}.o_proj.weight": (f"{b}.o.weight", None, True),
+                f"layers.{l}.mlp.gate_proj.weight": (f"{b}.up.weight", (0, ff), True),
+                f"layers.{l}.mlp.up_proj.weight": (f"{b}.up.weight", (ff, 2 * ff), True),
+                f"layers.{l}.mlp.down_proj.weight": (f"{b}.down.weight", None, True),
+            })
+    if not cfg.tied:
+        m["lm_head.weight"] = ("lm_head.weight", None, False)  # nn.Linear's (vocab, h), as ours
+    return m
+
+
+def strip_prefix(name, arch):
+    prefix = "transformer." if arch == "gpt2" else "model."
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def short_list(names, n=8):
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+@torch.no_grad()
+def fill(model, files):
+    """Copy every tensor of the weight files into its place; every HF tensor must have one, every parameter
+    element must be written exactly once."""
+    cfg = model.cfg
+    where = tensor_map(cfg)
+    params = dict(model.named_parameters())  # a tied tensor once
+    written = dict.fromkeys(params, 0)
+    seen, unexpected, tied_head = set(), [], None
+    for path in files:
+        for name, t in read_tensors(path):
+            key = strip_prefix(name, cfg.arch)
+            if IGNORED.match(key):
+                continue
+            if key == "lm_head.weight" and cfg.tied:
+                tied_head = (name, t)  # some checkpoints store the tied head too: it must be the embedding
+                continue
+            if key not in where or key in seen:
+                unexpected.append(name if key not in seen else f"{name} (twice)")
+                continue
+            target, span, transpose = where[key]
+            p = params[target]
+            dest = p.view(-1) if span == "flat" else p[:, span[0]:span[1]] if span else p
+            src = t.T if transpose else t
+            if src.shape != dest.shape:
+                raise ValueError(f"{path.name}: {name} has shape {tuple(t.shape)}, but {target}"
+                                 f"{'' if span in (None, 'flat') else f'[:, {span[0]}:{span[1]}]'} needs "
+                                 f"{tuple(dest.T.shape if transpose else dest.shape)}: config.json does not match the weights")
+            dest.copy_(src)
+            written[target] += dest.numel()
+            seen.add(key)
+    if unexpected:
+        raise ValueError(f"unexpected tensors, with no place in our {cfg.arch} model: {short_list(unexpected)}")
+    missing = set(where) - seen
+    if missing:
+        raise ValueError(f"missing tensors: {short_list(missing)} (the checkpoint's names lack their "
+                         f"{'transformer.' if cfg.arch == 'gpt2' else 'model.'} prefix here)")
+    unfilled = [n for n, p in params.items() if written[n] != p.numel()]
+    assert not unfilled, f"parameters not filled exactly once: {unfilled}"  # a tensor_map bug, not the checkpoint's
+    if tied_head is not None and not torch.equal(tied_head[1].to(model.wte.weight.dtype), model.wte.weight):
+        raise ValueError(f"{tied_head[0]} differs from the token embedding, but tie_word_embeddings is true")
+
+
+# ----------------------------------------------------------------------------- entry point
+def resolve(name_or_dir):
+    """A local model directory, or one downloaded from the hub."""
+    p = Path(name_or_dir)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise NotADirectoryError(f"{p}: expected a directory holding config.json and model.safetensors")
+    name = str(name_or_dir)
+    if not REPO_ID.match(name):
+        raise FileNotFoundError(f"{name}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{name}: no such directory; to fetch it from the Hugging Face hub install "
+                                f"huggingface_hub, or pass a directory holding config.json and model.safetensors") from None
+    try:
+        d = Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+        if not any(d.glob("*.safetensors")):
+            d = Path(snapshot_download(name, allow_patterns=["config.json", "pytorch_model*.bin*"]))
+    except Exception as e:  # offline, unknown name, gated model, ...: say which, and what to do instead
+        raise OSError(f"{name}: no such directory, and the Hugging Face hub could not provide it "
+                      f"({type(e).__name__}: {e}); download it where the hub is reachable and pass the directory "
+                      f"holding config.json and model.safetensors") from e
+    return d
+
+
+def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
+    """Our full-rank Transformer, in eval mode on the CPU, with the weights of an HF GPT-2 or LLaMA-family model.
+    name_or_dir: a local directory (config.json + weights) or a hub name. dtype: of the parameters (the RoPE
+    tables stay float32). block_size: LLaMA family only; default min(max_position_embeddings, MAX_BLOCK)."""
+    d = resolve(name_or_dir)
+    config = d / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{d}: no config.json: not a Hugging Face model directory")
+    hf = json.loads(config.read_text())
+    cfg = model_config(hf, block_size)
+    files = weight_files(d)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device="cpu")  # no random init: every parameter is written below
+    model.tie_weights()
+    model.reset_buffers()
+    fill(model, files)
+    return model.eval()
