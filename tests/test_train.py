@@ -258,3 +258,39 @@ def test_every_script_answers_help(script, key):
     assert p.returncode == 0 and key in p.stdout and p.stderr == "", (p.stdout[-500:], p.stderr[-500:])
     if script in ("plan.py", "ablate.py"):  # they also take every train.py key
         assert "--learning_rate=0.003" in p.stdout
+
+
+def launch_lines():
+    """(config, launch command) from every config header line that launches train.py."""
+    import re
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        for line in path.read_text().splitlines():
+            m = re.match(r"#\s*(?:Launch:\s*|\s*)((?:torchrun|python) .*train\.py .*)$", line)
+            if m and line.startswith("#"):
+                yield path.name, m.group(1).split("  ")[0].strip()
+
+
+@pytest.mark.parametrize("name,command", list(launch_lines()))
+def test_every_config_launch_line_passes_preflight(name, command, tmp_path, capsys):
+    """The header's launch line, at the world size it names, on this machine: no GPU, no C4."""
+    import re
+    import shlex
+    words = shlex.split(command)
+    nproc = int(next(iter(re.findall(r"--nproc_per_node=(\d+)", command)), 1))
+    nnodes = int(next(iter(re.findall(r"--nnodes=(\d+)", command)), 1))
+    args = words[words.index("train.py") + 1:]
+    train.main([*args, "--preflight", f"--world_size={nproc * nnodes}", f"--out_dir={tmp_path}"])
+    assert f"preflight ok for {nproc * nnodes} process(es)" in capsys.readouterr().out
+
+
+def test_preflight_fails_once_with_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "configs/crnet_llama_60m.py", "--preflight", "--world_size=3",
+                        f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("error: total_batch_tokens=131072: must be a multiple of batch_size * block_size * world_size")
+
+
+def test_missing_data_prints_its_recipe(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make it with:\n  python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en"):
+        train.main(["configs/crnet_llama_60m.py", f"--data_dir={tmp_path / 'c4'}", f"--out_dir={tmp_path}",
+                    "--data_recipe=python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --out_dir=x"])
