@@ -219,7 +219,9 @@ def load(argv, script, extends=(), positional=None, doc=None):
                 raise unknown(key, "command line")
             if not sep and keys[key].types != (bool,):
                 raise ConfigError(key, None, "needs a value: --key=value (a bare --flag is only for True/False keys)")
-            value = (text if keys[key].types == (str,) else parse_value(text)) if sep else True  # --out_dir=123 is a str
+            value = parse_value(text) if sep else True
+            if keys[key].types == (str,) and not isinstance(value, str):
+                value = text  # --out_dir=123 is the string "123"
             updates, where = {key: value}, {key: "command line"}
         elif positional and not arg.endswith(".py") and not Path(arg).is_file():
             updates, where = {positional: arg}, {positional: "command line"}

@@ -294,3 +294,16 @@ def test_missing_data_prints_its_recipe(tmp_path):
     with pytest.raises(FileNotFoundError, match="make it with:\n  python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en"):
         train.main(["configs/crnet_llama_60m.py", f"--data_dir={tmp_path / 'c4'}", f"--out_dir={tmp_path}",
                     "--data_recipe=python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --out_dir=x"])
+
+
+def test_config_file_errors_name_the_line_and_strings_stay_strings(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("n_layer = 2\nbatch_size = 0\n")
+    with pytest.raises(ValueError, match=f"^{f}:2: batch_size=0: must be >= 1$"):
+        train.load_config([str(f)])
+    f.write_text("n_layer = 2\nn_layer = 3\n")
+    with pytest.raises(ValueError, match=f"{f}:2: n_layer is assigned twice \\(first at line 1\\)"):
+        train.load_config([str(f)])
+    f.write_text("max_iters = int(1e4)\neval_tokens = max(256, 10 * 128)\n")
+    c = train.load_config([str(f), "--out_dir=123", "--data_dir='data/x'"])
+    assert (c["max_iters"], c["eval_tokens"], c["out_dir"], c["data_dir"]) == (10000, 1280, "123", "data/x")
