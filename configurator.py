@@ -220,10 +220,14 @@ def load(argv, script, extends=(), positional=None, doc=None):
             if not sep and keys[key].types != (bool,):
                 raise ConfigError(key, None, "needs a value: --key=value (a bare --flag is only for True/False keys)")
             value = parse_value(text) if sep else True
+            if keys[key].types == (bool,) and isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"  # --compile=true as well as --compile=True
             if keys[key].types == (str,) and not isinstance(value, str):
                 value = text  # --out_dir=123 is the string "123"
             updates, where = {key: value}, {key: "command line"}
-        elif positional and not arg.endswith(".py") and not Path(arg).is_file():
+        elif arg.startswith("-"):
+            raise ValueError(f"argument {arg!r}: use --key=value (python {script} --help lists every key)")
+        elif positional and not arg.endswith(".py") and (keys[positional].rule is None or arg in keys[positional].rule[1:-1].split("|")):
             updates, where = {positional: arg}, {positional: "command line"}
         else:
             updates, lines = read_file(arg)

@@ -126,7 +126,9 @@ def load_train_state(out, parallel=None):
         raise FileNotFoundError(f"init_from='resume': no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
     if parallel is not None and kind != parallel:
         raise ValueError(f"{path} was written with parallel={kind!r}: resume it with --parallel={kind}")
-    return torch.load(path if kind == "ddp" else path / "train_state.pt", map_location="cpu", weights_only=False)
+    # mmap: every DDP rank reads the file, and a 7B ckpt.pt is tens of GB; pages load only where touched
+    return torch.load(path if kind == "ddp" else path / "train_state.pt", map_location="cpu", weights_only=False,
+                      mmap=kind == "ddp")
 
 
 def load_weights(out, parallel, ckpt, model, optimizer):

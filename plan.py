@@ -92,11 +92,15 @@ def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
 
     outputs, tracking = [], Track()
 
+    inside = []
+
     def enter(*_):
         tracking.__enter__()
+        inside.append(True)
 
     def leave(mod, inp, out):
         tracking.__exit__(None, None, None)
+        inside.pop()
         outputs.append(out[0])
 
     model.train()
@@ -112,6 +116,8 @@ def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
     finally:
         for h in hooks:
             h.remove()
+        if inside:  # the forward raised between the first and the last block
+            tracking.__exit__(None, None, None)
     out_ptr = outputs[0].untyped_storage().data_ptr()
     alive = {}
     for ref in created:
@@ -213,14 +219,14 @@ def report(c, argv):
 def paper_table(c):
     """One row per paper config: parameters, and the total per GPU with its recompute mode, DDP vs FSDP."""
     print(f"GiB per GPU at each config's micro-batch and recompute setting, bf16; FSDP on {c['gpus']} GPUs")
-    print("| config | parameters | micro-batch | recompute | DDP total | FSDP total | fits 80 GiB (DDP / FSDP) |")
+    print(f"| config | parameters | micro-batch | recompute | DDP total | FSDP total | fits {c['gpu_gib']:g} GiB (DDP / FSDP) |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for path in PAPER:
         cc = {**configurator.load([path], "train.py")[0], **{k: c[k] for k in ("gpus", "gpu_gib", "paper")}}
         d, P = plan(cc, "ddp", cc["recompute"], c["gpus"])
         f, _ = plan(cc, "fsdp", cc["recompute"], c["gpus"])
-        fits = lambda r: "yes" if r["total"] <= 0.9 * 80 * GiB else "no"
+        fits = lambda r: "yes" if r["total"] <= 0.9 * c["gpu_gib"] * GiB else "no"
         print(f"| {Path(path).stem} | {P / 1e6:.1f}M | {cc['batch_size']} x {cc['block_size']} | {cc['recompute']} | "
               f"{d['total'] / GiB:.1f} | {f['total'] / GiB:.1f} | {fits(d)} / {fits(f)} |")
         rows.append((path, P, d, f))

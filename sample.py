@@ -28,6 +28,8 @@ device = "auto"             # "auto" = cuda, else mps, else cpu
 
 def main(argv):
     c, _ = configurator.load(argv, "sample.py", doc=__doc__)
+    if c["device"] not in ("auto", "cpu", "cuda", "mps") and not (c["device"].startswith("cuda:") and c["device"][5:].isdigit()):
+        raise configurator.ConfigError("device", c["device"], "must be auto, cpu, cuda, cuda:N or mps")
     device = pick_device(c["device"], 0)
     model, ckpt = load_for_inference(c["out_dir"])
     model.to(device)
