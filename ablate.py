@@ -6,6 +6,7 @@ trained on the same data, tokens, seed and schedule, each in a fresh train.py pr
     python ablate.py                                  # CPU default (train.py's defaults, byte Shakespeare): ~14 min, 2 cores
     python ablate.py --variants=crnet,crnet_fixed_beta,crnet_lowrank_first,crnet_middle_heavy
     python ablate.py configs/ablate_llama_60m.py       # the paper's 60M dimensions, for a GPU
+    python ablate.py --lrs=1e-3,3e-3,1e-2 --seeds=1337,1338   # each variant at its best lr, mean and spread
     python ablate.py configs/ablate_llama_60m.py --nproc=8 --total_batch_tokens=131072   # torchrun, 8 GPUs
 
 Ranks. The config's `rank` is CR-Net's (layers 2..L). lowrank and cola get the rank whose non-embedding
@@ -38,6 +39,8 @@ ablate_dir = "out/ablate"                # each variant trains in ablate_dir/<va
 variants = "full,crnet,lowrank,cola"     # comma-separated names from VARIANTS below
 nproc = 1                                # processes per run: > 1 launches each run under torchrun [>=1]
 plot = True                              # write ablate_dir/loss.png (needs matplotlib, optional)
+lrs = ""                                 # e.g. "1e-3,3e-3,1e-2": every variant at every lr; the table takes each one's best
+seeds = ""                               # e.g. "1337,1338": every run at every seed; the table gives mean and spread
 # -----------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
@@ -208,7 +211,9 @@ def plot(results, path):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # written whole, then renamed
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
     print(f"wrote {path}")
 
 
@@ -225,14 +230,16 @@ def main(argv):
 
     base = configurator.defaults("train.py")
 
-    def run_args(name):  # the whole config as explicit --key=value where it differs from train.py's defaults, so
-        # the arguments stamped in a run dir are canonical, whichever files and flags produced them
-        v = {**c, **variant_changes(c, name)}
+    def run_args(name, **sweep):  # the whole config as explicit --key=value where it differs from train.py's
+        # defaults, so the arguments stamped in a run dir are canonical, whichever files and flags produced them
+        v = {**c, **variant_changes(c, name), **sweep}
         skip = ("out_dir", "overwrite", "init_from", "stop_iter")  # set per run, or not part of the result
         return [f"--{k}={x!r}" for k, x in v.items() if x != base[k] and k not in skip]
     names = [v.strip() for v in a["variants"].split(",") if v.strip()]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"variants={a['variants']!r}: give distinct names from {', '.join(VARIANTS)}")
+    if a["lrs"] or a["seeds"]:
+        return sweep(a, c, names, run_args)
     plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
     for args in plans.values():
         model_config(configurator.load(args, "train.py")[0])
@@ -253,6 +260,56 @@ def main(argv):
     if a["plot"]:
         plot(results, out / "loss.png")
     return results
+
+
+def parse_list(a, key, kind, default):
+    try:
+        xs = [kind(x) for x in a[key].split(",") if x.strip()] or [default]
+    except ValueError:
+        raise configurator.ConfigError(key, a[key], f"must be comma-separated {kind.__name__}s") from None
+    if len(set(xs)) != len(xs) or (kind is float and min(xs) <= 0):
+        raise configurator.ConfigError(key, a[key], "must be distinct (and, for lrs, positive)")
+    return xs
+
+
+def sweep(a, c, names, run_args):
+    """Every variant at every lr and seed, each in ablate_dir/<variant>/lr<lr>_seed<seed>/; the table reports each
+    variant at the lr with the best mean final val loss over the seeds, with the spread (max - min) there."""
+    lrs = parse_list(a, "lrs", float, c["learning_rate"])
+    seeds = parse_list(a, "seeds", int, c["seed"])
+    out = Path(a["ablate_dir"])
+    runs = {(n, lr, s): run_args(n, learning_rate=lr, seed=s) for n in names for lr in lrs for s in seeds}
+    for args in runs.values():
+        model_config(configurator.load(args, "train.py")[0])
+    where = lambda n, lr, s: out / n / f"lr{lr:g}_seed{s}"
+    seconds = {k: run_variant(f"{k[0]} lr={k[1]:g} seed={k[2]}", args, where(*k), a, c["max_iters"])
+               for k, args in runs.items()}
+    unfinished = [f"{n} lr={lr:g} seed={s}" for (n, lr, s) in runs if not finished(where(n, lr, s), c["max_iters"])]
+    if unfinished:
+        raise SystemExit(f"not finished: {', '.join(unfinished)}; run the same command without --stop_iter to continue")
+    base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
+    done = {k: summarize(k[0], where(*k), seconds[k], base_ne) for k in runs}
+    rows, curves = [], []
+    for n in names:
+        mean = {lr: sum(done[(n, lr, s)]["val_loss"] for s in seeds) / len(seeds) for lr in lrs}
+        best = min(lrs, key=mean.get)
+        vals = [done[(n, best, s)]["val_loss"] for s in seeds]
+        r = done[(n, best, seeds[0])]
+        rows.append(f"| {n} | {r['non_embedding']:,} | {best:g} | {mean[best]:.4f} | {max(vals) - min(vals):.4f} | "
+                    + " | ".join(f"{mean[lr]:.4f}" for lr in lrs) + f" | {r['tokens_per_s']:,.0f} |")
+        curves.append({**r, "variant": f"{n} (lr {best:g})"})
+    text = (f"{c['arch']} h={c['n_embd']} L={c['n_layer']}, CR-Net rank {c['rank']}; {c['max_iters']} steps x "
+            f"{c['total_batch_tokens']:,} tokens; seeds {', '.join(map(str, seeds))}; data {c['data_dir']}\n"
+            "| variant | non-emb params | best lr | mean final val loss at best lr | spread (max - min) | "
+            + " | ".join(f"mean at lr {lr:g}" for lr in lrs) + " | tokens/s (best lr, first seed) |\n"
+            + "|---" * (6 + len(lrs)) + "|\n" + "\n".join(rows) + "\n")
+    tmp = out / "results.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "results.md")
+    print("\n" + text + f"\nwrote {out / 'results.md'}")
+    if a["plot"]:
+        plot(curves, out / "loss.png")
+    return rows
 
 
 if __name__ == "__main__":

@@ -99,3 +99,20 @@ def test_runner_refuses_a_foreign_checkpoint(tmp_path):
     with pytest.raises(FileExistsError, match="did not write"):
         ablate.main(SMALL + [f"--ablate_dir={tmp_path / 'abl'}", "--variants=crnet"])
     assert (tmp_path / "abl" / "crnet" / "ckpt.pt").read_bytes() == before
+
+
+def test_lr_and_seed_sweep_reports_each_variant_at_its_best_lr(tmp_path):
+    out = tmp_path / "sweep"
+    ablate.main(SMALL + ["--max_iters=4", "--eval_interval=4", f"--ablate_dir={out}", "--variants=full,crnet",
+                         "--lrs=1e-4,3e-3", "--seeds=1,2"])
+    table = (out / "results.md").read_text()
+    for v in ("full", "crnet"):
+        finals = {(lr, s): [json.loads(l) for l in (out / v / f"lr{lr}_seed{s}" / "metrics.jsonl").read_text().splitlines()
+                            if "val_loss" in l][-1]["val_loss"] for lr in ("0.0001", "0.003") for s in (1, 2)}
+        mean = {lr: (finals[(lr, 1)] + finals[(lr, 2)]) / 2 for lr in ("0.0001", "0.003")}
+        best = min(mean, key=mean.get)
+        assert best == "0.003"  # 4 steps at lr 1e-4 barely move the loss
+        spread = abs(finals[(best, 1)] - finals[(best, 2)])
+        assert f"| {v} |" in table and f"| {float(best):g} | {mean[best]:.4f} | {spread:.4f} |" in table
+    with pytest.raises(ValueError, match="lrs='0.1,x': must be comma-separated floats"):
+        ablate.main(SMALL + [f"--ablate_dir={out}", "--lrs=0.1,x"])
