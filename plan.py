@@ -235,6 +235,10 @@ def paper_table(c):
 
 def main(argv):
     c, _ = configurator.load(argv, "plan.py", extends=("train.py",), doc=__doc__)
+    meta = Path(c["data_dir"]) / "meta.json"
+    if c["vocab_size"] is None and meta.is_file():  # the data's vocabulary, as train.py would use (else GPT-2's)
+        import json
+        c["vocab_size"] = json.loads(meta.read_text())["vocab_size"]
     if c["paper"]:
         return paper_table(c)
     report(c, argv)

@@ -12,7 +12,7 @@ import torch
 import configurator
 from parallel import load_for_inference
 from prepare_data import get_tokenizer
-from train import pick_device
+from train import check_device, pick_device
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out"             # the run to sample from (its ckpt.pt or ckpt_dcp/)
@@ -28,12 +28,13 @@ device = "auto"             # "auto" = cuda, else mps, else cpu
 
 def main(argv):
     c, _ = configurator.load(argv, "sample.py", doc=__doc__)
-    if c["device"] not in ("auto", "cpu", "cuda", "mps") and not (c["device"].startswith("cuda:") and c["device"][5:].isdigit()):
-        raise configurator.ConfigError("device", c["device"], "must be auto, cpu, cuda, cuda:N or mps")
+    check_device(c["device"])
     device = pick_device(c["device"], 0)
     model, ckpt = load_for_inference(c["out_dir"])
     model.to(device)
     tok = get_tokenizer(ckpt["data_meta"]["tokenizer"])
+    if c["start"].startswith("FILE:") and not Path(c["start"][5:]).is_file():
+        raise configurator.ConfigError("start", c["start"], f"prompt file {c['start'][5:]} not found")
     start = Path(c["start"][5:]).read_text() if c["start"].startswith("FILE:") else c["start"]
     ids = tok.encode(start) or [tok.eot_token]
     x = torch.tensor([ids], dtype=torch.long, device=device).repeat(c["num_samples"], 1)

@@ -182,6 +182,8 @@ def resume_config(c, given):
             raise ConfigError(k, c[k], f"the checkpoint in {c['out_dir']} was trained with {saved[k]!r}; a resumed run "
                                        f"keeps the model, data stream and optimization (start a new run to change it)")
     c = {**c, **saved, **{k: c[k] for k in given}}
+    if "stop_iter" not in given:
+        c["stop_iter"] = 0  # the earlier process's stop: this one runs to max_iters unless told otherwise
     if c["max_iters"] <= ckpt["iter"]:
         raise ConfigError("max_iters", c["max_iters"], f"the checkpoint is at iteration {ckpt['iter']}: nothing to train "
                                                        f"(raise max_iters to continue)")
@@ -203,8 +205,11 @@ def check_config(c, world):
     if c["stop_iter"] > c["max_iters"]:
         raise ConfigError("stop_iter", c["stop_iter"], f"is beyond max_iters={c['max_iters']}")
     dev = c["device"]
-    if dev not in ("auto", "cpu", "cuda", "mps") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
-        raise ConfigError("device", dev, "must be auto, cpu, cuda, cuda:N or mps")
+    check_device(dev, preflight=c["preflight"])
+    out = Path(c["out_dir"]).absolute()
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError("out_dir", c["out_dir"], f"{blocker} is a file, not a directory")
     if c["parallel"] == "fsdp" and dev == "mps":
         raise ConfigError("parallel", "fsdp", "FSDP2 needs cuda or cpu (gloo), not mps")
     if c["recompute"] == "crnet" and c["param"] != "crnet":
@@ -212,6 +217,17 @@ def check_config(c, world):
                                                 f"use recompute='block'")
     model_config(c)  # the model's own checks (divisibility, ranks, ...), named by key
     return c["total_batch_tokens"] // per_micro  # grad_accum
+
+
+def check_device(dev, preflight=False):
+    if dev not in ("auto", "cpu", "cuda", "mps") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ConfigError("device", dev, "must be auto, cpu, cuda, cuda:N or mps")
+    if preflight:
+        return  # the machines that train may have it
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", dev, "CUDA is not available here (no GPU, or a CPU build of torch)")
+    if dev == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", dev, "the Apple GPU (mps) is not available here")
 
 
 def model_config(c, vocab_size=None):
@@ -439,7 +455,8 @@ def main(argv):
             tps = tokens_per_step / dt
             mfu = estimate_mfu(flops_per_token, tps, peak)
             elapsed = t1 - t_start
-            eta = elapsed / (done - start_iter) * ((c["stop_iter"] or c["max_iters"]) - done)
+            end = c["stop_iter"] if c["stop_iter"] > done else c["max_iters"]
+            eta = elapsed / (done - start_iter) * (end - done)
             row = {"iter": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": 1000 * dt,
                    "tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device), "tokens": done * tokens_per_step,
                    "elapsed_s": elapsed}

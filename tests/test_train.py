@@ -307,3 +307,15 @@ def test_config_file_errors_name_the_line_and_strings_stay_strings(tmp_path):
     f.write_text("max_iters = int(1e4)\neval_tokens = max(256, 10 * 128)\n")
     c = train.load_config([str(f), "--out_dir=123", "--data_dir='data/x'"])
     assert (c["max_iters"], c["eval_tokens"], c["out_dir"], c["data_dir"]) == (10000, 1280, "123", "data/x")
+
+
+def test_devices_and_out_dirs_that_cannot_work_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train.torch.backends.mps, "is_available", lambda: False)
+    for dev, words in [("cuda", "CUDA is not available here"), ("cuda:1", "CUDA is not available"), ("mps", "mps")]:
+        with pytest.raises(ValueError, match=f"device='{dev}': .*{words}"):
+            train.main(["configs/cpu_debug.py", f"--device={dev}", f"--out_dir={tmp_path}"])
+    train.main(["configs/crnet_llama_7b.py", "--device=cuda", "--preflight", f"--out_dir={tmp_path}"])  # the GPU box has it
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match=f"out_dir=.*: {tmp_path / 'f'} is a file, not a directory"):
+        train.main(["configs/cpu_debug.py", f"--out_dir={tmp_path / 'f' / 'sub'}"])
