@@ -32,6 +32,7 @@ import torch
 import configurator
 import parallel as par
 from model import ModelConfig, Transformer
+from train import write_atomic
 
 # ----------------------------------------------------------------------------- config
 # ablate.py also takes every train.py key: they set the base config shared by every variant
@@ -252,14 +253,16 @@ def main(argv):
                          f"without --stop_iter to continue them from their checkpoints")
     results = [summarize(n, out / n, seconds[n], base_ne) for n in plans]
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    text = table(results, c, device)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
-    print("\n" + text + f"\nwrote {out / 'results.md'}")
-    if a["plot"]:
-        plot(results, out / "loss.png")
+    publish(out, table(results, c, device), results, a["plot"])
     return results
+
+
+def publish(out, text, curves, with_plot):
+    """out/results.md (written whole, then renamed), printed too, and the curves' plot out/loss.png."""
+    write_atomic(out / "results.md", text)
+    print("\n" + text + f"\nwrote {out / 'results.md'}")
+    if with_plot:
+        plot(curves, out / "loss.png")
 
 
 def parse_list(a, key, kind, default):
@@ -303,12 +306,7 @@ def sweep(a, c, names, run_args):
             "| variant | non-emb params | best lr | mean final val loss at best lr | spread (max - min) | "
             + " | ".join(f"mean at lr {lr:g}" for lr in lrs) + " | tokens/s (best lr, first seed) |\n"
             + "|---" * (6 + len(lrs)) + "|\n" + "\n".join(rows) + "\n")
-    tmp = out / "results.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
-    print("\n" + text + f"\nwrote {out / 'results.md'}")
-    if a["plot"]:
-        plot(curves, out / "loss.png")
+    publish(out, text, curves, a["plot"])
     return rows
 
 
