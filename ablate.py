@@ -119,8 +119,14 @@ def read_metrics(run):
     return [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.is_file() else []
 
 
+def diverged(run):
+    stamp = run / "ablate.json"
+    return stamp.is_file() and json.loads(stamp.read_text()).get("diverged", False)
+
+
 def finished(run, max_iters):
-    return any(r.get("iter") == max_iters and "val_loss" in r for r in read_metrics(run))
+    """Trained to max_iters, or stopped by train.py's non-finite-loss check (a result too: that lr diverges)."""
+    return diverged(run) or any(r.get("iter") == max_iters and "val_loss" in r for r in read_metrics(run))
 
 
 def run_variant(name, args, run, a, max_iters):
@@ -146,7 +152,7 @@ def run_variant(name, args, run, a, max_iters):
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seconds = (old["seconds"] if resume else 0.0)
-    stamp.write_text(json.dumps({"args": args, "seconds": seconds}))  # before training: marks the dir as ours
+    write_atomic(stamp, json.dumps({"args": args, "seconds": seconds}))  # before training: marks the dir as ours
     with open(run / "train.log", "a" if resume else "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the log follows the run live
@@ -156,8 +162,12 @@ def run_variant(name, args, run, a, max_iters):
             if line.startswith(("eval", "model:", "error")):
                 print(f"   {line.rstrip()}", flush=True)
     seconds += time.perf_counter() - t0
-    stamp.write_text(json.dumps({"args": args, "seconds": seconds}))
-    if proc.wait():
+    failed = proc.wait()
+    diverged = failed and "non-finite loss" in (run / "train.log").read_text().splitlines()[-1]
+    write_atomic(stamp, json.dumps({"args": args, "seconds": seconds, "diverged": bool(diverged)}))
+    if diverged:
+        print(f"== {name}: diverged (train.py stopped on a non-finite loss); its val loss counts as inf", flush=True)
+    elif failed:
         raise SystemExit(f"variant {name} failed (exit {proc.returncode}); its log: {run / 'train.log'}")
     return seconds
 
@@ -169,9 +179,10 @@ def summarize(name, run, seconds, base_ne):
     tps = sorted(r["tokens_per_s"] for r in train_rows[1:] or train_rows)  # the first window includes warmup
     n = param_counts(c)  # the run's config.json holds the data's vocabulary
     ne = n["non_embedding"]
+    last = {"val_loss": math.inf, "train_loss": math.inf} if diverged(run) else evals[-1]
     return {"variant": name, "param": c["param"], "rank": c["rank"], "non_embedding": ne, "vs_crnet": ne / base_ne,
-            "total": n["total"], "val_loss": evals[-1]["val_loss"], "best_val": min(r["val_loss"] for r in evals),
-            "train_loss": evals[-1]["train_loss"], "tokens_per_s": tps[len(tps) // 2],
+            "total": n["total"], "val_loss": last["val_loss"], "best_val": min([r["val_loss"] for r in evals] or [math.inf]),
+            "train_loss": last["train_loss"], "tokens_per_s": tps[len(tps) // 2],
             "peak_mem_mb": max(r["peak_mem_mb"] for r in train_rows), "seconds": seconds, "curve": rows}
 
 
