@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -34,7 +35,7 @@ import recompute as rc
 from model import ModelConfig, Transformer
 
 MODES = ("ddp", "fsdp")
-CKPT_FILE, DCP_DIR = "ckpt.pt", "ckpt_dcp"
+CKPT_FILE, PREV_FILE, DCP_DIR = "ckpt.pt", "ckpt.prev.pt", "ckpt_dcp"
 
 
 @torch.no_grad()
@@ -102,87 +103,162 @@ def clip_grad_norm(params, max_norm):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def dcp_checkpoints(out):
-    """Complete sharded checkpoints, oldest first: a directory gets its final name only when fully written."""
-    root = Path(out) / DCP_DIR
-    return sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else []
+# Both formats hold the same state dicts (torch.distributed.checkpoint.state_dict's: parameter names as keys, for
+# the optimizer too), so a run resumes in either mode from either format: DCP reshards to any layout, and a full
+# ckpt.pt is split into shards by set_state_dict. Each save keeps the previous checkpoint beside the new one
+# (ckpt.prev.pt, or the previous iter_ directory): a latest file damaged after the fact falls back to it.
+TRAIN_KEYS = ("iter", "config", "model_config", "rng", "best_val_loss")  # what makes a checkpoint one of ours
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoints(out):
+    """Every checkpoint in out, newest first: ("ddp", file) and ("fsdp", DCP directory). A DCP directory gets its
+    iter_ name only when complete; a ckpt.pt only when torch.save has finished (written as .tmp, then renamed)."""
+    out = Path(out)
+    found = [("ddp", out / f) for f in (CKPT_FILE, PREV_FILE) if (out / f).is_file()]
+    root = out / DCP_DIR
+    if root.is_dir():
+        found += [("fsdp", p) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda kp: kp[1].stat().st_mtime_ns, reverse=True)
 
 
 def find_checkpoint(out):
-    """("ddp", out/ckpt.pt) or ("fsdp", newest DCP directory), or (None, None)."""
-    newest = dcp_checkpoints(out)
-    if (Path(out) / CKPT_FILE).is_file():
-        if newest:
-            raise ValueError(f"{out} holds both {CKPT_FILE} and {DCP_DIR}/: remove the one you do not want to resume")
-        return "ddp", Path(out) / CKPT_FILE
-    return ("fsdp", newest[-1]) if newest else (None, None)
+    """The newest (kind, path), or (None, None); not opened (see open_checkpoint)."""
+    return next(iter(checkpoints(out)), (None, None))
 
 
-def load_train_state(out, parallel=None):
-    """Everything but the weights: config, iteration, RNG states... (for DDP the weights come along). parallel:
-    the mode about to resume it (None: whichever wrote it)."""
-    kind, path = find_checkpoint(out)
-    if kind is None:
-        raise FileNotFoundError(f"init_from='resume': no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
-    if parallel is not None and kind != parallel:
-        raise ValueError(f"{path} was written with parallel={kind!r}: resume it with --parallel={kind}")
-    # mmap: every DDP rank reads the file, and a 7B ckpt.pt is tens of GB; pages load only where touched
-    return torch.load(path if kind == "ddp" else path / "train_state.pt", map_location="cpu", weights_only=False,
-                      mmap=kind == "ddp")
+def read_checkpoint(kind, path):
+    """The checkpoint's train state (a ckpt.pt's weights too, memory-mapped), or CheckpointError saying why not."""
+    try:
+        if kind == "fsdp":  # every shard file the metadata names must be there, whole
+            meta = dcp.FileSystemReader(str(path)).read_metadata()
+            for info in meta.storage_data.values():
+                f = path / info.relative_path
+                if not f.is_file() or f.stat().st_size < info.offset + info.length:
+                    raise CheckpointError(f"shard {f.name} is missing or truncated")
+        # mmap: every DDP rank reads the file, and a 7B ckpt.pt is tens of GB; pages load only where touched
+        ckpt = torch.load(path if kind == "ddp" else path / "train_state.pt", map_location="cpu", weights_only=True,
+                          mmap=kind == "ddp")
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch's zip reader, pickle, EOF, os errors: all mean "cannot be read"
+        raise CheckpointError(f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})") from None
+    missing = [k for k in TRAIN_KEYS + (("model", "optimizer") if kind == "ddp" else ()) if k not in (ckpt if isinstance(ckpt, dict) else {})]
+    if missing:
+        raise CheckpointError(f"is not a train.py checkpoint (no {', '.join(map(repr, missing))})")
+    return {**ckpt, "kind": kind, "path": path}
 
 
-def load_weights(out, parallel, ckpt, model, optimizer):
-    if parallel == "ddp":
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return
-    msd, osd = get_state_dict(model, optimizer)  # sharded; creates AdamW's state so it can be filled
-    state = {"model": msd, "optimizer": osd}
-    dcp.load(state, checkpoint_id=find_checkpoint(out)[1])  # reshards to this process count
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+def load_train_state(out, say=print):
+    """The newest readable checkpoint's train state: config, iteration, RNG states... (a ckpt.pt's weights too).
+    A damaged newer one is skipped with a note; none readable is an error naming every file and why."""
+    tried = []
+    for kind, path in checkpoints(out):
+        try:
+            ckpt = read_checkpoint(kind, path)
+        except CheckpointError as e:
+            tried.append(f"{path} {e}")
+            continue
+        for t in tried:
+            say(f"note: checkpoint {t}; falling back to {path} (iteration {ckpt['iter']})")
+        return ckpt
+    if not tried:
+        raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
+    raise CheckpointError("no readable checkpoint: " + "; ".join(tried) + ". Restore the file, or start over "
+                          "with --init_from=scratch --overwrite")
 
 
-def save_checkpoint(out, parallel, model, optimizer, train_state, rank):
-    """Atomic in both modes: an interrupted save leaves the last good checkpoint as it was."""
+def load_weights(ckpt, model, optimizer=None):
+    """Fill model (and optimizer) from a checkpoint of either format, whatever the current mode and process count."""
+    # the model's own (sharded or not) state dicts, AdamW's state created so that loading can fill it
+    msd, osd = get_state_dict(model, optimizer) if optimizer else (get_model_state_dict(model), None)
+    if ckpt["kind"] == "fsdp":
+        state = {"model": msd, **({"optimizer": osd} if optimizer else {})}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=ckpt["path"], no_dist=not dist.is_initialized())  # reshards to this layout
+        msd, osd, opts = state["model"], state.get("optimizer"), None
+    else:  # full tensors: under FSDP each process keeps its shard
+        msd, osd, opts = ckpt["model"], ckpt["optimizer"], StateDictOptions(full_state_dict=True)
+    if optimizer:
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
+    else:
+        set_model_state_dict(model, msd, options=opts)
+
+
+def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=False):
+    """Atomic in both modes: a kill at any instant leaves the last good checkpoint readable. Once the new one is
+    complete, the one before it stays as the fallback and older ones (and the other format's) are removed.
+    best=True also links it as out/best/, the best-val checkpoint."""
     out = Path(out)
-    if parallel == "ddp":
-        if rank == 0:
-            path, tmp = out / CKPT_FILE, out / (CKPT_FILE + ".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **train_state}, tmp)
-            os.replace(tmp, path)
-        return
-    root = out / DCP_DIR
-    final = root / f"iter_{train_state['iter']:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-    dist.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)  # returns once every process has written
-    if rank == 0:
-        torch.save(train_state, tmp / "train_state.pt")
-        if final.exists():  # the same iteration saved again: set the old copy aside until the new one is in
-            os.replace(final, final.with_name(final.name + ".old"))
-        os.replace(tmp, final)
-        for p in root.iterdir():
-            if p != final:
-                shutil.rmtree(p, ignore_errors=True)
-    dist.barrier()
+    if parallel == "ddp":
+        final = out / CKPT_FILE
+        if rank == 0:
+            tmp = out / (CKPT_FILE + ".tmp")
+            torch.save({"model": msd, "optimizer": osd, **train_state}, tmp)
+            if final.exists():
+                os.replace(final, out / PREV_FILE)
+            os.replace(tmp, final)
+            prune(out, final)
+    else:
+        root = out / DCP_DIR
+        final = root / f"iter_{train_state['iter']:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+        dist.barrier()
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)  # returns once every process has written
+        if rank == 0:
+            torch.save(train_state, tmp / "train_state.pt")
+            if final.exists():  # the same iteration saved again: set the old copy aside until the new one is in
+                os.replace(final, final.with_name(final.name + ".old"))
+            os.replace(tmp, final)
+            prune(out, final)
+    if best and rank == 0:
+        link_best(final, out / "best")
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def prune(out, final):
+    """Keep the new checkpoint and the newest one before it (of either format: the fallback); remove the rest,
+    with anything an interrupted save left in the DCP directory."""
+    keep = {final, *[p for _, p in checkpoints(out) if p != final][:1]}
+    for f in (CKPT_FILE, PREV_FILE):
+        if out / f not in keep:
+            (out / f).unlink(missing_ok=True)
+    root = out / DCP_DIR
+    for p in (root.iterdir() if root.is_dir() else ()):
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
+def link_best(src, best):
+    """best/ holds hard links to the checkpoint's files (no copy; later saves replace names, not these files)."""
+    tmp = best.with_name(best.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dst = tmp / (src.relative_to(best.parent) if src.is_dir() else src.name)
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=os.link)
+    else:
+        os.link(src, dst)
+    if best.exists():
+        shutil.rmtree(best)
+    os.replace(tmp, best)
 
 
 def load_for_inference(out, **overrides):
     """(model on the CPU in eval mode, train state) from either checkpoint format, without a process group."""
-    kind, path = find_checkpoint(out)
-    if kind is None:
-        raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
-    ckpt = load_train_state(out, kind)
+    ckpt = load_train_state(out)
     fields = set(ModelConfig.field_names())  # checkpoints from before recompute left ModelConfig still carry it
     model = Transformer(ModelConfig(**{k: v for k, v in {**ckpt["model_config"], **overrides}.items() if k in fields}))
-    if kind == "ddp":
-        model.load_state_dict(ckpt["model"])
-    else:
-        state = {"model": model.state_dict()}  # aliases the parameters, so loading fills the model
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=path, no_dist=True)
+    load_weights(ckpt, model)
     return model.eval(), ckpt

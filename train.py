@@ -5,18 +5,21 @@ Train a CR-Net (or baseline) transformer.
     python train.py configs/crnet_llama_60m.py --max_iters=2000
     torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_1b.py
     python train.py --init_from=resume --out_dir=out  # continue exactly where the checkpoint left off
+    python train.py --init_from=out --out_dir=out_ft --learning_rate=3e-4   # fine-tune: out's weights, fresh optimizer
 
 Config: the defaults below, then config files (plain assignments) and --key=value arguments in the order given
 (configurator.py; --help lists every key). A resumed run reads its saved config: keys that define the model,
 the data stream and the optimization may not change; the others (logging, evaluation, recomputation, compile,
 micro-batch, stop_iter, max_iters) may. The merged config is printed and saved to out_dir/config.json.
 """
+import importlib.util
 import json
 import math
 import os
 import resource
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -36,11 +39,14 @@ from prepare_data import ROOT, load_meta, prepare
 out_dir = "out"                     # checkpoint, config.json and metrics.jsonl go here
 data_dir = "data/shakespeare_byte"  # prepared automatically when it is one of the bundled corpus's dirs
 data_recipe = ""                    # the prepare_data.py command that makes data_dir: printed when it is missing
-init_from = "scratch"               # "resume": continue out_dir's checkpoint with its saved config {scratch|resume}
+init_from = "scratch"               # "resume": continue out_dir's checkpoint; or a run's dir: start from its weights
 overwrite = False                   # scratch into an out_dir that holds a checkpoint needs this
 eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end) [>=1]
 eval_tokens = 131072                # fixed validation (and train) tokens per evaluation, split over ranks [>=1]
 log_interval = 25                   # print and append a row to metrics.jsonl every this many iterations [>=1]
+keep_best = False                   # also keep the best-val checkpoint, as out_dir/best/ (hard links, no copy)
+log_to = ""                         # also log to "tensorboard" (out_dir/tensorboard) and/or "wandb", comma-separated
+wandb_project = "crnet"             # the wandb project, with log_to="wandb"
 seed = 1337                         # weights, batches and dropout all derive from it [>=0]
 # model: every ModelConfig field (model.py documents them); vocab_size None = the data's
 arch = "llama"                      # LLaMA (RMSNorm, RoPE, SwiGLU) or GPT-2 (LayerNorm, learned positions, GELU) {llama|gpt2}
@@ -88,7 +94,9 @@ TYPES = {"rank": (int, list), "vocab_size": (int, None)}
 # what a resumed run may change; everything else defines the model, the data stream or the optimization
 FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute",
                   "recompute_every", "batch_size", "max_iters", "stop_iter", "device", "dtype", "compile",
-                  "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe"}
+                  "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
+                  "log_to", "wandb_project"}
+SINKS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # log_to name -> the package it needs (optional)
 
 
 def load_config(argv):
@@ -174,7 +182,7 @@ def unigram_entropy(data, vocab_size):
 # ----------------------------------------------------------------------------- the steps of main
 def resume_config(c, given):
     """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them."""
-    ckpt = par.load_train_state(c["out_dir"], c["parallel"] if "parallel" in given else None)
+    ckpt = par.load_train_state(c["out_dir"])
     saved = {k: v for k, v in ckpt["config"].items() if k in c}  # keys this version no longer has are dropped
     for k in sorted(given - FREE_ON_RESUME):
         same_dir = k == "data_dir" and Path(c[k]).resolve() == Path(saved[k]).resolve()
@@ -191,6 +199,23 @@ def resume_config(c, given):
         print(f"note: max_iters {saved['max_iters']} -> {c['max_iters']}: the cosine schedule now ends there, so the "
               f"learning rate from iteration {ckpt['iter']} on differs from the original run's")
     return c, ckpt
+
+
+def finetune_config(c, given):
+    """init_from=<a run's out_dir>: its newest checkpoint's weights, and so its model keys, start a new run with a
+    fresh optimizer, schedule and RNG; data and optimization come from this config. dropout may change."""
+    src = Path(c["init_from"])
+    if not src.is_dir() or par.find_checkpoint(src)[0] is None:
+        raise ConfigError("init_from", c["init_from"], "is neither scratch, resume nor a directory holding a checkpoint")
+    if src.resolve() == Path(c["out_dir"]).resolve():
+        raise ConfigError("init_from", c["init_from"], "is out_dir itself: continue that run with --init_from=resume")
+    ckpt = par.load_train_state(src)
+    saved = ckpt["config"]
+    model_keys = [k for k in ModelConfig.field_names() if k != "dropout" and k in saved]
+    for k in sorted(given & set(model_keys)):
+        if c[k] != saved[k]:
+            raise ConfigError(k, c[k], f"the checkpoint in {src} has {saved[k]!r}: fine-tuning keeps its model")
+    return {**c, **{k: saved[k] for k in model_keys}}, ckpt
 
 
 def check_config(c, world):
@@ -212,6 +237,12 @@ def check_config(c, world):
         raise ConfigError("out_dir", c["out_dir"], f"{blocker} is a file, not a directory")
     if c["parallel"] == "fsdp" and dev == "mps":
         raise ConfigError("parallel", "fsdp", "FSDP2 needs cuda or cpu (gloo), not mps")
+    for name in sinks(c):
+        if name not in SINKS:
+            raise ConfigError("log_to", c["log_to"], f"names {name!r}; choose from {', '.join(SINKS)}")
+        if importlib.util.find_spec(SINKS[name]) is None:
+            raise ConfigError("log_to", c["log_to"], f"needs the {SINKS[name]} package, which is optional: "
+                                                     f"pip install {SINKS[name]}")
     if c["recompute"] == "crnet" and c["param"] != "crnet":
         raise ConfigError("recompute", "crnet", f"inverts Eq. 6 and needs param='crnet' (got param={c['param']!r}); "
                                                 f"use recompute='block'")
@@ -348,7 +379,12 @@ def build(c, rt, ckpt):
     if ckpt is None:
         torch.manual_seed(c["seed"] + rt["rank"])  # dropout differs per rank
         return model, raw, optimizer, mcfg, start_iter, best_val
-    par.load_weights(c["out_dir"], c["parallel"], ckpt, raw, optimizer)
+    if c["init_from"] != "resume":  # fine-tuning: the weights only
+        par.load_weights(ckpt, raw)
+        torch.manual_seed(c["seed"] + rt["rank"])
+        rt["say"](f"initialized from {ckpt['path']} (iteration {ckpt['iter']}): weights only, fresh optimizer and schedule")
+        return model, raw, optimizer, mcfg, start_iter, best_val
+    par.load_weights(ckpt, raw, optimizer)
     states = ckpt["rng"]
     if len(states) != rt["world"]:
         rt["say"](f"note: the checkpoint has RNG states of {len(states)} processes, running {rt['world']}: dropout draws differ")
@@ -358,12 +394,17 @@ def build(c, rt, ckpt):
         torch.cuda.set_rng_state_all(s["cuda"])
     elif bool(s.get("cuda")) != (rt["device"].type == "cuda") and ckpt["config"]["dropout"]:
         rt["say"]("note: the checkpoint's CUDA RNG state does not apply on this device: dropout draws differ")
-    rt["say"](f"resuming from {par.find_checkpoint(c['out_dir'])[1]} at iteration {ckpt['iter']}")
+    rt["say"](f"resuming from {ckpt['path']} at iteration {ckpt['iter']}")
     return model, raw, optimizer, mcfg, ckpt["iter"], ckpt["best_val_loss"]
 
 
+def sinks(c):
+    return [x.strip() for x in c["log_to"].split(",") if x.strip()]
+
+
 def start_logs(c, out, start_iter):
-    """config.json, and metrics.jsonl without rows an interrupted run wrote after its last checkpoint (both atomic)."""
+    """config.json, and metrics.jsonl without rows an interrupted run wrote after its last checkpoint (both atomic).
+    Returns log(row): appends the row to metrics.jsonl and hands it to the log_to sinks."""
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.json", json.dumps(c, indent=2) + "\n")
     metrics = out / "metrics.jsonl"
@@ -376,6 +417,34 @@ def start_logs(c, out, start_iter):
                 pass  # a line cut short by a kill during an append
         keep = [r for r in rows if r["iter"] <= start_iter] if c["init_from"] == "resume" else []
         write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in keep))
+    outs = [open_sink(name, c, out, start_iter) for name in sinks(c)]
+
+    def log(row):
+        log_metrics(metrics, row)
+        for sink in outs:
+            sink(row)
+    return log
+
+
+def open_sink(name, c, out, start_iter):
+    """A metrics sink beside metrics.jsonl. A resumed run continues the same TensorBoard log (steps after the
+    checkpoint purged) and the same wandb run (its id kept in out_dir/wandb_id)."""
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        w = SummaryWriter(str(out / "tensorboard"), purge_step=start_iter + 1 if start_iter else None)
+
+        def sink(row):
+            for k, v in row.items():
+                if k != "iter" and isinstance(v, (int, float)):
+                    w.add_scalar(k, v, row["iter"])
+            w.flush()
+        return sink
+    import wandb
+    id_file = out / "wandb_id"
+    run_id = id_file.read_text().strip() if c["init_from"] == "resume" and id_file.is_file() else uuid.uuid4().hex[:12]
+    write_atomic(id_file, run_id)
+    run = wandb.init(project=c["wandb_project"], name=out.name, id=run_id, resume="allow", config=c, dir=str(out))
+    return lambda row: run.log({k: v for k, v in row.items() if k != "iter"}, step=row["iter"])
 
 
 def write_atomic(path, text):
@@ -387,14 +456,16 @@ def write_atomic(path, text):
 # ----------------------------------------------------------------------------- main
 def main(argv):
     c, given = configurator.load(argv, "train.py", doc=__doc__)
-    if c["init_from"] == "scratch":
+    if c["init_from"] != "resume":
         kind, path = par.find_checkpoint(c["out_dir"])
         if kind and not c["overwrite"]:
             raise FileExistsError(f"{path} exists: continue it with --init_from=resume, or pass --overwrite or "
                                   f"another --out_dir to start over")
-        ckpt = None
-    else:
+    ckpt = None
+    if c["init_from"] == "resume":
         c, ckpt = resume_config(c, given)
+    elif c["init_from"] != "scratch":
+        c, ckpt = finetune_config(c, given)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if c["preflight"]:
         return run_preflight(c, c["world_size"] or world)
@@ -407,9 +478,7 @@ def main(argv):
     model, raw_model, optimizer, mcfg, start_iter, best_val = build(c, rt, ckpt)
     ckpt = None  # free the checkpoint's tensors
     out = Path(c["out_dir"])
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        start_logs(c, out, start_iter)
+    rt["log"] = start_logs(c, out, start_iter) if rank == 0 else (lambda row: None)
     counts = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token()
     peak = c["peak_flops"] or peak_flops_for(torch.cuda.get_device_name(device) if device.type == "cuda" else "")
@@ -463,8 +532,7 @@ def main(argv):
             say(f"iter {done:6d} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {1000 * dt:7.1f} ms | "
                 f"{tps:9.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | mem {row['peak_mem_mb']:.0f} MiB | "
                 f"{row['tokens'] / 1e6:.2f}M tok | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
-            if rank == 0:
-                log_metrics(metrics_path, row)
+            rt["log"](row)
         stopping = done == c["stop_iter"]
         if done % c["eval_interval"] == 0 or done == c["max_iters"] or stopping:
             best_val = evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data, val_data, done, best_val)
@@ -481,6 +549,7 @@ def evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data
     rank, world, say = rt["rank"], rt["world"], rt["say"]
     val_loss = evaluate(model, val_data, c, rank, world, rt["device"], rt["autocast"])
     train_loss = evaluate(model, train_data, c, rank, world, rt["device"], rt["autocast"])
+    improved = val_loss < best_val
     best_val = min(best_val, val_loss)
     say(f"eval {done:6d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | best val {best_val:.4f}")
     states = [None] * world
@@ -489,12 +558,12 @@ def evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data
     else:
         states = [rng_state()]
     out = Path(c["out_dir"])
-    if rank == 0:
-        log_metrics(out / "metrics.jsonl", {"iter": done, "val_loss": val_loss, "train_loss": train_loss})
-    par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
+    rt["log"]({"iter": done, "val_loss": val_loss, "train_loss": train_loss})
+    best = c["keep_best"] and improved
+    saved = par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
         "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg), "data_meta": meta,
-        "rng": states}, rank)
-    say(f"saved {par.find_checkpoint(out)[1]}")
+        "rng": states}, rank, best=best)
+    say(f"saved {saved}" + (f", linked as {out / 'best'} (best val so far)" if best else ""))
     return best_val
 
 

@@ -235,17 +235,22 @@ def test_fsdp_two_processes_match_one(tiny_data, tmp_path, extra):
     assert [p.name for p in (tmp_path / "two" / "ckpt_dcp").iterdir()] == ["iter_0000006"]
 
 
-def test_fsdp_checkpoint_from_two_processes_resumes_on_one(tiny_data, tmp_path):
-    args = ["--max_iters=8", "--eval_interval=4", "--total_batch_tokens=256", "--recompute=crnet", "--recompute_every=2"]
+def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
+    """A 2-process FSDP run's DCP checkpoint resumes in one DDP process, whose ckpt.pt resumes under FSDP again:
+    the loss sequence is the uninterrupted run's."""
+    args = ["--max_iters=12", "--eval_interval=4", "--total_batch_tokens=256", "--recompute=crnet", "--recompute_every=2"]
     run(tiny_data, tmp_path / "ref", *args)  # uninterrupted, one plain process
-    torchrun(2, tiny_data, tmp_path / "b", *args, "--parallel=fsdp", "--stop_iter=4")
-    (tmp_path / "b" / "ckpt_dcp" / "iter_0000005.tmp").mkdir()  # an interrupted later save: must be ignored
-    with pytest.raises(ValueError, match="written with parallel='fsdp': resume it with --parallel=fsdp"):
-        run(tiny_data, tmp_path / "b", *args, "--init_from=resume", "--parallel=ddp")
-    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])  # one process; the saved config says fsdp
-    assert_same_losses(tmp_path / "ref", tmp_path / "b", iters=range(5, 9))
-    assert [p.name for p in (tmp_path / "b" / "ckpt_dcp").iterdir()] == ["iter_0000008"]
-    text = sample_text(tmp_path / "b")  # inference reads a sharded checkpoint without a process group
+    b = tmp_path / "b"
+    torchrun(2, tiny_data, b, *args, "--parallel=fsdp", "--stop_iter=4")
+    (b / "ckpt_dcp" / "iter_0000005.tmp").mkdir()  # an interrupted later save: must be ignored
+    train.main([f"--out_dir={b}", "--init_from=resume", "--parallel=ddp", "--stop_iter=8"])  # DCP -> one DDP process
+    # the new checkpoint and the one before it (the fallback) stay, whatever their format; the rest goes
+    assert (b / "ckpt.pt").is_file() and [p.name for p in (b / "ckpt_dcp").iterdir()] == ["iter_0000004"]
+    train.main([f"--out_dir={b}", "--init_from=resume", "--parallel=fsdp"])  # ckpt.pt -> FSDP
+    assert_same_losses(tmp_path / "ref", b, iters=range(5, 13))
+    assert [p.name for p in (b / "ckpt_dcp").iterdir()] == ["iter_0000012"] and (b / "ckpt.pt").is_file()
+    assert not (b / "ckpt.prev.pt").exists()
+    text = sample_text(b)  # inference reads a sharded checkpoint without a process group
     assert text.count("ROMEO:") == 1
 
 
