@@ -1,0 +1,306 @@
+"""Bad input and interruptions: every malformed input is one `error:` line that names the key, file or line and
+changes nothing; damaged checkpoints fall back; a run SIGKILLed anywhere (inside its writes too) and resumed
+logs exactly what the uninterrupted run logs."""
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import configurator
+import parallel as par
+import train
+from conftest import ROOT, TINY, read_metrics, train_losses
+
+
+def run(tiny_data, out, *extra):
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={out}", *extra])
+
+
+def snapshot(root):
+    """Every file under root with its content hash: what 'nothing changed' is checked against."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tiny_data, tmp_path_factory):
+    """A finished 2-iteration run, damaged copies of data and checkpoints, and bad input files."""
+    w = tmp_path_factory.mktemp("world")
+    run(tiny_data, w / "run", "--max_iters=2", "--eval_interval=2")
+    shutil.copytree(tiny_data, w / "data")
+    for name, edit in [("nokey", lambda m: m.pop("vocab_size")), ("short", lambda m: m.update(train_tokens=10**9))]:
+        shutil.copytree(tiny_data, w / name)
+        meta = json.loads((w / name / "meta.json").read_text())
+        edit(meta)
+        (w / name / "meta.json").write_text(json.dumps(meta))
+    shutil.copytree(tiny_data, w / "tiny")  # a val split shorter than one block
+    (w / "tiny" / "val.bin").write_bytes((w / "tiny" / "val.bin").read_bytes()[:40])
+    meta = json.loads((w / "tiny" / "meta.json").read_text())
+    (w / "tiny" / "meta.json").write_text(json.dumps({**meta, "val_tokens": 20}))
+    for name, damage in [("empty", b""), ("garbage", b"not a checkpoint at all" * 10)]:
+        (w / name).mkdir()
+        (w / name / "ckpt.pt").write_bytes(damage)
+    (w / "truncated").mkdir()
+    (w / "truncated" / "ckpt.pt").write_bytes((w / "run" / "ckpt.pt").read_bytes()[:5000])
+    (w / "foreign").mkdir()
+    torch.save({"weight": torch.zeros(3)}, w / "foreign" / "ckpt.pt")  # a real torch file, not ours
+    (w / "annotated.py").write_text("n_layer = 2\nn_head: 1\n")
+    (w / "docs.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
+    (w / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    (w / "prompt_dir").mkdir()
+    return w
+
+
+T = ["train.py"]  # the battery: (script, arguments, words the one-line error must contain); {w} is the fixture dir
+BATTERY = [
+    (T, ["--dtype=fp16"], "dtype='fp16'"),
+    (T, ["--grad_clip=-1"], "grad_clip=-1"),
+    (T, ["--max_iters=-5"], "max_iters=-5"),
+    (T, ["--weight_decay=-0.1"], "weight_decay=-0.1"),
+    (T, ["--block_size=0"], "block_size=0"),
+    (T, ["--batch_size=0"], "batch_size=0"),
+    (T, ["--dropout=1.0"], "dropout=1.0"),
+    (T, ["--learning_rate=0"], "learning_rate=0"),
+    (T, ["--eval_tokens=10"], "eval_tokens=10: is less than one block"),
+    (T, ["--device=tpu"], "device='tpu'"),
+    (T, ["--parallel=zero3"], "parallel='zero3'"),
+    (T, ["--recompute=crnet", "--param=full"], "recompute='crnet'"),
+    (T, ["--rank=1000"], "rank"),
+    (T, ["--n_head=5"], "n_head"),
+    (T, ["--stop_iter=999"], "stop_iter=999"),
+    (T, ["--total_batch_tokens=100"], "total_batch_tokens=100: must be a multiple"),
+    (T, ["--log_to=neptune"], "log_to='neptune'"),
+    (T, ["--init_from={w}/nowhere"], "init_from="),
+    (T, ["--init_from={w}/run", "--out_dir={w}/run", "--overwrite"], "is out_dir itself"),
+    (T, ["{w}/annotated.py"], "annotated.py:2"),
+    (T, ["{w}/missing_config.py"], "missing_config.py"),
+    (T, ["--n_layr=2"], "'n_layr'"),
+    (T, ["--data_dir={w}/nokey"], "meta.json"),
+    (T, ["--data_dir={w}/short"], "train.bin"),
+    (T, ["--data_dir={w}/tiny"], "val.bin"),
+    (T, ["--data_dir={w}/nowhere"], "prepare_data.py"),
+    (T, ["--vocab_size=100"], "vocab_size=100"),
+    (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=2"], "max_iters=2: the checkpoint is at iteration 2"),
+    (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=4", "--n_layer=5"], "n_layer=5"),
+    (T, ["--init_from=resume", "--out_dir={w}/empty", "--max_iters=4"], "empty/ckpt.pt cannot be read"),
+    (T, ["--init_from=resume", "--out_dir={w}/garbage", "--max_iters=4"], "garbage/ckpt.pt cannot be read"),
+    (T, ["--init_from=resume", "--out_dir={w}/truncated", "--max_iters=4"], "truncated/ckpt.pt cannot be read"),
+    (T, ["--init_from=resume", "--out_dir={w}/foreign", "--max_iters=4"], "foreign/ckpt.pt is not a train.py checkpoint"),
+    (T, ["--init_from=resume", "--out_dir={w}/nowhere"], "no checkpoint in"),
+    (T, ["--out_dir={w}/run"], "ckpt.pt exists"),
+    (["sample.py"], ["--out_dir={w}/run", "--top_k=-5"], "top_k=-5"),
+    (["sample.py"], ["--out_dir={w}/run", "--temperature=-1"], "temperature=-1"),
+    (["sample.py"], ["--out_dir={w}/truncated"], "truncated/ckpt.pt cannot be read"),
+    (["sample.py"], ["--out_dir={w}/run", "--start=FILE:{w}/no_prompt.txt"], "no_prompt.txt"),
+    (["sample.py"], ["--out_dir={w}/run", "--start=FILE:{w}/prompt_dir"], "prompt_dir"),
+    (["plan.py"], ["--gpus=0"], "gpus=0"),
+    (["plan.py"], ["--batch_size=-4"], "batch_size=-4"),
+    (["analyze.py"], ["--out_dir={w}/run", "--rank=1000"], "rank=1000"),
+    (["analyze.py"], ["--out_dir={w}/foreign"], "not a train.py checkpoint"),
+    (["prepare_data.py"], ["--files={w}/docs.jsonl", "--out_dir={w}/p1"], "docs.jsonl"),
+    (["prepare_data.py"], ["--files={w}/binary.jsonl", "--out_dir={w}/p2"], "binary.jsonl"),
+    (["prepare_data.py"], ["--files={w}/no_such_*.txt", "--out_dir={w}/p3"], "no_such_*.txt"),
+    (["prepare_data.py"], ["--tokenizer=gpt5", "--out_dir={w}/p4"], "gpt5"),
+    (["prepare_data.py"], ["--val_fraction=1.5", "--out_dir={w}/p5"], "val_fraction=1.5"),
+    (["bench.py"], ["--what=speed"], "what='speed'"),
+    (["ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
+    (["ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
+]
+
+
+@pytest.mark.parametrize("script,args,words", [(s[0], a, w) for s, a, w in BATTERY],
+                         ids=[f"{s[0]} {' '.join(a)}" for s, a, _ in BATTERY])
+def test_malformed_input_is_one_line_and_changes_nothing(world, tiny_data, script, args, words, monkeypatch, capsys):
+    args = [a.replace("{w}", str(world)) for a in args]
+    if script == "train.py" and "--init_from=resume" not in args:
+        args = [f"--data_dir={world / 'data'}", f"--out_dir={world / 'new'}", *args]  # unless args set them
+    before = snapshot(world)
+    mod = importlib.import_module(script[:-3])
+    monkeypatch.setattr(sys, "argv", [script, *TINY, *args] if script == "train.py" else [script, *args])
+    with pytest.raises(SystemExit) as e:
+        configurator.main_guard(mod.main)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg.split("; make it with")[0], msg
+    assert words in msg, msg
+    assert snapshot(world) == before  # nothing written, nothing changed
+    assert not (world / "new").exists()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_path, capsys):
+    args = ["--max_iters=8", "--eval_interval=2"]
+    run(tiny_data, tmp_path / "ref", *args)
+    run(tiny_data, tmp_path / "b", *args, "--stop_iter=6")  # ckpt.pt at 6, ckpt.prev.pt at 4
+    ckpt = tmp_path / "b" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # the disk lost its tail
+    capsys.readouterr()
+    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    out = capsys.readouterr().out
+    assert f"note: checkpoint {ckpt} cannot be read" in out and "falling back to" in out and "(iteration 4)" in out
+    a, b = train_losses(tmp_path / "ref"), train_losses(tmp_path / "b")
+    assert list(b) == list(range(1, 9)) and all(b[i] == pytest.approx(a[i], rel=1e-6) for i in range(5, 9))
+
+
+def test_damaged_sharded_checkpoint_falls_back(tiny_data, tmp_path, capsys):
+    args = ["--max_iters=6", "--eval_interval=2", "--parallel=fsdp"]
+    run(tiny_data, tmp_path / "ref", *args)
+    run(tiny_data, tmp_path / "b", *args, "--stop_iter=4")
+    shard = next((tmp_path / "b" / "ckpt_dcp" / "iter_0000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    out = capsys.readouterr().out
+    assert f"shard {shard.name} is missing or truncated; falling back to" in out and "iter_0000002 (iteration 2)" in out
+    a, b = train_losses(tmp_path / "ref"), train_losses(tmp_path / "b")
+    assert all(b[i] == pytest.approx(a[i], rel=1e-5) for i in range(3, 7))
+
+
+def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer(tiny_data, tmp_path):
+    run(tiny_data, tmp_path / "pre", "--max_iters=30", "--eval_interval=30")
+    pre = read_metrics(tmp_path / "pre")
+    with pytest.raises(ValueError, match="n_layer=2: the checkpoint in .* has 3"):
+        run(tiny_data, tmp_path / "ft", f"--init_from={tmp_path / 'pre'}", "--n_layer=2")
+    run(tiny_data, tmp_path / "ft", f"--init_from={tmp_path / 'pre'}", "--max_iters=4", "--eval_interval=4",
+        "--learning_rate=1e-3", "--warmup_iters=2", "--dropout=0.1")  # dropout may change
+    ft = read_metrics(tmp_path / "ft")
+    assert [r["iter"] for r in ft if "loss" in r] == [1, 2, 3, 4]  # a new run: iteration 1, its own schedule
+    assert ft[0]["lr"] == pytest.approx(5e-4)
+    assert ft[0]["loss"] < pre[0]["loss"] - 1.0 and ft[0]["loss"] < pre[-2]["loss"] + 0.3  # the trained weights
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert (cfg["n_layer"], cfg["dropout"], cfg["init_from"]) == (3, 0.1, str(tmp_path / "pre"))
+    train.main([f"--out_dir={tmp_path / 'ft'}", "--init_from=resume", "--max_iters=6"])  # and it resumes as usual
+    assert max(train_losses(tmp_path / "ft")) == 6
+
+
+def test_keep_best_links_the_best_val_checkpoint(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=8", "--eval_interval=2", "--keep_best", "--learning_rate=0.05", "--warmup_iters=1")
+    evals = {r["iter"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
+    best = par.load_train_state(tmp_path / "best")
+    assert best["iter"] == min(evals, key=evals.get) and best["best_val_loss"] == min(evals.values())
+    assert par.load_train_state(tmp_path)["iter"] == 8
+
+
+def test_log_to_needs_its_package_and_says_so(tiny_data, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="log_to='wandb': needs the wandb package, which is optional: pip install wandb"):
+        run(tiny_data, tmp_path, "--log_to=wandb")
+    assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
+    """A stand-in wandb module (the real one needs an account or a network): init once per process, the same
+    run id on resume, every metrics.jsonl row logged at its iteration."""
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(("log", step, row))
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw["id"], kw["resume"])) or Run()
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2", "--stop_iter=2", "--log_to=wandb")
+    train.main([f"--out_dir={tmp_path}", "--init_from=resume"])
+    inits = [c for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0][1] == inits[1][1]
+    logged = [(c[1], sorted(c[2])) for c in calls if c[0] == "log"]
+    rows = [(r["iter"], sorted(k for k in r if k != "iter")) for r in read_metrics(tmp_path)]
+    assert logged == rows
+
+
+def test_log_to_tensorboard_writes_events(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--log_to=tensorboard")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in acc.Scalars("val_loss")] == pytest.approx([r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r])
+
+
+def test_a_redirected_log_grows_while_the_run_runs(tiny_data, tmp_path):
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'o'}",
+                              "--max_iters=5000", "--eval_interval=5000"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        grown = lambda: "\niter      3 | loss" in log.read_text()
+        while not grown() and time.time() < deadline:
+            assert p.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert grown() and p.poll() is None  # logged while still running
+    finally:
+        p.kill()
+        p.wait()
+
+
+# A process that trains until it kills itself (SIGKILL: no cleanup of any kind) at its `n`-th
+#   iter     start of an iteration
+#   save     torch.save, after writing only half the file
+#   replace  os.replace, just before a finished temporary file takes its final name
+#   metrics  an append to metrics.jsonl, after writing half the line
+KILLER = """
+import os, signal, sys, torch, configurator, train, parallel
+kind, n = sys.argv[1], int(sys.argv[2])
+count = [0]
+def hit():
+    count[0] += 1
+    return count[0] == n
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if kind == "iter":
+    lr_at = train.lr_at
+    train.lr_at = lambda it, c: die() if hit() else lr_at(it, c)
+elif kind == "save":
+    save = torch.save
+    def cut(obj, f, *a, **k):
+        save(obj, f, *a, **k)
+        if hit():
+            os.truncate(f, os.path.getsize(f) // 2)
+            die()
+    torch.save = cut
+elif kind == "replace":
+    replace = os.replace
+    os.replace = lambda a, b: die() if hit() else replace(a, b)
+elif kind == "metrics":
+    log = train.log_metrics
+    def half(path, row):
+        if hit():
+            with open(path, "a") as f:
+                f.write(train.json.dumps(row)[:20])
+            die()
+        log(path, row)
+    train.log_metrics = half
+sys.argv = ["train.py", *sys.argv[3:]]
+configurator.main_guard(train.main)
+"""
+KILLS = [("iter", 5), ("save", 1), ("replace", 3), ("metrics", 2), ("iter", 2), ("replace", 2), ("save", 2),
+         ("metrics", 5), ("replace", 4), ("iter", 7), ("save", 1), ("metrics", 1), ("replace", 1), ("iter", 4),
+         ("replace", 5), ("save", 2), ("metrics", 3), ("iter", 3), ("replace", 3), ("save", 1)]
+
+
+def test_sigkill_anywhere_then_resume_loses_nothing(tiny_data, tmp_path):
+    """20 kills at every kind of point; each time the run is resumed (from scratch if no checkpoint survived).
+    The final metrics.jsonl equals the uninterrupted run's: every iteration's loss and every eval, once each."""
+    args = [*TINY, f"--data_dir={tiny_data}", "--max_iters=40", "--eval_interval=3", "--dropout=0.1"]
+    run(tiny_data, tmp_path / "ref", *args[len(TINY) + 1:])
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for kind, n in [*KILLS, ("none", 0)]:
+        start = ["--init_from=resume"] if par.find_checkpoint(out)[0] else [*args, "--overwrite"]
+        p = subprocess.run([sys.executable, "-c", KILLER, kind, str(n), *start, f"--out_dir={out}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == (0 if kind == "none" else -9), (kind, n, p.stdout[-1500:], p.stderr[-1500:])
+    keys = ("iter", "loss", "lr", "grad_norm", "tokens", "val_loss", "train_loss")
+    ref, got = ([{k: r[k] for k in keys if k in r} for r in read_metrics(d)] for d in (tmp_path / "ref", out))
+    assert [r["iter"] for r in got] == [r["iter"] for r in ref]
+    for a, b in zip(ref, got):
+        assert b == pytest.approx(a, rel=1e-6), (a, b)
+    json.loads((out / "config.json").read_text())
+    assert not list(out.glob("*.tmp"))
