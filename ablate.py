@@ -32,6 +32,7 @@ import torch
 import configurator
 import parallel as par
 from model import ModelConfig, Transformer
+from plot import draw
 from train import write_atomic
 
 # ----------------------------------------------------------------------------- config
@@ -204,31 +205,6 @@ def table(results, c, device):
     return "\n".join(lines) + "\n"
 
 
-def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install matplotlib; it is optional)")
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, r in enumerate(results):
-        tr = [x for x in r["curve"] if "loss" in x]
-        ev = [x for x in r["curve"] if "val_loss" in x]
-        line, = ax.plot([x["iter"] for x in tr], [x["loss"] for x in tr], lw=1, alpha=0.6, label=f"{r['variant']} train")
-        ax.plot([x["iter"] for x in ev], [x["val_loss"] for x in ev], "o-", color=line.get_color(), label=f"{r['variant']} val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # written whole, then renamed
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
-
-
 def load_config(argv):
     """(ablate.py's keys, train.py's keys): config files and --key=value may set both."""
     merged, _ = configurator.load(argv, "ablate.py", extends=("train.py",), doc=__doc__)
@@ -273,7 +249,8 @@ def publish(out, text, curves, with_plot):
     write_atomic(out / "results.md", text)
     print("\n" + text + f"\nwrote {out / 'results.md'}")
     if with_plot:
-        plot(curves, out / "loss.png")
+        drawn = draw([(r["variant"], r["curve"]) for r in curves], out / "loss.png")
+        print(f"wrote {out / 'loss.png'}" if drawn else "no plot: matplotlib is not installed (optional: pip install matplotlib)")
 
 
 def parse_list(a, key, kind, default):

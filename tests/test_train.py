@@ -257,7 +257,7 @@ def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
 @pytest.mark.parametrize("script,key", [("train.py", "--recompute_every=8"), ("sample.py", "--top_k=200"),
                                         ("plan.py", "--gpu_gib=80.0"), ("ablate.py", "--variants="),
                                         ("analyze.py", "--rank=0"), ("bench.py", "--what='recompute'"),
-                                        ("prepare_data.py", "--tokenizer='byte'")])
+                                        ("prepare_data.py", "--tokenizer='byte'"), ("plot.py", "--x='iter'")])
 def test_every_script_answers_help(script, key):
     p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and key in p.stdout and p.stderr == "", (p.stdout[-500:], p.stderr[-500:])
@@ -324,3 +324,17 @@ def test_devices_and_out_dirs_that_cannot_work_are_one_line_errors(tmp_path, mon
     (tmp_path / "f").write_text("")
     with pytest.raises(ValueError, match=f"out_dir=.*: {tmp_path / 'f'} is a file, not a directory"):
         train.main(["configs/cpu_debug.py", f"--out_dir={tmp_path / 'f' / 'sub'}"])
+
+
+def test_plot_draws_the_curves_of_several_runs(tiny_data, tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+    run(tiny_data, tmp_path / "a", "--max_iters=4", "--eval_interval=2")
+    run(tiny_data, tmp_path / "b", "--max_iters=4", "--eval_interval=2", "--param=full")
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 5, "lo')  # a line cut short by a kill: skipped
+    plot.main([str(tmp_path / "a"), str(tmp_path / "b"), f"--out={tmp_path / 'c.png'}", "--x=tokens"])
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".c.*"))
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"iter": 1}\nnot json\n{"iter": 2}\n')
+    with pytest.raises(ValueError, match=r"a/metrics.jsonl:2 is not a JSON row"):
+        plot.main([str(tmp_path / "a")])
