@@ -337,37 +337,6 @@ def load_data(c, rt):
     return splits["train"], splits["val"], meta
 
 
-def run_preflight(c, world):
-    """Every check a launch at `world` processes makes before it costs GPU time, on any machine: the config,
-    the batch arithmetic, the data (where it is present here) and the memory plan. Prints a summary; errors raise."""
-    import plan
-    grad_accum = check_config(c, world)
-    try:
-        data_dir, meta = find_data(c)
-    except FileNotFoundError as e:
-        data_dir, meta = None, None
-        print(f"note: {e}\n  (not needed for the preflight; needed on the machines that train)")
-    if meta is not None:
-        check_data(c, data_dir, meta)
-    vocab = c["vocab_size"] or (meta or {}).get("vocab_size") or (50257 if "gpt2" in c["data_dir"] else 256)
-    cp = {**c, "vocab_size": vocab}
-    r, P = plan.plan(cp, c["parallel"], c["recompute"], world)
-    gib = 2 ** 30
-    where = "here"
-    if torch.cuda.is_available():
-        limit = torch.cuda.get_device_properties(0).total_memory
-        if r["total"] > 0.9 * limit:
-            raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute="
-                             f"{c['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's "
-                             f"{limit / gib:.1f} GiB: lower batch_size, use recompute or parallel='fsdp'")
-        where = f"of this GPU's {limit / gib:.1f} GiB"
-    print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
-          f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
-          f"{r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute={c['recompute']}, "
-          f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){'' if where == 'here' else ', fits ' + where}; "
-          f"data {'found in ' + str(data_dir) if meta else 'not here'}")
-
-
 def build(c, rt, ckpt):
     """Model (identical weights on every rank and in every mode), optimizer, and the checkpoint's state if resuming.
     raw_model is the Transformer itself: what we checkpoint, free of compile and DDP wrappers."""
@@ -468,7 +437,8 @@ def main(argv):
         c, ckpt = finetune_config(c, given)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if c["preflight"]:
-        return run_preflight(c, c["world_size"] or world)
+        import plan  # the memory plan and every other check a launch makes
+        return plan.preflight(c, c["world_size"] or world)
     grad_accum = check_config(c, world)
     rt = setup(c)
     rank, device, autocast, say = rt["rank"], rt["device"], rt["autocast"], rt["say"]
