@@ -215,3 +215,38 @@ def test_a_deep_copy_and_a_second_backward():
     first = {n: p.grad.clone() for n, p in twin.named_parameters()}
     loss.backward()
     assert all(torch.allclose(p.grad, 2 * first[n], rtol=1e-6, atol=0) for n, p in twin.named_parameters())
+
+
+def two_process_worker(parallel, keep_z):
+    """Under torch.distributed.run: each of 2 processes takes half the batch; rank 0 checks the averaged
+    gradients against one plain-autograd process on the whole batch."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import parallel as par
+    from model import ModelConfig, Transformer
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cfg = ModelConfig(n_layer=5, n_head=2, n_embd=32, intermediate_size=48, vocab_size=50, block_size=16, rank=8)
+    model, raw = par.build_model(cfg, parallel, torch.device("cpu"), 0, recompute=("reversible", 2, keep_z))
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+    model(idx[2 * rank:2 * rank + 2], idx[2 * rank:2 * rank + 2])[1].backward()
+    grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in raw.named_parameters()}
+    if rank == 0:
+        with torch.device("meta"):
+            ref = Transformer(cfg)
+        par.materialize(ref, torch.device("cpu"), 0)
+        assert_grads_close(loss_and_grads(ref, idx)[1], grads)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel,keep_z", [("ddp", False), ("fsdp", True), ("fsdp", False)])
+def test_two_processes_match_one(parallel, keep_z):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; " \
+           f"t.two_process_worker({parallel!r}, {keep_z})"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                        sys.executable, "-c", code],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
