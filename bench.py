@@ -1,8 +1,9 @@
 """
 Benchmarks that print tables (never assertions; tests/ holds those).
 
-    python bench.py recompute            # none / block / crnet recompute side by side, one fresh process each
-    python bench.py recompute --profile  # plus where crnet's step time goes
+    python bench.py recompute            # none / block / crnet / reversible (keep_z True, False) side by side,
+                                         # one fresh process each
+    python bench.py recompute --profile  # plus where crnet's and reversible's step time goes
     python bench.py init                 # per-layer output std at init, CR-Net vs full-rank (results/init.md)
     python bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
@@ -40,10 +41,11 @@ seq = 256                   # sequence length [>=1]
 batch = 2                   # sequences per step [>=1]
 every = 8                   # crnet recompute: keep the lanes of every k-th layer [>=1]
 steps = 3                   # timed steps (the median is reported) after one warm-up step [>=1]
-profile = False             # recompute: also print where crnet's step time goes (torch.profiler)
+profile = False             # recompute: also print where crnet's and reversible's step time goes (torch.profiler)
 sizes = "60m,130m,350m,1b,7b"  # sizes: which paper sizes to try (each if the planner says it fits)
 compile = False             # sizes: torch.compile the model
-mode = "crnet"              # one row's recompute mode (set by the table for each fresh process) {none|block|crnet}
+mode = "crnet"              # one row's recompute mode (set by the table for each fresh process) {none|block|crnet|reversible}
+keep_z = True               # one row's keep_z (reversible; set by the table)
 size = "60m"                # one row's paper size (set by the table)
 param = "crnet"             # one row's parameterization (set by the table) {full|crnet}
 one = False                 # run one row in this process and print it as JSON (the table launches these)
@@ -63,7 +65,7 @@ def one_mode(a):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
                       vocab_size=256, block_size=a.seq, param="crnet")
-    m = recompute.apply(Transformer(cfg).to(dev), a.mode, a.every)
+    m = recompute.apply(Transformer(cfg).to(dev), a.mode, a.every, a.keep_z or a.mode != "reversible")
     idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
     tokens = idx.numel()
     before = rss_bytes()
@@ -74,8 +76,9 @@ def one_mode(a):
     del loss
     formula = None
     if a.mode != "none":
-        store = plan_stored_lanes(m.blocks, a.every, torch.float32) if a.mode == "crnet" else None
-        formula = stored_numbers_per_token(cfg, a.mode, a.every, store) * 4 * tokens
+        stream = a.mode == "reversible"
+        store = plan_stored_lanes(m.blocks, a.every, torch.float32, stream, a.keep_z or not stream) if a.mode != "block" else None
+        formula = stored_numbers_per_token(cfg, a.mode, a.every, store, a.keep_z or not stream) * 4 * tokens
     times, cuda_peak = [], None
     for i in range(a.steps + 1):
         if dev.type == "cuda":
@@ -91,13 +94,14 @@ def one_mode(a):
             times.append(time.perf_counter() - t0)
         m.zero_grad(set_to_none=True)
         del loss
-    if a.profile and a.mode == "crnet":
+    if a.profile and a.mode in ("crnet", "reversible"):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             _, loss = m(idx, idx)
             loss.backward()
+        print(f"{label(a.mode, a.keep_z)}: top ops by self CPU time", file=sys.stderr)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14), file=sys.stderr)
-    return {"mode": a.mode, "held": held, "formula": formula, "rss_delta": rss_first,
+    return {"mode": label(a.mode, a.keep_z), "held": held, "formula": formula, "rss_delta": rss_first,
             "step_s": statistics.median(times), "cuda_peak": cuda_peak, "tokens": tokens}
 
 
@@ -111,8 +115,15 @@ def fresh_process(*args):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+ROWS = [("none", True), ("block", True), ("crnet", True), ("reversible", True), ("reversible", False)]
+
+
+def label(mode, keep_z):
+    return mode + (", keep_z=False" if mode == "reversible" and not keep_z else "")
+
+
 def recompute_table(a, argv):
-    rows = [fresh_process("recompute", f"--mode={mode}", *argv) for mode in ("none", "block", "crnet")]
+    rows = [fresh_process("recompute", f"--mode={m!r}", f"--keep_z={k}", *argv) for m, k in ROWS]
     r = {row["mode"]: row for row in rows}
     mib = 2 ** 20
     print(f"\nCR-Net LLaMA h={a.n_embd} L={a.n_layer} r={a.rank} h_ff={a.ff} heads={a.n_head}, batch {a.batch} x {a.seq} "
@@ -120,16 +131,18 @@ def recompute_table(a, argv):
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print("| recompute | held activations (counted) | formula | vs block | RSS growth, first forward | step time | vs none |")
     print("|---|---|---|---|---|---|---|")
-    for mode in ("none", "block", "crnet"):
+    for mode in (label(m, k) for m, k in ROWS):
         x = r[mode]
         f = "-" if x["formula"] is None else f"{x['formula'] / mib:.1f} MiB"
         print(f"| {mode} | {x['held'] / mib:.1f} MiB | {f} | {x['held'] / r['block']['held']:.3f}x | "
               f"{x['rss_delta'] / mib:.1f} MiB | {x['step_s']:.3f} s | {x['step_s'] / r['none']['step_s']:.3f}x |")
         if x["cuda_peak"]:
             print(f"|   cuda max_memory_allocated | {x['cuda_peak'] / mib:.1f} MiB |")
-    print(f"\ncrnet / block held bytes: {r['crnet']['held'] / r['block']['held']:.3f}; "
-          f"crnet step / none: {r['crnet']['step_s'] / r['none']['step_s']:.3f}; "
-          f"crnet step / block: {r['crnet']['step_s'] / r['block']['step_s']:.3f}")
+    print()
+    for mode in (label(m, k) for m, k in ROWS[2:]):
+        print(f"{mode} / block held bytes: {r[mode]['held'] / r['block']['held']:.3f}; "
+              f"step / none: {r[mode]['step_s'] / r['none']['step_s']:.3f}; "
+              f"step / block: {r[mode]['step_s'] / r['block']['step_s']:.3f}")
 
 
 @torch.no_grad()
@@ -260,7 +273,7 @@ def main(argv):
     if a.one:
         print(json.dumps(one_mode(a)))
     else:
-        recompute_table(a, [x for x in argv if not x.startswith(("--mode", "--what")) and x != "recompute"])
+        recompute_table(a, [x for x in argv if not x.startswith(("--mode", "--keep_z", "--what")) and x != "recompute"])
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ bfloat16, the GPU default):
   activations  what autograd holds when the forward of one micro-batch ends (activation_numbers: counted
                tensor by tensor from the ops in model.py and recompute.py; tests/test_plan.py checks it against
                bytes counted on a real forward).
-  backward     the largest transient of the backward: the logits' gradients, plus one recomputed layer for
-               block/crnet recompute.
+  backward     the largest transient of the backward: the logits' gradients, plus one recomputed layer under
+               any recompute.
 Not counted: the CUDA context and allocator fragmentation (1-3 GiB in practice), so "fits" keeps 10% headroom.
 Dropout masks are not counted (the paper's configs use none).
 """
@@ -44,22 +44,29 @@ PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for 
 
 
 # ----------------------------------------------------------------------------- counted numbers
-def stored_numbers_per_token(cfg, mode, every=8, store=None):
+def stored_numbers_per_token(cfg, mode, every=8, store=None, keep_z=True):
     """What a training step keeps inside the layer loop per token, in numbers (multiply by bytes per
-    number), counting inputs of blocks 2..L (block 1's input is the embedding output, kept by every mode):
-        block: (L-1) * (h + 5h + 2 ff)                 block inputs + their input lanes
-        crnet: (L-1) * h + 7 (L-1) r + |C| (5h + 2 ff) block inputs + Z + stored lanes (C: checkpoint set)
-    for LLaMA; GPT-2's lanes are 3h + h + 4h + h = 9h per layer and its Z 6r. `store` replaces the
-    checkpoint set by an actual (layer, group) plan, e.g. one the round-off guard extended."""
+    number), counting inputs of blocks 2..L (block 1's input is the embedding output, made before the loop):
+        block:      (L-1) * (h + 5h + 2 ff)                 block inputs + their input lanes
+        crnet:      (L-1) * h + 7 (L-1) r + |C| (5h + 2 ff) block inputs + Z + stored lanes (C: checkpoint set)
+        reversible: 7 (L-1) r + |C| (h + 5h + 2 ff)         Z + the inputs and lanes of C only (keep_z=True)
+                    |C| (6h + 2 ff)                         keep_z=False: no Z either
+    for LLaMA, where a layer's lanes are 3h (q, k, v) + h (o) + 2 ff (gate, up) + h (down) = 5h + 2 ff and its
+    Z 3r + r + 2r + r = 7r. GPT-2's lanes are 3h + h + 4h + h = 9h and its Z 3r + r + r + r = 6r, so reversible
+    keeps 6 (L-1) r + |C| (h + 9h) = 6 (L-1) r + 10 h |C|, or 10 h |C| with keep_z=False (C never holds layer 1,
+    so every stored input is counted). `store` replaces the checkpoint set by an actual (layer, group) plan,
+    e.g. one the round-off guard extended (group 4: a block input)."""
     L, h = cfg.n_layer, cfg.n_embd
-    group = lane_numbers(cfg)
+    group = lane_numbers(cfg) + [h]  # the 4 lane groups, then the block input (recompute.X)
     if mode == "block":
-        return (L - 1) * (h + sum(group))
-    if mode != "crnet":
+        return (L - 1) * sum(group)
+    if mode not in ("crnet", "reversible"):
         raise ValueError(f"no formula for recompute={mode!r}: 'none' keeps every intermediate")
+    groups = range(5 if mode == "reversible" else 4)
     if store is None:
-        store = {(l, g) for l in checkpoint_layers(L, every) for g in range(4)}
-    return (L - 1) * h + z_numbers(cfg) + sum(group[g] for (l, g) in store)
+        store = {(l, g) for l in checkpoint_layers(L, every) for g in groups}
+    kept = sum(group[g] for (l, g) in store if l or g != 4)  # a stored layer-1 input is the embedding output
+    return kept + (z_numbers(cfg) if keep_z else 0) + (L - 1) * h * (mode == "crnet")
 
 
 def lane_numbers(cfg):
@@ -152,7 +159,7 @@ def layer_numbers(cfg, l, bf16):
     return f32 + sum(p[0] for p in parts), act + sum(p[1] for p in parts)
 
 
-def activation_numbers(cfg, mode, bf16, every=8):
+def activation_numbers(cfg, mode, bf16, every=8, keep_z=True):
     """(float32, compute-dtype) numbers per token held at the end of a training forward (logits dropped)."""
     h, L, llama = cfg.n_embd, cfg.n_layer, cfg.arch == "llama"
     f32 = h + h + cfg.vocab_size + ((1 + h) if llama else 2)  # x_0, x_L, log-softmax, final norm statistics
@@ -163,6 +170,11 @@ def activation_numbers(cfg, mode, bf16, every=8):
             f32, act = f32 + f, act + a
         return f32 - h, act  # x_L was counted by the last layer too
     lanes = lane_numbers(cfg) if cfg.param == "crnet" else []
+    if mode == "reversible":
+        # the inputs and lanes of the checkpoint set only (x_0 is not kept), and Z unless keep_z=False; in bf16
+        # recompute.py keeps Z anyway (a Z recomputed in bf16 from a rebuilt input would not be the forward's)
+        ckpt = checkpoint_layers(L, every)
+        return f32 - h + len(ckpt - {0}) * h + len(ckpt) * sum(lanes), act + z_numbers(cfg) * (keep_z or bf16)
     f32 += (L - 1) * h  # the inputs of blocks 2..L
     if mode == "block":  # and their input lanes: float32, but layer 1's (full-rank) are in compute dtype
         return f32 + max(0, L - 2) * sum(lanes), act + (L > 1) * sum(lanes)
@@ -186,7 +198,7 @@ def plan(c, parallel, mode, gpus):
     block = max(sum(p.numel() for p in b.parameters()) for b in m.blocks)
     root = P - sum(p.numel() for p in m.blocks.parameters())
     A, tokens = (2 if bf16 else 4), c["batch_size"] * c["block_size"]
-    f32, act = activation_numbers(cfg, mode, bf16, c["recompute_every"])
+    f32, act = activation_numbers(cfg, mode, bf16, c["recompute_every"], c.get("keep_z", True))
     f, a = layer_numbers(cfg, cfg.n_layer // 2, bf16)
     backward = tokens * (cfg.vocab_size * (4 + A) + (0 if mode == "none" else 4 * f + A * a))
     if parallel == "ddp":
@@ -207,12 +219,14 @@ def report(c, argv):
           f"{'bfloat16' if c['dtype'] == 'auto' else c['dtype']}; GiB per GPU; fits = total <= 90% of {gib:g} GiB")
     print("| parallel | recompute | params | grads | AdamW | activations | backward | total | fits |")
     print("|---|---|---|---|---|---|---|---|---|")
-    modes = ["none", "block"] + (["crnet"] if c["param"] == "crnet" else [])
+    modes = [("none", True), ("block", True)]
+    modes += [("crnet", True), ("reversible", True), ("reversible", False)] if c["param"] == "crnet" else []
     for parallel, label in (("ddp", "DDP"), ("fsdp", f"FSDP x{n}")):
-        for mode in modes:
-            r, P = plan(c, parallel, mode, n)
+        for mode, keep_z in modes:
+            r, P = plan({**c, "keep_z": keep_z}, parallel, mode, n)
             cells = " | ".join(f"{r[k] / GiB:.2f}" for k in ("params", "grads", "optimizer", "activations", "backward", "total"))
-            print(f"| {label} | {mode} | {cells} | {'yes' if r['total'] <= 0.9 * gib * GiB else 'no'} |")
+            name = mode + ("" if keep_z else ", keep_z=False")
+            print(f"| {label} | {name} | {cells} | {'yes' if r['total'] <= 0.9 * gib * GiB else 'no'} |")
     print(f"{P / 1e6:.1f}M parameters")
 
 

@@ -13,6 +13,8 @@ CASES = [(arch, param, mode) for arch in ("llama", "gpt2") for param in ("full",
          for mode in ("none", "block", "crnet") if mode != "crnet" or param == "crnet"]
 ABLATIONS = {"lowrank-first": dict(first_layer="lowrank"), "fixed-beta": dict(beta_learnable=False)}
 CASES += [("llama", f"crnet:{a}", mode) for a in ABLATIONS for mode in ("none", "block", "crnet")]
+CASES += [(arch, param, f"reversible:{keep_z}") for arch in ("llama", "gpt2") for param in ("crnet", "crnet:lowrank-first")
+          for keep_z in (True, False)]
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
@@ -22,14 +24,16 @@ def test_activation_figures_match_counted_bytes(arch, param, mode, dtype):
     the bytes still alive after a real training forward, counted tensor by tensor. Measured: within 1%; the
     issue asks for 15%, we hold it to 2%. (Ranks vary per layer to catch a formula that assumes one rank.)"""
     param, _, ablation = param.partition(":")
+    mode, _, keep_z = mode.partition(":")
+    keep_z = keep_z != "False"
     cfg = ModelConfig(arch=arch, n_layer=5, n_head=4, n_embd=64, intermediate_size=160, vocab_size=97, block_size=32,
                       param=param, rank=[16, 12, 16, 8, 16], **ABLATIONS.get(ablation, {}))
     torch.manual_seed(0)
-    m = recompute.apply(Transformer(cfg), mode, every=2)
+    m = recompute.apply(Transformer(cfg), mode, 2, keep_z)
     idx = torch.randint(0, 97, (3, 32))
     held, _ = held_activation_bytes(m, idx, idx, whole=True, autocast=dtype)
     c = {**configurator.defaults("train.py"), **{k: getattr(cfg, k) for k in ModelConfig.field_names()}, "batch_size": 3,
-         "block_size": 32, "dtype": "bfloat16" if dtype else "float32", "recompute_every": 2}
+         "block_size": 32, "dtype": "bfloat16" if dtype else "float32", "recompute_every": 2, "keep_z": keep_z}
     r, P = plan.plan(c, "ddp", mode, 1)
     predicted = r["activations"] + (r["params"] - 4 * P)
     assert predicted == pytest.approx(held, rel=0.02), (predicted, held)
@@ -55,6 +59,6 @@ def test_paper_table_matches_closed_form_counts(capsys):
 def test_report_and_errors(capsys):
     plan.main(["configs/crnet_llama_7b.py", "--gpus=4", "--gpu_gib=40"])
     out = capsys.readouterr().out
-    assert "| FSDP x4 | crnet |" in out and "3092.9M parameters" in out
+    assert "| FSDP x4 | crnet |" in out and "| FSDP x4 | reversible, keep_z=False |" in out and "3092.9M parameters" in out
     with pytest.raises(ValueError, match="unknown config key 'gpu'"):
         plan.main(["--gpu=4"])
