@@ -66,8 +66,9 @@ beta_learnable = True               # False: the paper's fixed-beta ablation
 first_layer = "full"                # "lowrank": the paper's low-rank-first-layer ablation {full|lowrank}
 init_std = 0.02                     # std of a full-rank projection [>0]
 # activation recomputation (recompute.py): not part of the model, so a run may resume with another mode
-recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1 {none|block|crnet}
-recompute_every = 8                 # crnet: keep the lanes of every k-th layer, counted down from the last [>=1]
+recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1; "reversible": also inverts the residual stream {none|block|crnet|reversible}
+recompute_every = 8                 # crnet, reversible: keep the lanes of every k-th layer, counted down from the last [>=1]
+keep_z = True                       # reversible: keep every Z = X A (False: recompute it in backward, storing less)
 # optimization
 batch_size = 32                     # micro-batch sequences per process [>=1]
 total_batch_tokens = 4096           # tokens per optimizer step = batch_size * block_size * world_size * grad_accum [>=1]
@@ -93,7 +94,7 @@ TYPES = {"rank": (int, list), "vocab_size": (int, None)}
 # -----------------------------------------------------------------------------
 # what a resumed run may change; everything else defines the model, the data stream or the optimization
 FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute",
-                  "recompute_every", "batch_size", "max_iters", "stop_iter", "device", "dtype", "compile",
+                  "recompute_every", "keep_z", "batch_size", "max_iters", "stop_iter", "device", "dtype", "compile",
                   "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
                   "log_to", "wandb_project"}
 SINKS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # log_to name -> the package it needs (optional)
@@ -243,9 +244,11 @@ def check_config(c, world):
         if importlib.util.find_spec(SINKS[name]) is None:
             raise ConfigError("log_to", c["log_to"], f"needs the {SINKS[name]} package, which is optional: "
                                                      f"pip install {SINKS[name]}")
-    if c["recompute"] == "crnet" and c["param"] != "crnet":
-        raise ConfigError("recompute", "crnet", f"inverts Eq. 6 and needs param='crnet' (got param={c['param']!r}); "
-                                                f"use recompute='block'")
+    if c["recompute"] in ("crnet", "reversible") and c["param"] != "crnet":
+        raise ConfigError("recompute", c["recompute"], f"inverts Eq. 6 and needs param='crnet' (got param="
+                                                       f"{c['param']!r}); use recompute='block'")
+    if not c["keep_z"] and c["recompute"] != "reversible":
+        raise ConfigError("keep_z", False, f"applies to recompute='reversible' only (got {c['recompute']!r})")
     model_config(c)  # the model's own checks (divisibility, ranks, ...), named by key
     return c["total_batch_tokens"] // per_micro  # grad_accum
 
@@ -342,7 +345,7 @@ def build(c, rt, ckpt):
     raw_model is the Transformer itself: what we checkpoint, free of compile and DDP wrappers."""
     mcfg = model_config(c)
     model, raw = par.build_model(mcfg, c["parallel"], rt["device"], c["seed"], rt["dtype"] == "bfloat16",  # FSDP: bf16 params
-                                 c["compile"], (c["recompute"], c["recompute_every"]))
+                                 c["compile"], (c["recompute"], c["recompute_every"], c["keep_z"]))
     optimizer = raw.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt["device"].type)
     start_iter, best_val = 0, float("inf")
     if ckpt is None:

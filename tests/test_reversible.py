@@ -250,3 +250,18 @@ def test_two_processes_match_one(parallel, keep_z):
                         sys.executable, "-c", code],
                        cwd=root, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_train_py_runs_it_and_a_run_resumes_across_modes(tiny_data, tmp_path):
+    """train.py's keys: a reversible (keep_z=False) run with dropout logs plain autograd's losses, and resumes
+    under crnet; keep_z=False with another mode is a config error."""
+    import train
+    from conftest import TINY, train_losses
+    base = [*TINY, f"--data_dir={tiny_data}", "--max_iters=8", "--eval_interval=4", "--dropout=0.1", "--recompute_every=2"]
+    train.main([*base, f"--out_dir={tmp_path / 'none'}"])
+    train.main([*base, f"--out_dir={tmp_path / 'rev'}", "--recompute=reversible", "--keep_z=False", "--stop_iter=4"])
+    train.main([f"--out_dir={tmp_path / 'rev'}", "--init_from=resume", "--recompute=crnet", "--keep_z=True"])
+    a, b = train_losses(tmp_path / "none"), train_losses(tmp_path / "rev")
+    assert list(b) == list(range(1, 9)) and all(b[i] == pytest.approx(a[i], rel=1e-5) for i in a)
+    with pytest.raises(ValueError, match="keep_z=False: applies to recompute='reversible' only"):
+        train.main([*base, f"--out_dir={tmp_path / 'x'}", "--recompute=crnet", "--keep_z=False"])
