@@ -230,13 +230,14 @@ def test_hub_path_is_one_load_dataset_call(tmp_path, monkeypatch):
 
 
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
-    """A corpus held whole would add 60 MB of text and 120 MB of tokens; read a batch at a time, it adds little.
+    """A corpus held whole would add 120 MB of text and 240 MB of tokens; read a batch at a time, it adds little
+    (what it adds is batches in flight in the tokenizer threads: 7-45 MB measured on 2 cores, hence the margin).
     The peak is VmHWM: ru_maxrss of a child counts its parent's memory at fork."""
     block = "".join(json.dumps({"text": t}) + "\n" for t in DOCS * 100)
     code = "import sys, prepare_data; prepare_data.main(sys.argv[1:]); " \
            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     peaks = []
-    for mb in (20, 80):
+    for mb in (20, 140):
         src = tmp_path / f"c{mb}.jsonl"
         with open(src, "w") as f:
             for _ in range(mb * 2 ** 20 // len(block)):
@@ -245,7 +246,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
         peaks.append(int(p.stdout.split()[-1]) / 1024)  # MB
-    assert peaks[1] - peaks[0] < 40, peaks
+    assert peaks[1] - peaks[0] < 90, peaks
 
 
 def test_tokenizer_that_overflows_uint16_is_rejected(monkeypatch):

@@ -237,7 +237,10 @@ def two_process_worker(parallel, keep_z):
             ref = Transformer(cfg)
         par.materialize(ref, torch.device("cpu"), 0)
         assert_grads_close(loss_and_grads(ref, idx)[1], grads)
+    dist.barrier()  # gloo aborts a process whose peer tears the group down while it still works
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # checked and done: skip interpreter teardown, where a gloo thread has aborted a process (SIGABRT)
 
 
 @pytest.mark.parametrize("parallel,keep_z", [("ddp", False), ("fsdp", True), ("fsdp", False)])
