@@ -189,10 +189,11 @@ def load_weights(ckpt, model, optimizer=None):
         set_model_state_dict(model, msd, options=opts)
 
 
-def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=False):
+def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=False, keep_previous=True):
     """Atomic in both modes: a kill at any instant leaves the last good checkpoint readable. Once the new one is
     complete, the one before it stays as the fallback and older ones (and the other format's) are removed.
-    best=True also links it as out/best/, the best-val checkpoint."""
+    best=True also links it as out/best/, the best-val checkpoint. keep_previous=False (a new run's first save
+    over an old run's checkpoints) keeps none of the old ones: a fallback must never switch runs."""
     out = Path(out)
     msd, osd = get_state_dict(model, optimizer)
     if parallel == "ddp":
@@ -203,7 +204,7 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
             if final.exists():
                 os.replace(final, out / PREV_FILE)
             os.replace(tmp, final)
-            prune(out, final)
+            prune(out, final, keep_previous)
     else:
         root = out / DCP_DIR
         final = root / f"iter_{train_state['iter']:07d}"
@@ -217,7 +218,7 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
             if final.exists():  # the same iteration saved again: set the old copy aside until the new one is in
                 os.replace(final, final.with_name(final.name + ".old"))
             os.replace(tmp, final)
-            prune(out, final)
+            prune(out, final, keep_previous)
     if best and rank == 0:
         link_best(final, out / "best")
     if dist.is_initialized():
@@ -225,10 +226,10 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
     return final
 
 
-def prune(out, final):
+def prune(out, final, keep_previous=True):
     """Keep the new checkpoint and the newest one before it (of either format: the fallback); remove the rest,
     with anything an interrupted save left in the DCP directory."""
-    keep = {final, *[p for _, p in checkpoints(out) if p != final][:1]}
+    keep = {final, *[p for _, p in checkpoints(out) if p != final][:keep_previous]}
     for f in (CKPT_FILE, PREV_FILE):
         if out / f not in keep:
             (out / f).unlink(missing_ok=True)

@@ -533,9 +533,12 @@ def evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data
     out = Path(c["out_dir"])
     rt["log"]({"iter": done, "val_loss": val_loss, "train_loss": train_loss})
     best = c["keep_best"] and improved
+    # a scratch or fine-tuning run's first save keeps no fallback: what is there belongs to an overwritten run
+    keep_previous = c["init_from"] == "resume" or rt.setdefault("saved", False)
     saved = par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
         "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg), "data_meta": meta,
-        "rng": states}, rank, best=best)
+        "rng": states}, rank, best=best, keep_previous=keep_previous)
+    rt["saved"] = True
     say(f"saved {saved}" + (f", linked as {out / 'best'} (best val so far)" if best else ""))
     return best_val
 

@@ -304,3 +304,9 @@ def test_sigkill_anywhere_then_resume_loses_nothing(tiny_data, tmp_path):
         assert b == pytest.approx(a, rel=1e-6), (a, b)
     json.loads((out / "config.json").read_text())
     assert not list(out.glob("*.tmp"))
+
+
+def test_an_overwritten_run_is_never_the_fallback(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2", "--param=full")  # the old run: ckpt.pt + prev
+    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--overwrite")   # a new run, one save
+    assert not (tmp_path / "ckpt.prev.pt").exists() and par.load_train_state(tmp_path)["config"]["param"] == "crnet"
