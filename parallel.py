@@ -116,13 +116,19 @@ class CheckpointError(ValueError):
 
 def checkpoints(out):
     """Every checkpoint in out, newest first: ("ddp", file) and ("fsdp", DCP directory). A DCP directory gets its
-    iter_ name only when complete; a ckpt.pt only when torch.save has finished (written as .tmp, then renamed)."""
+    iter_ name only when complete; a ckpt.pt only when torch.save has finished (written as .tmp, then renamed).
+    Within a format the order is by name (ckpt.pt, then ckpt.prev.pt; iter_ numbers, highest first), which a
+    copy keeps; only between formats (a run that changed mode) does mtime decide the order."""
     out = Path(out)
-    found = [("ddp", out / f) for f in (CKPT_FILE, PREV_FILE) if (out / f).is_file()]
+    ddp = [("ddp", out / f) for f in (CKPT_FILE, PREV_FILE) if (out / f).is_file()]
     root = out / DCP_DIR
-    if root.is_dir():
-        found += [("fsdp", p) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda kp: kp[1].stat().st_mtime_ns, reverse=True)
+    fsdp = sorted((("fsdp", p) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=lambda kp: int(kp[1].name[5:]), reverse=True) if root.is_dir() else []
+    if not (ddp and fsdp):
+        return ddp + fsdp
+    slots = sorted(ddp + fsdp, key=lambda kp: kp[1].stat().st_mtime_ns, reverse=True)  # which format, when
+    queues = {"ddp": iter(ddp), "fsdp": iter(fsdp)}
+    return [next(queues[kind]) for kind, _ in slots]  # each format's slots filled in its name order
 
 
 def find_checkpoint(out):

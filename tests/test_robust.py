@@ -310,3 +310,9 @@ def test_an_overwritten_run_is_never_the_fallback(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2", "--param=full")  # the old run: ckpt.pt + prev
     run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--overwrite")   # a new run, one save
     assert not (tmp_path / "ckpt.prev.pt").exists() and par.load_train_state(tmp_path)["config"]["param"] == "crnet"
+
+
+def test_a_copy_with_new_mtimes_still_resumes_the_latest(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=6", "--eval_interval=2", "--stop_iter=4")
+    os.utime(tmp_path / "ckpt.pt", (1, 1))  # as cp -r may leave it: the previous checkpoint looks newer
+    assert par.load_train_state(tmp_path)["iter"] == 4
