@@ -45,6 +45,7 @@ import torch
 
 import configurator
 from parallel import load_for_inference
+from plot import save_figure
 from prepare_data import ROOT, load_meta, prepare
 
 # ----------------------------------------------------------------------------- config
@@ -290,15 +291,7 @@ def plot(rows, positions, path, title):
     np.atleast_1d(axes)[0].set_ylabel("relative error")
     np.atleast_1d(axes)[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same directory: the rename is atomic
-    try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)
     print(f"wrote {path}")
 
 

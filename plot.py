@@ -57,6 +57,14 @@ def draw(curves, path, x="iter"):
     ax_lr.set_xlabel("tokens seen" if x == "tokens" else "iteration")
     for a in (ax, ax_lr):
         a.grid(alpha=0.3)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path):
+    """fig written whole to a temporary name beside path, then renamed (a kill leaves the old image or the new);
+    the figure is closed either way. analyze.py saves through this too."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same directory: the rename is atomic
@@ -65,7 +73,7 @@ def draw(curves, path, x="iter"):
         tmp.replace(path)
     finally:
         plt.close(fig)
-    return True
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv):
