@@ -37,7 +37,6 @@ format yourself. Under grouped-query attention k and v are kv_dim wide, and r mu
 The plot needs matplotlib (optional).
 """
 import math
-import os
 from pathlib import Path
 
 import numpy as np
