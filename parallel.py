@@ -158,23 +158,30 @@ def read_checkpoint(kind, path):
     return {**ckpt, "kind": kind, "path": path}
 
 
-def load_train_state(out, say=print):
+def load_train_state(out, say=print, set_aside=False):
     """The newest readable checkpoint's train state: config, iteration, RNG states... (a ckpt.pt's weights too).
-    A damaged newer one is skipped with a note; none readable is an error naming every file and why."""
+    A damaged newer one is skipped with a note; none readable is an error naming every file and why.
+    set_aside=True (a resuming run's rank 0) renames the damaged ones to <name>.damaged, kept for inspection
+    but out of the rotation: the next save must not keep a damaged file as its fallback."""
     tried = []
     for kind, path in checkpoints(out):
         try:
             ckpt = read_checkpoint(kind, path)
         except CheckpointError as e:
-            tried.append(f"{path} {e}")
+            tried.append((path, e))
             continue
-        for t in tried:
-            say(f"note: checkpoint {t}; falling back to {path} (iteration {ckpt['iter']})")
+        for bad, why in tried:
+            aside = Path(out) / f"{bad.name}.damaged"
+            if set_aside:
+                shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
+                os.replace(bad, aside)
+            say(f"note: checkpoint {bad} {why}; falling back to {path} (iteration {ckpt['iter']})"
+                + (f"; the damaged one is moved to {aside}" if set_aside else ""))
         return ckpt
     if not tried:
         raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
-    raise CheckpointError("no readable checkpoint: " + "; ".join(tried) + ". Restore the file, or start over "
-                          "with --init_from=scratch --overwrite")
+    raise CheckpointError("no readable checkpoint: " + "; ".join(f"{p} {e}" for p, e in tried) + ". Restore the "
+                          "file, or start over with --init_from=scratch --overwrite")
 
 
 def load_weights(ckpt, model, optimizer=None):
@@ -189,17 +196,32 @@ def load_weights(ckpt, model, optimizer=None):
         msd, osd, opts = state["model"], state.get("optimizer"), None
     else:  # full tensors: under FSDP each process keeps its shard
         msd, osd, opts = ckpt["model"], ckpt["optimizer"], StateDictOptions(full_state_dict=True)
+        if optimizer and any(isinstance(k, int) for k in osd["state"]):
+            osd = named_optimizer_state(model, optimizer, osd)
     if optimizer:
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
     else:
         set_model_state_dict(model, msd, options=opts)
 
 
-def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=False, keep_previous=True):
+def named_optimizer_state(model, optimizer, osd):
+    """An optimizer.state_dict() (parameters numbered 0, 1, ... in param_groups order, as ckpt.pt files written
+    before both formats shared one layout hold them) keyed by parameter names instead, as set_state_dict wants.
+    The numbering is the order configure_optimizers puts parameters in, which this version keeps."""
+    names = {p: n for n, p in model.named_parameters()}
+    ours = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    theirs = [i for g in osd["param_groups"] for i in g["params"]]
+    if len(theirs) != len(ours):
+        raise CheckpointError(f"holds optimizer state for {len(theirs)} parameters, the model has {len(ours)}")
+    fqn = dict(zip(theirs, ours))
+    return {"state": {fqn[i]: v for i, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in osd["param_groups"]]}
+
+
+def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=False):
     """Atomic in both modes: a kill at any instant leaves the last good checkpoint readable. Once the new one is
     complete, the one before it stays as the fallback and older ones (and the other format's) are removed.
-    best=True also links it as out/best/, the best-val checkpoint. keep_previous=False (a new run's first save
-    over an old run's checkpoints) keeps none of the old ones: a fallback must never switch runs."""
+    best=True also links it as out/best/, the best-val checkpoint."""
     out = Path(out)
     msd, osd = get_state_dict(model, optimizer)
     if parallel == "ddp":
@@ -210,7 +232,7 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
             if final.exists():
                 os.replace(final, out / PREV_FILE)
             os.replace(tmp, final)
-            prune(out, final, keep_previous)
+            prune(out, final)
     else:
         root = out / DCP_DIR
         final = root / f"iter_{train_state['iter']:07d}"
@@ -224,7 +246,7 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
             if final.exists():  # the same iteration saved again: set the old copy aside until the new one is in
                 os.replace(final, final.with_name(final.name + ".old"))
             os.replace(tmp, final)
-            prune(out, final, keep_previous)
+            prune(out, final)
     if best and rank == 0:
         link_best(final, out / "best")
     if dist.is_initialized():
@@ -232,10 +254,10 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
     return final
 
 
-def prune(out, final, keep_previous=True):
+def prune(out, final):
     """Keep the new checkpoint and the newest one before it (of either format: the fallback); remove the rest,
     with anything an interrupted save left in the DCP directory."""
-    keep = {final, *[p for _, p in checkpoints(out) if p != final][:keep_previous]}
+    keep = {final, *[p for _, p in checkpoints(out) if p != final][:1]}
     for f in (CKPT_FILE, PREV_FILE):
         if out / f not in keep:
             (out / f).unlink(missing_ok=True)
@@ -248,18 +270,41 @@ def prune(out, final, keep_previous=True):
 
 
 def link_best(src, best):
-    """best/ holds hard links to the checkpoint's files (no copy; later saves replace names, not these files)."""
-    tmp = best.with_name(best.name + ".tmp")
+    """best/ holds hard links to the checkpoint's files (no copy; later saves replace names, not these files), or
+    copies where the file system has no hard links. Built as best.tmp/; the old best/ is renamed to best.old/
+    until the new one is in place, and restored from there if a kill came between the two renames."""
+    tmp, old = best.with_name(best.name + ".tmp"), best.with_name(best.name + ".old")
+    if old.exists() and not best.exists():
+        os.replace(old, best)
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
     dst = tmp / (src.relative_to(best.parent) if src.is_dir() else src.name)
     if src.is_dir():
-        shutil.copytree(src, dst, copy_function=os.link)
+        shutil.copytree(src, dst, copy_function=link_or_copy)
     else:
-        os.link(src, dst)
+        link_or_copy(src, dst)
     if best.exists():
-        shutil.rmtree(best)
+        os.replace(best, old)
     os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links here (some network and FAT file systems), or another device
+        shutil.copy2(src, dst)
+
+
+def remove_run(out):
+    """A run started over (--overwrite) removes the old run's checkpoints and best/ once every check has passed,
+    so that nothing of the old run can be resumed or fallen back to."""
+    out = Path(out)
+    for name in (CKPT_FILE, PREV_FILE, CKPT_FILE + ".tmp"):
+        (out / name).unlink(missing_ok=True)
+    for name in (DCP_DIR, "best", "best.tmp", "best.old"):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def load_for_inference(out, **overrides):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 import uuid
@@ -40,7 +41,7 @@ out_dir = "out"                     # checkpoint, config.json and metrics.jsonl 
 data_dir = "data/shakespeare_byte"  # prepared automatically when it is one of the bundled corpus's dirs
 data_recipe = ""                    # the prepare_data.py command that makes data_dir: printed when it is missing
 init_from = "scratch"               # "resume": continue out_dir's checkpoint; or a run's dir: start from its weights
-overwrite = False                   # scratch into an out_dir that holds a checkpoint needs this
+overwrite = False                   # start over in an out_dir holding a run (its checkpoints, best/, logs go once all checks pass)
 eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end) [>=1]
 eval_tokens = 131072                # fixed validation (and train) tokens per evaluation, split over ranks [>=1]
 log_interval = 25                   # print and append a row to metrics.jsonl every this many iterations [>=1]
@@ -183,7 +184,8 @@ def unigram_entropy(data, vocab_size):
 # ----------------------------------------------------------------------------- the steps of main
 def resume_config(c, given):
     """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them."""
-    ckpt = par.load_train_state(c["out_dir"])
+    rank0 = os.environ.get("RANK", "0") == "0"
+    ckpt = par.load_train_state(c["out_dir"], say=print if rank0 else lambda *a: None, set_aside=rank0)
     saved = {k: v for k, v in ckpt["config"].items() if k in c}  # keys this version no longer has are dropped
     for k in sorted(given - FREE_ON_RESUME):
         same_dir = k == "data_dir" and Path(c[k]).resolve() == Path(saved[k]).resolve()
@@ -210,7 +212,7 @@ def finetune_config(c, given):
         raise ConfigError("init_from", c["init_from"], "is neither scratch, resume nor a directory holding a checkpoint")
     if src.resolve() == Path(c["out_dir"]).resolve():
         raise ConfigError("init_from", c["init_from"], "is out_dir itself: continue that run with --init_from=resume")
-    ckpt = par.load_train_state(src)
+    ckpt = par.load_train_state(src, say=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     saved = ckpt["config"]
     model_keys = [k for k in ModelConfig.field_names() if k != "dropout" and k in saved]
     for k in sorted(given & set(model_keys)):
@@ -325,8 +327,27 @@ def check_data(c, data_dir, meta):
                           f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
 
 
-def load_data(c, rt):
-    """Memory-mapped token files, checked against the config before the model is built."""
+def check_same_start(c, rt, ckpt, meta):
+    """Every process starts from the same checkpoint (a run still saving into init_from could hand processes
+    different ones), and a fine-tuned model reads the token ids it was trained on."""
+    if rt["world"] > 1:
+        seen = [None] * rt["world"]
+        dist.all_gather_object(seen, (str(ckpt["path"]), ckpt["iter"]))
+        if len(set(seen)) > 1:
+            raise ValueError(f"processes read different checkpoints ({', '.join(f'{p} at iteration {i}' for p, i in sorted(set(seen)))}): "
+                             f"is a run still saving there? Copy one checkpoint out and start from the copy")
+    was, now = (TOKENIZER_IDS.get(t, t) for t in (ckpt["data_meta"]["tokenizer"], meta["tokenizer"]))
+    if c["init_from"] != "resume" and was != now:
+        raise ConfigError("data_dir", c["data_dir"], f"holds {meta['tokenizer']!r} tokens, but the checkpoint in "
+                          f"{c['init_from']} was trained on {ckpt['data_meta']['tokenizer']!r} tokens: its embeddings "
+                          f"would read other ids (prepare the data with --tokenizer={ckpt['data_meta']['tokenizer']})")
+
+
+TOKENIZER_IDS = {"r50k_base": "gpt2"}  # names with identical token ids
+
+
+def load_data(c, rt, ckpt=None):
+    """Memory-mapped token files, checked against the config (and the checkpoint) before the model is built."""
     data_dir, meta = find_data(c)
     if meta is None:  # a bundled corpus's dir: rank 0 prepares it, the others wait
         if rt["rank"] == 0:
@@ -335,6 +356,8 @@ def load_data(c, rt):
         if rt["world"] > 1:
             dist.barrier()
         meta = load_meta(data_dir)
+    if ckpt is not None:
+        check_same_start(c, rt, ckpt, meta)
     check_data(c, data_dir, meta)
     splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
     return splits["train"], splits["val"], meta
@@ -376,8 +399,14 @@ def sinks(c):
 
 def start_logs(c, out, start_iter):
     """config.json, and metrics.jsonl without rows an interrupted run wrote after its last checkpoint (both atomic).
-    Returns log(row): appends the row to metrics.jsonl and hands it to the log_to sinks."""
+    A new run (scratch or fine-tuning) first removes what an earlier run left in out_dir: checkpoints, best/,
+    TensorBoard and wandb ids. Returns log(row): appends the row to metrics.jsonl and hands it to the log_to sinks."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / "diverged.json").unlink(missing_ok=True)
+    if c["init_from"] != "resume":
+        par.remove_run(out)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        (out / "wandb_id").unlink(missing_ok=True)
     write_atomic(out / "config.json", json.dumps(c, indent=2) + "\n")
     metrics = out / "metrics.jsonl"
     if metrics.exists():
@@ -413,9 +442,16 @@ def open_sink(name, c, out, start_iter):
         return sink
     import wandb
     id_file = out / "wandb_id"
-    run_id = id_file.read_text().strip() if c["init_from"] == "resume" and id_file.is_file() else uuid.uuid4().hex[:12]
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     write_atomic(id_file, run_id)
-    run = wandb.init(project=c["wandb_project"], name=out.name, id=run_id, resume="allow", config=c, dir=str(out))
+    try:
+        run = wandb.init(project=c["wandb_project"], name=out.name, id=run_id, resume="allow", dir=str(out))
+    except Exception as e:  # no login, no network, a bad project name: the user's setup, not a bug here
+        raise ValueError(f"log_to='wandb': wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"run `wandb login`, or set WANDB_MODE=offline") from None
+    run.config.update(c, allow_val_change=True)  # a resumed run may change the keys FREE_ON_RESUME lists
+    # wandb keeps the first value logged at a step: rows replayed after a kill keep their first values, which
+    # equal the replayed ones (exact resume) unless max_iters was changed on resuming
     return lambda row: run.log({k: v for k, v in row.items() if k != "iter"}, step=row["iter"])
 
 
@@ -445,7 +481,7 @@ def main(argv):
     grad_accum = check_config(c, world)
     rt = setup(c)
     rank, device, autocast, say = rt["rank"], rt["device"], rt["autocast"], rt["say"]
-    train_data, val_data, meta = load_data(c, rt)
+    train_data, val_data, meta = load_data(c, rt, ckpt)
     if c["vocab_size"] is None:
         c["vocab_size"] = meta["vocab_size"]
     model, raw_model, optimizer, mcfg, start_iter, best_val = build(c, rt, ckpt)
@@ -485,8 +521,10 @@ def main(argv):
         grad_norm = par.clip_grad_norm(list(model.parameters()), c["grad_clip"] or float("inf"))
         loss_val = loss_sum.item() / grad_accum
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            if rank == 0:  # a mark that scripts (ablate.py) read, whatever a launcher prints after this
+                write_atomic(out / "diverged.json", json.dumps({"iter": it, "loss": loss_val, "grad_norm": grad_norm}))
             raise SystemExit(f"iteration {it}: non-finite loss {loss_val} or grad norm {grad_norm}; stopped before the "
-                             f"optimizer step. The last checkpoint in {out} is untouched.")
+                             f"optimizer step. The last checkpoint in {out} is untouched." if rank == 0 else 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
@@ -533,12 +571,9 @@ def evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data
     out = Path(c["out_dir"])
     rt["log"]({"iter": done, "val_loss": val_loss, "train_loss": train_loss})
     best = c["keep_best"] and improved
-    # a scratch or fine-tuning run's first save keeps no fallback: what is there belongs to an overwritten run
-    keep_previous = c["init_from"] == "resume" or rt.setdefault("saved", False)
     saved = par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
         "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg), "data_meta": meta,
-        "rng": states}, rank, best=best, keep_previous=keep_previous)
-    rt["saved"] = True
+        "rng": states}, rank, best=best)
     say(f"saved {saved}" + (f", linked as {out / 'best'} (best val so far)" if best else ""))
     return best_val
 

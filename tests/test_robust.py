@@ -111,6 +111,10 @@ BATTERY = [
     (["bench.py"], ["--what=speed"], "what='speed'"),
     (["ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
     (["ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
+    (["ablate.py"], ["--seeds_at=first", "--ablate_dir={w}/ab"], "seeds_at='first'"),
+    (["plot.py"], ["{w}/run", "--out={w}/curves"], "needs an image extension"),
+    (["plot.py"], ["{w}/run", "--out={w}/no_dir/c.png"], "no_dir does not exist"),
+    (["plot.py"], ["--runs= {w}/run , {w}/nowhere"], "nowhere/metrics.jsonl not found"),
 ]
 
 
@@ -144,6 +148,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_pat
     assert f"note: checkpoint {ckpt} cannot be read" in out and "falling back to" in out and "(iteration 4)" in out
     a, b = train_losses(tmp_path / "ref"), train_losses(tmp_path / "b")
     assert list(b) == list(range(1, 9)) and all(b[i] == pytest.approx(a[i], rel=1e-6) for i in range(5, 9))
+    # the damaged file is set aside, not rotated in as the next save's fallback
+    assert (tmp_path / "b" / "ckpt.pt.damaged").is_file() and par.read_checkpoint("ddp", tmp_path / "b" / par.PREV_FILE)["iter"] == 6
 
 
 def test_damaged_sharded_checkpoint_falls_back(tiny_data, tmp_path, capsys):
@@ -158,6 +164,8 @@ def test_damaged_sharded_checkpoint_falls_back(tiny_data, tmp_path, capsys):
     assert f"shard {shard.name} is missing or truncated; falling back to" in out and "iter_0000002 (iteration 2)" in out
     a, b = train_losses(tmp_path / "ref"), train_losses(tmp_path / "b")
     assert all(b[i] == pytest.approx(a[i], rel=1e-5) for i in range(3, 7))
+    assert (tmp_path / "b" / "iter_0000004.damaged").is_dir()
+    assert sorted(p.name for p in (tmp_path / "b" / "ckpt_dcp").iterdir()) == ["iter_0000004", "iter_0000006"]
 
 
 def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer(tiny_data, tmp_path):
@@ -198,7 +206,13 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
     run id on resume, every metrics.jsonl row logged at its iteration."""
     calls = []
 
+    class Config:
+        def update(self, c, allow_val_change):
+            calls.append(("config", c["max_iters"], allow_val_change))
+
     class Run:
+        config = Config()
+
         def log(self, row, step):
             calls.append(("log", step, row))
     fake = type(sys)("wandb")
@@ -209,9 +223,17 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
     train.main([f"--out_dir={tmp_path}", "--init_from=resume"])
     inits = [c for c in calls if c[0] == "init"]
     assert len(inits) == 2 and inits[0][1] == inits[1][1]
+    assert [c for c in calls if c[0] == "config"] == [("config", 4, True)] * 2  # a resumed run may change free keys
     logged = [(c[1], sorted(c[2])) for c in calls if c[0] == "log"]
     rows = [(r["iter"], sorted(k for k in r if k != "iter")) for r in read_metrics(tmp_path)]
     assert logged == rows
+
+    def refuse(**kw):
+        raise RuntimeError("api_key not configured (no-tty)\nmore")
+    fake.init = refuse
+    with pytest.raises(ValueError, match=r"log_to='wandb': wandb.init failed \(RuntimeError: api_key not configured "
+                                         r"\(no-tty\)\); run `wandb login`, or set WANDB_MODE=offline"):
+        run(tiny_data, tmp_path / "x", "--log_to=wandb")
 
 
 def test_log_to_tensorboard_writes_events(tiny_data, tmp_path):
@@ -306,13 +328,82 @@ def test_sigkill_anywhere_then_resume_loses_nothing(tiny_data, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_an_overwritten_run_is_never_the_fallback(tiny_data, tmp_path):
-    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2", "--param=full")  # the old run: ckpt.pt + prev
-    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--overwrite")   # a new run, one save
-    assert not (tmp_path / "ckpt.prev.pt").exists() and par.load_train_state(tmp_path)["config"]["param"] == "crnet"
+def test_overwrite_removes_the_old_run_once_every_check_passed(tiny_data, tmp_path):
+    """Nothing of an overwritten run can be resumed, fallen back to or mixed into TensorBoard: not even when the
+    new run ends before its first save. A new run failing a check changes nothing."""
+    pytest.importorskip("tensorboard")
+    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2", "--param=full", "--keep_best", "--log_to=tensorboard")
+    files = snapshot(tmp_path)
+    assert {"ckpt.pt", "ckpt.prev.pt", "best/ckpt.pt"} <= set(files) and any(f.startswith("tensorboard/") for f in files)
+    with pytest.raises(ValueError, match="eval_tokens=1: is less than one block"):
+        run(tiny_data, tmp_path, "--overwrite", "--eval_tokens=1")
+    assert snapshot(tmp_path) == files
+    with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):
+        run(tiny_data, tmp_path, "--max_iters=4", "--overwrite", "--learning_rate=1e30")
+    assert sorted(snapshot(tmp_path)) == ["config.json", "diverged.json", "metrics.jsonl"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        run(tiny_data, tmp_path, "--init_from=resume")
 
 
 def test_a_copy_with_new_mtimes_still_resumes_the_latest(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=6", "--eval_interval=2", "--stop_iter=4")
     os.utime(tmp_path / "ckpt.pt", (1, 1))  # as cp -r may leave it: the previous checkpoint looks newer
     assert par.load_train_state(tmp_path)["iter"] == 4
+
+
+def test_an_old_format_checkpoint_resumes_exactly(tiny_data, tmp_path):
+    """ckpt.pt files written before both formats shared one layout hold model.state_dict() and a numbered
+    optimizer.state_dict(); they resume in either mode, continuing the uninterrupted run's losses."""
+    args = ["--max_iters=6", "--eval_interval=2"]
+    run(tiny_data, tmp_path / "ref", *args)
+    run(tiny_data, tmp_path / "old", *args, "--stop_iter=4")
+    model, _ = par.load_for_inference(tmp_path / "old")
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for g in opt.param_groups for p in g["params"]]
+    number = {n: i for i, n in enumerate(order)}
+    osd = ckpt["optimizer"]
+    ckpt["optimizer"] = {"state": {number[n]: v for n, v in osd["state"].items()},
+                         "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in osd["param_groups"]]}
+    ckpt["model"] = model.state_dict()
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    (tmp_path / "old" / "ckpt.prev.pt").unlink()
+    shutil.copytree(tmp_path / "old", tmp_path / "old_fsdp")
+    train.main([f"--out_dir={tmp_path / 'old'}", "--init_from=resume"])
+    train.main([f"--out_dir={tmp_path / 'old_fsdp'}", "--init_from=resume", "--parallel=fsdp"])
+    a = train_losses(tmp_path / "ref")
+    for d, tol in (("old", 1e-6), ("old_fsdp", 1e-5)):
+        b = train_losses(tmp_path / d)
+        assert [b[i] for i in (5, 6)] == pytest.approx([a[i] for i in (5, 6)], rel=tol), d
+
+
+def test_keep_best_copies_where_hard_links_fail_and_survives_a_kill_between_renames(tiny_data, tmp_path, monkeypatch):
+    run(tiny_data, tmp_path / "a", "--max_iters=2", "--eval_interval=2")
+    src, best = tmp_path / "a" / "ckpt.pt", tmp_path / "a" / "best"
+
+    def no_links(*a):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(par.os, "link", no_links)
+    par.link_best(src, best)
+    assert (best / "ckpt.pt").read_bytes() == src.read_bytes() and (best / "ckpt.pt").stat().st_ino != src.stat().st_ino
+    os.replace(best, best.with_name("best.old"))  # as a kill between the two renames leaves it
+    par.link_best(src, best)
+    assert (best / "ckpt.pt").is_file() and not best.with_name("best.old").exists()
+
+
+def test_fine_tuning_checks_the_tokenizer_and_that_every_process_read_one_checkpoint(tiny_data, tmp_path, monkeypatch):
+    run(tiny_data, tmp_path / "pre", "--max_iters=2", "--eval_interval=2")
+    other = tmp_path / "gpt2_data"
+    shutil.copytree(tiny_data, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2", "vocab_size": 50257}))
+    with pytest.raises(ValueError, match=f"data_dir='{other}': holds 'gpt2' tokens, but the checkpoint in .*pre was "
+                                         f"trained on 'byte' tokens"):
+        train.main(TINY + [f"--data_dir={other}", f"--out_dir={tmp_path / 'ft'}", f"--init_from={tmp_path / 'pre'}"])
+    assert not (tmp_path / "ft").exists()
+    seen = [("pre/ckpt.pt", 4), ("pre/ckpt.pt", 6)]  # a run still saving there handed the processes different ones
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), seen))
+    with pytest.raises(ValueError, match="processes read different checkpoints \\(pre/ckpt.pt at iteration 4, "
+                                         "pre/ckpt.pt at iteration 6\\): is a run still saving there"):
+        train.check_same_start({"init_from": "pre"}, {"world": 2}, {"path": "x", "iter": 2}, meta)
