@@ -7,6 +7,7 @@ trained on the same data, tokens, seed and schedule, each in a fresh train.py pr
     python ablate.py --variants=crnet,crnet_fixed_beta,crnet_lowrank_first,crnet_middle_heavy
     python ablate.py configs/ablate_llama_60m.py       # the paper's 60M dimensions, for a GPU
     python ablate.py --lrs=1e-3,3e-3,1e-2 --seeds=1337,1338   # each variant at its best lr, mean and spread
+    python ablate.py --lrs=1e-3,3e-3,1e-2 --seeds=1337,1338 --seeds_at=best   # 2nd seed at the best lr only
     python ablate.py configs/ablate_llama_60m.py --nproc=8 --total_batch_tokens=131072   # torchrun, 8 GPUs
 
 Ranks. The config's `rank` is CR-Net's (layers 2..L). lowrank and cola get the rank whose non-embedding
@@ -43,6 +44,7 @@ nproc = 1                                # processes per run: > 1 launches each 
 plot = True                              # write ablate_dir/loss.png (needs matplotlib, optional)
 lrs = ""                                 # e.g. "1e-3,3e-3,1e-2": every variant at every lr; the table takes each one's best
 seeds = ""                               # e.g. "1337,1338": every run at every seed; the table gives mean and spread
+seeds_at = "all"                         # "best": seeds after the first run only at each variant's best lr on the first {all|best}
 # -----------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
@@ -151,6 +153,7 @@ def run_variant(name, args, run, a, max_iters):
     cmd = [*launch, str(HERE / "train.py"), *args, f"--out_dir={str(run)!r}", *extra, f"--stop_iter={a['stop_iter']}"]
     print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 3:])}", flush=True)
     run.mkdir(parents=True, exist_ok=True)
+    (run / "diverged.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
     seconds = (old["seconds"] if resume else 0.0)
     write_atomic(stamp, json.dumps({"args": args, "seconds": seconds}))  # before training: marks the dir as ours
@@ -164,7 +167,7 @@ def run_variant(name, args, run, a, max_iters):
                 print(f"   {line.rstrip()}", flush=True)
     seconds += time.perf_counter() - t0
     failed = proc.wait()
-    diverged = failed and "non-finite loss" in (run / "train.log").read_text().splitlines()[-1]
+    diverged = failed and (run / "diverged.json").is_file()  # train.py's mark of its non-finite-loss stop
     write_atomic(stamp, json.dumps({"args": args, "seconds": seconds, "diverged": bool(diverged)}))
     if diverged:
         print(f"== {name}: diverged (train.py stopped on a non-finite loss); its val loss counts as inf", flush=True)
@@ -177,14 +180,14 @@ def summarize(name, run, seconds, base_ne):
     c = json.loads((run / "config.json").read_text())
     rows = read_metrics(run)
     train_rows, evals = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-    tps = sorted(r["tokens_per_s"] for r in train_rows[1:] or train_rows)  # the first window includes warmup
+    tps = sorted(r["tokens_per_s"] for r in train_rows[1:] or train_rows) or [math.nan]  # the first includes warmup
     n = param_counts(c)  # the run's config.json holds the data's vocabulary
     ne = n["non_embedding"]
-    last = {"val_loss": math.inf, "train_loss": math.inf} if diverged(run) else evals[-1]
+    last = {"val_loss": math.inf, "train_loss": math.inf} if diverged(run) or not evals else evals[-1]
     return {"variant": name, "param": c["param"], "rank": c["rank"], "non_embedding": ne, "vs_crnet": ne / base_ne,
             "total": n["total"], "val_loss": last["val_loss"], "best_val": min([r["val_loss"] for r in evals] or [math.inf]),
             "train_loss": last["train_loss"], "tokens_per_s": tps[len(tps) // 2],
-            "peak_mem_mb": max(r["peak_mem_mb"] for r in train_rows), "seconds": seconds, "curve": rows}
+            "peak_mem_mb": max((r["peak_mem_mb"] for r in train_rows), default=math.nan), "seconds": seconds, "curve": rows}
 
 
 def table(results, c, device):
@@ -265,32 +268,43 @@ def parse_list(a, key, kind, default):
 
 def sweep(a, c, names, run_args):
     """Every variant at every lr and seed, each in ablate_dir/<variant>/lr<lr>_seed<seed>/; the table reports each
-    variant at the lr with the best mean final val loss over the seeds, with the spread (max - min) there."""
+    variant at the lr with the best mean final val loss over the seeds, with the spread (max - min) there.
+    seeds_at="best": the first seed runs at every lr, the others only at each variant's best lr on the first."""
     lrs = parse_list(a, "lrs", float, c["learning_rate"])
     seeds = parse_list(a, "seeds", int, c["seed"])
+    later = seeds[1:] if a["seeds_at"] == "best" else []
     out = Path(a["ablate_dir"])
-    runs = {(n, lr, s): run_args(n, learning_rate=lr, seed=s) for n in names for lr in lrs for s in seeds}
-    for args in runs.values():
-        model_config(configurator.load(args, "train.py")[0])
+    for n in names:  # every run's config is checked before the first one trains
+        for lr in lrs:
+            model_config(configurator.load(run_args(n, learning_rate=lr), "train.py")[0])
     where = lambda n, lr, s: out / n / f"lr{lr:g}_seed{s}"
-    seconds = {k: run_variant(f"{k[0]} lr={k[1]:g} seed={k[2]}", args, where(*k), a, c["max_iters"])
-               for k, args in runs.items()}
-    unfinished = [f"{n} lr={lr:g} seed={s}" for (n, lr, s) in runs if not finished(where(n, lr, s), c["max_iters"])]
-    if unfinished:
-        raise SystemExit(f"not finished: {', '.join(unfinished)}; run the same command without --stop_iter to continue")
     base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
-    done = {k: summarize(k[0], where(*k), seconds[k], base_ne) for k in runs}
+
+    def train(keys):
+        seconds = {k: run_variant(f"{k[0]} lr={k[1]:g} seed={k[2]}", run_args(k[0], learning_rate=k[1], seed=k[2]),
+                                  where(*k), a, c["max_iters"]) for k in keys}
+        unfinished = [f"{n} lr={lr:g} seed={s}" for (n, lr, s) in keys if not finished(where(n, lr, s), c["max_iters"])]
+        if unfinished:
+            raise SystemExit(f"not finished: {', '.join(unfinished)}; run the same command without --stop_iter to continue")
+        return {k: summarize(k[0], where(*k), seconds[k], base_ne) for k in keys}
+
+    done = train([(n, lr, s) for n in names for lr in lrs for s in seeds if s not in later])
+    vals = lambda n, lr: [done[(n, lr, s)]["val_loss"] for s in seeds if (n, lr, s) in done]
+    mean = lambda n, lr: sum(vals(n, lr)) / len(vals(n, lr))
+    best = {n: min(lrs, key=lambda lr: mean(n, lr)) for n in names}  # over the seeds every lr has
+    if later:
+        done |= train([(n, best[n], s) for n in names for s in later])
     rows, curves = [], []
     for n in names:
-        mean = {lr: sum(done[(n, lr, s)]["val_loss"] for s in seeds) / len(seeds) for lr in lrs}
-        best = min(lrs, key=mean.get)
-        vals = [done[(n, best, s)]["val_loss"] for s in seeds]
-        r = done[(n, best, seeds[0])]
-        rows.append(f"| {n} | {r['non_embedding']:,} | {best:g} | {mean[best]:.4f} | {max(vals) - min(vals):.4f} | "
-                    + " | ".join(f"{mean[lr]:.4f}" for lr in lrs) + f" | {r['tokens_per_s']:,.0f} |")
-        curves.append({**r, "variant": f"{n} (lr {best:g})"})
+        v, r = vals(n, best[n]), done[(n, best[n], seeds[0])]
+        spread = f"{max(v) - min(v):.4f}" if math.isfinite(max(v)) else "-"
+        cell = lambda lr: f"{mean(n, lr):.4f}" + (f" ({len(vals(n, lr))} seed)" if len(vals(n, lr)) < len(seeds) else "")
+        rows.append(f"| {n} | {r['non_embedding']:,} | {best[n]:g} | {mean(n, best[n]):.4f} | {spread} | "
+                    + " | ".join(cell(lr) for lr in lrs) + f" | {r['tokens_per_s']:,.0f} |")
+        curves.append({**r, "variant": f"{n} (lr {best[n]:g})"})
+    how = "; best lr on the first seed, the others run there only" if later else ""
     text = (f"{c['arch']} h={c['n_embd']} L={c['n_layer']}, CR-Net rank {c['rank']}; {c['max_iters']} steps x "
-            f"{c['total_batch_tokens']:,} tokens; seeds {', '.join(map(str, seeds))}; data {c['data_dir']}\n"
+            f"{c['total_batch_tokens']:,} tokens; seeds {', '.join(map(str, seeds))}{how}; data {c['data_dir']}\n"
             "| variant | non-emb params | best lr | mean final val loss at best lr | spread (max - min) | "
             + " | ".join(f"mean at lr {lr:g}" for lr in lrs) + " | tokens/s (best lr, first seed) |\n"
             + "|---" * (6 + len(lrs)) + "|\n" + "\n".join(rows) + "\n")

@@ -116,3 +116,18 @@ def test_lr_and_seed_sweep_reports_each_variant_at_its_best_lr(tmp_path):
         assert f"| {v} |" in table and f"| {float(best):g} | {mean[best]:.4f} | {spread:.4f} |" in table
     with pytest.raises(ValueError, match="lrs='0.1,x': must be comma-separated floats"):
         ablate.main(SMALL + [f"--ablate_dir={out}", "--lrs=0.1,x"])
+    # seeds_at=best: seed 1's runs are reused, seed 3 trains only at each variant's best lr on seed 1
+    ablate.main(SMALL + ["--max_iters=4", "--eval_interval=4", f"--ablate_dir={out}", "--variants=full,crnet",
+                         "--lrs=1e-4,3e-3", "--seeds=1,3", "--seeds_at=best"])
+    assert (out / "crnet" / "lr0.003_seed3").is_dir() and not (out / "crnet" / "lr0.0001_seed3").exists()
+    table = (out / "results.md").read_text()
+    assert "best lr on the first seed, the others run there only" in table and table.count("(1 seed)") == 2
+
+
+def test_a_diverging_lr_counts_as_inf_not_a_crash(tmp_path):
+    """train.py's non-finite stop (iteration 1, before any row is logged) is read from its diverged.json mark."""
+    out = tmp_path / "div"
+    ablate.main(SMALL + ["--max_iters=4", "--eval_interval=4", f"--ablate_dir={out}", "--variants=full",
+                         "--lrs=1e30", "--seeds=1,2", "--plot=False"])
+    assert json.loads((out / "full" / "lr1e+30_seed1" / "ablate.json").read_text())["diverged"] is True
+    assert "| full | " in (table := (out / "results.md").read_text()) and "| 1e+30 | inf | - | inf |" in table
