@@ -46,6 +46,7 @@ sizes = "60m,130m,350m,1b,7b"  # sizes: which paper sizes to try (each if the pl
 compile = False             # sizes: torch.compile the model
 mode = "crnet"              # one row's recompute mode (set by the table for each fresh process) {none|block|crnet|reversible}
 keep_z = True               # one row's keep_z (reversible; set by the table)
+rtol = 1e-5                 # one row's recompute_rtol, the round-off guard's budget (set by the table) [>0]
 size = "60m"                # one row's paper size (set by the table)
 param = "crnet"             # one row's parameterization (set by the table) {full|crnet}
 one = False                 # run one row in this process and print it as JSON (the table launches these)
@@ -65,7 +66,7 @@ def one_mode(a):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
                       vocab_size=256, block_size=a.seq, param="crnet")
-    m = recompute.apply(Transformer(cfg).to(dev), a.mode, a.every, a.keep_z or a.mode != "reversible")
+    m = recompute.apply(Transformer(cfg).to(dev), a.mode, a.every, a.keep_z or a.mode != "reversible", a.rtol)
     idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
     tokens = idx.numel()
     before = rss_bytes()
@@ -77,7 +78,7 @@ def one_mode(a):
     formula = None
     if a.mode != "none":
         stream = a.mode == "reversible"
-        store = plan_stored_lanes(m.blocks, a.every, torch.float32, stream, a.keep_z or not stream) if a.mode != "block" else None
+        store = plan_stored_lanes(m.blocks, a.every, torch.float32, stream, a.keep_z or not stream, a.rtol) if a.mode != "block" else None
         formula = stored_numbers_per_token(cfg, a.mode, a.every, store, a.keep_z or not stream) * 4 * tokens
     times, cuda_peak = [], None
     for i in range(a.steps + 1):
@@ -101,8 +102,24 @@ def one_mode(a):
             loss.backward()
         print(f"{label(a.mode, a.keep_z)}: top ops by self CPU time", file=sys.stderr)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14), file=sys.stderr)
-    return {"mode": label(a.mode, a.keep_z), "held": held, "formula": formula, "rss_delta": rss_first,
-            "step_s": statistics.median(times), "cuda_peak": cuda_peak, "tokens": tokens}
+    return {"mode": label(a.mode, a.keep_z, a.rtol), "held": held, "formula": formula, "rss_delta": rss_first,
+            "step_s": statistics.median(times), "cuda_peak": cuda_peak, "tokens": tokens, "grad_err": grad_error(m, cfg, idx)}
+
+
+def grad_error(m, cfg, idx):
+    """The largest gradient errors against plain autograd on the same weights and batch, (matrices, vectors: betas
+    and norms), each tensor against its own norm (tiny ones against 1e-2 of the median), as the tests measure it.
+    A beta's gradient is a sum with heavy cancellation, so its relative error is the larger one."""
+    ref = Transformer(cfg).to(idx.device)
+    ref.load_state_dict(m.state_dict())
+    grads = []
+    for model in (ref, m):
+        model.zero_grad(set_to_none=True)
+        model(idx, idx)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    typical = torch.stack([g.norm() for g in grads[0].values()]).median()
+    err = {n: ((grads[1][n] - g).norm() / torch.clamp(g.norm(), min=1e-2 * typical)).item() for n, g in grads[0].items()}
+    return [max(e for n, e in err.items() if (grads[0][n].dim() >= 2) == matrix) for matrix in (True, False)]
 
 
 def fresh_process(*args):
@@ -115,31 +132,34 @@ def fresh_process(*args):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-ROWS = [("none", True), ("block", True), ("crnet", True), ("reversible", True), ("reversible", False)]
+ROWS = [("none", True, 1e-5), ("block", True, 1e-5), ("crnet", True, 1e-5), ("reversible", True, 1e-5),
+        ("reversible", False, 1e-5), ("reversible", False, 1.0)]  # the last: the guard off in effect, C only
 
 
-def label(mode, keep_z):
-    return mode + (", keep_z=False" if mode == "reversible" and not keep_z else "")
+def label(mode, keep_z, rtol=1e-5):
+    return mode + (", keep_z=False" if mode == "reversible" and not keep_z else "") + (f", rtol={rtol:g}" if rtol != 1e-5 else "")
 
 
 def recompute_table(a, argv):
-    rows = [fresh_process("recompute", f"--mode={m!r}", f"--keep_z={k}", *argv) for m, k in ROWS]
+    rows = [fresh_process("recompute", f"--mode={m!r}", f"--keep_z={k}", f"--rtol={t}", *argv) for m, k, t in ROWS]
     r = {row["mode"]: row for row in rows}
     mib = 2 ** 20
     print(f"\nCR-Net LLaMA h={a.n_embd} L={a.n_layer} r={a.rank} h_ff={a.ff} heads={a.n_head}, batch {a.batch} x {a.seq} "
           f"tokens, checkpoint every {a.every}; float32, {torch.get_num_threads()} threads, device "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    print("| recompute | held activations (counted) | formula | vs block | RSS growth, first forward | step time | vs none |")
-    print("|---|---|---|---|---|---|---|")
-    for mode in (label(m, k) for m, k in ROWS):
+    print("| recompute | held activations (counted) | formula | vs block | RSS growth, first forward | step time | vs none | "
+          "grad error vs none: matrices, vectors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in (label(*row) for row in ROWS):
         x = r[mode]
         f = "-" if x["formula"] is None else f"{x['formula'] / mib:.1f} MiB"
         print(f"| {mode} | {x['held'] / mib:.1f} MiB | {f} | {x['held'] / r['block']['held']:.3f}x | "
-              f"{x['rss_delta'] / mib:.1f} MiB | {x['step_s']:.3f} s | {x['step_s'] / r['none']['step_s']:.3f}x |")
+              f"{x['rss_delta'] / mib:.1f} MiB | {x['step_s']:.3f} s | {x['step_s'] / r['none']['step_s']:.3f}x | "
+              f"{x['grad_err'][0]:.1e}, {x['grad_err'][1]:.1e} |")
         if x["cuda_peak"]:
             print(f"|   cuda max_memory_allocated | {x['cuda_peak'] / mib:.1f} MiB |")
     print()
-    for mode in (label(m, k) for m, k in ROWS[2:]):
+    for mode in (label(*row) for row in ROWS[2:]):
         print(f"{mode} / block held bytes: {r[mode]['held'] / r['block']['held']:.3f}; "
               f"step / none: {r[mode]['step_s'] / r['none']['step_s']:.3f}; "
               f"step / block: {r[mode]['step_s'] / r['block']['step_s']:.3f}")
@@ -273,7 +293,7 @@ def main(argv):
     if a.one:
         print(json.dumps(one_mode(a)))
     else:
-        recompute_table(a, [x for x in argv if not x.startswith(("--mode", "--keep_z", "--what")) and x != "recompute"])
+        recompute_table(a, [x for x in argv if not x.startswith(("--mode", "--keep_z", "--rtol", "--what")) and x != "recompute"])
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ init_std = 0.02                     # std of a full-rank projection [>0]
 recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1; "reversible": also inverts the residual stream {none|block|crnet|reversible}
 recompute_every = 8                 # crnet, reversible: keep the lanes of every k-th layer, counted down from the last [>=1]
 keep_z = True                       # reversible: keep every Z = X A (False: recompute it in backward, storing less)
+recompute_rtol = 1e-5               # crnet, reversible: round-off a rebuilt lane may carry; above it a lane is stored [>0]
 # optimization
 batch_size = 32                     # micro-batch sequences per process [>=1]
 total_batch_tokens = 4096           # tokens per optimizer step = batch_size * block_size * world_size * grad_accum [>=1]
@@ -95,8 +96,8 @@ TYPES = {"rank": (int, list), "vocab_size": (int, None)}
 # -----------------------------------------------------------------------------
 # what a resumed run may change; everything else defines the model, the data stream or the optimization
 FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute",
-                  "recompute_every", "keep_z", "batch_size", "max_iters", "stop_iter", "device", "dtype", "compile",
-                  "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
+                  "recompute_every", "keep_z", "recompute_rtol", "batch_size", "max_iters", "stop_iter", "device", "dtype",
+                  "compile", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
                   "log_to", "wandb_project"}
 SINKS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # log_to name -> the package it needs (optional)
 
@@ -368,7 +369,7 @@ def build(c, rt, ckpt):
     raw_model is the Transformer itself: what we checkpoint, free of compile and DDP wrappers."""
     mcfg = model_config(c)
     model, raw = par.build_model(mcfg, c["parallel"], rt["device"], c["seed"], rt["dtype"] == "bfloat16",  # FSDP: bf16 params
-                                 c["compile"], (c["recompute"], c["recompute_every"], c["keep_z"]))
+                                 c["compile"], (c["recompute"], c["recompute_every"], c["keep_z"], c["recompute_rtol"]))
     optimizer = raw.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt["device"].type)
     start_iter, best_val = 0, float("inf")
     if ckpt is None:

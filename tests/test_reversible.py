@@ -268,3 +268,22 @@ def test_train_py_runs_it_and_a_run_resumes_across_modes(tiny_data, tmp_path):
     assert list(b) == list(range(1, 9)) and all(b[i] == pytest.approx(a[i], rel=1e-5) for i in a)
     with pytest.raises(ValueError, match="keep_z=False: applies to recompute='reversible' only"):
         train.main([*base, f"--out_dir={tmp_path / 'x'}", "--recompute=crnet", "--keep_z=False"])
+
+
+def test_recompute_rtol_trades_stored_lanes_for_round_off():
+    """The guard's budget is apply's rtol (train.py's recompute_rtol): a larger one stores fewer lanes beyond the
+    checkpoint set, inf none; gradients then carry more round-off, still close to plain autograd's."""
+    ref, rev = twins(False, 8, randomize=False, n_layer=16, n_embd=32, rank=8)
+    ckpt = checkpoint_layers(16, 8)
+    extra = {t: {k for k in plan_stored_lanes(rev.blocks, 8, torch.float32, True, False, t) if k[0] not in ckpt}
+             for t in (1e-5, 1e-3, float("inf"))}
+    assert len(extra[1e-5]) > len(extra[1e-3]) > 0 == len(extra[float("inf")])  # fewer as the budget grows
+    recompute.apply(rev, "reversible", 8, False, float("inf"))
+    assert rev.recompute == ("reversible", 8, False, float("inf"))
+    idx = torch.randint(0, 50, (3, 16))
+    (l_ref, g_ref), (l_rev, g_rev) = loss_and_grads(ref, idx), loss_and_grads(rev, idx)
+    assert torch.equal(l_ref, l_rev)
+    assert_grads_close(g_ref, g_rev, rtol=1e-3)
+    for bad in (0, -1e-5, True, "1e-5"):
+        with pytest.raises(ValueError, match="recompute_rtol=.* must be a positive number"):
+            recompute.apply(rev, "reversible", 8, False, bad)
