@@ -44,7 +44,7 @@ import torch
 
 import configurator
 from parallel import load_for_inference
-from plot import save_figure
+from plot import image_path, save_figure
 from prepare_data import ROOT, load_meta, prepare
 
 # ----------------------------------------------------------------------------- config
@@ -231,6 +231,8 @@ def load(c):
 
 def main(argv):
     c, _ = configurator.load(argv, "analyze.py", doc=__doc__)
+    if c["plot"]:
+        image_path("plot", c["plot"])
     model, data_dir, name = load(c)
     cfg = model.cfg
     r = c["rank"] or min(cfg.n_embd, cfg.kv_dim) // 4

@@ -76,17 +76,24 @@ def save_figure(fig, path):
         tmp.unlink(missing_ok=True)
 
 
+def image_path(key, value):
+    """The config value `key` as a path an image can be written to, checked before any work: its extension
+    names an image format and its directory exists."""
+    path = Path(value)
+    if path.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+        raise configurator.ConfigError(key, value, "needs an image extension: .png, .pdf, .svg or .jpg")
+    if not path.parent.is_dir():
+        raise configurator.ConfigError(key, value, f"its directory {path.parent} does not exist")
+    return path
+
+
 def main(argv):
     dirs = [a for a in argv if not a.startswith("-") and not a.endswith(".py")]
     c, _ = configurator.load([a for a in argv if a not in dirs], "plot.py", doc=__doc__)
     runs = dirs + [r.strip() for r in c["runs"].split(",") if r.strip()]
     if not runs:
         raise ValueError("no runs given: python plot.py <run dir> [<run dir> ...]")
-    path = Path(c["out"] or Path(runs[0]) / "curves.png")
-    if path.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
-        raise configurator.ConfigError("out", c["out"], "needs an image extension: .png, .pdf, .svg or .jpg")
-    if not path.parent.is_dir():
-        raise configurator.ConfigError("out", c["out"], f"its directory {path.parent} does not exist")
+    path = image_path("out", c["out"]) if c["out"] else Path(runs[0]) / "curves.png"
     curves = [(str(r).rstrip("/"), read_rows(r)) for r in runs]
     if not draw(curves, path, c["x"]):
         raise ValueError("plot.py needs matplotlib, which is optional: pip install matplotlib")

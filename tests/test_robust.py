@@ -103,6 +103,7 @@ BATTERY = [
     (["plan.py"], ["--batch_size=-4"], "batch_size=-4"),
     (["analyze.py"], ["--out_dir={w}/run", "--rank=1000"], "rank=1000"),
     (["analyze.py"], ["--out_dir={w}/foreign"], "not a train.py checkpoint"),
+    (["analyze.py"], ["--out_dir={w}/run", "--plot=False"], "plot='False': needs an image extension"),
     (["prepare_data.py"], ["--files={w}/docs.jsonl", "--out_dir={w}/p1"], "docs.jsonl"),
     (["prepare_data.py"], ["--files={w}/binary.jsonl", "--out_dir={w}/p2"], "binary.jsonl"),
     (["prepare_data.py"], ["--files={w}/no_such_*.txt", "--out_dir={w}/p3"], "no_such_*.txt"),
