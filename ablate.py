@@ -34,7 +34,7 @@ import configurator
 import parallel as par
 from model import ModelConfig, Transformer
 from plot import draw
-from train import write_atomic
+from runlog import write_atomic
 
 # ----------------------------------------------------------------------------- config
 # ablate.py also takes every train.py key: they set the base config shared by every variant

@@ -268,11 +268,11 @@ def main(argv):
           f"best-beta ratio below {c['below']:g} in {int((best < c['below']).sum())} of {len(best)} "
           f"(paper: 0.4-0.97)")
     if c["plot"]:
-        plot(rows, positions, c["plot"], f"{name} ({cfg.param}, r={r})")
+        plot_errors(rows, positions, c["plot"], f"{name} ({cfg.param}, r={r})")
     return rows
 
 
-def plot(rows, positions, path, title):
+def plot_errors(rows, positions, path, title):
     try:
         import matplotlib
         matplotlib.use("Agg")

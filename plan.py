@@ -250,7 +250,8 @@ def paper_table(c):
 def preflight(c, world):
     """Every check a launch at `world` processes makes before it costs GPU time, on any machine: the config,
     the batch arithmetic, the data (where it is present here) and the memory plan. Prints a summary; errors raise."""
-    from train import check_config, check_data, find_data  # train.py calls this: imported here, not at the top
+    from prepare_data import check_data, find_data
+    from train import check_config  # train.py calls this: imported here, not at the top
     grad_accum = check_config(c, world)
     try:
         data_dir, meta = find_data(c)

@@ -369,6 +369,35 @@ def load_meta(data_dir):
     return meta
 
 
+# ----------------------------------------------------------------------------- for train.py
+BUNDLED = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}  # data dirs made from the bundled corpus on demand
+
+
+def find_data(c):
+    """train.py's data_dir as (data dir, meta or None if it is a bundled one not prepared yet). Missing data that
+    cannot be made here is an error that prints the command that makes it (c["data_recipe"], or the generic one)."""
+    data_dir = Path(c["data_dir"])
+    if not (data_dir / "meta.json").is_file() and c["data_dir"] in BUNDLED:
+        data_dir = ROOT / data_dir
+    if (data_dir / "meta.json").is_file() or c["data_dir"] in BUNDLED:
+        return data_dir, (load_meta(data_dir) if (data_dir / "meta.json").is_file() else None)
+    how = c["data_recipe"] or f"python prepare_data.py --files=<your text files> --out_dir={c['data_dir']}"
+    raise FileNotFoundError(f"{data_dir} holds no prepared data ({data_dir / 'meta.json'} is missing); make it with:\n  {how}")
+
+
+def check_data(c, data_dir, meta):
+    """The token files against a train.py config: each split more than one block, every id inside the vocabulary."""
+    for s in ("train", "val"):
+        n = meta[f"{s}_tokens"]
+        if n <= c["block_size"] + 1:
+            raise ValueError(f"{data_dir / (s + '.bin')} holds {n} tokens, not more than one block of "
+                             f"block_size={c['block_size']} (+1 for the targets): prepare more data or lower block_size")
+    vocab = meta["vocab_size"]
+    if c["vocab_size"] is not None and c["vocab_size"] < max(vocab, meta.get("max_token_id", -1) + 1):
+        raise configurator.ConfigError("vocab_size", c["vocab_size"], f"is smaller than the data's vocabulary ({vocab}, tokenizer "
+                          f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
+
+
 def main(argv):
     c, _ = configurator.load(argv, "prepare_data.py", doc=__doc__)
     if not c["out_dir"] and (c["files"] or c["hf_dataset"]):

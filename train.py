@@ -17,10 +17,8 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +31,8 @@ import configurator
 import parallel as par
 from configurator import ConfigError
 from model import ModelConfig, estimate_mfu, peak_flops_for
-from prepare_data import ROOT, load_meta, prepare
+from prepare_data import BUNDLED, check_data, find_data, load_meta, prepare
+from runlog import SINKS, fmt_time, sinks, start_logs, write_atomic
 
 # ----------------------------------------------------------------------------- config
 # The CPU default run: a 1.07M-parameter CR-Net LLaMA on byte-level Shakespeare; ~3.5 minutes on 2 CPU cores.
@@ -99,7 +98,6 @@ FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_to
                   "recompute_every", "keep_z", "recompute_rtol", "batch_size", "max_iters", "stop_iter", "device", "dtype",
                   "compile", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
                   "log_to", "wandb_project"}
-SINKS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # log_to name -> the package it needs (optional)
 
 
 def load_config(argv):
@@ -168,11 +166,6 @@ def peak_memory_mb(device):
         return torch.mps.driver_allocated_memory() / 2 ** 20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # macOS reports bytes, Linux KiB
-
-
-def log_metrics(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def unigram_entropy(data, vocab_size):
@@ -300,34 +293,6 @@ def setup(c):
     return dict(rank=rank, world=world, device=device, dtype=dtype, autocast=autocast, threads=threads, say=say)
 
 
-BUNDLED = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}  # data dirs made from the bundled corpus on demand
-
-
-def find_data(c):
-    """(data dir, meta or None if it is not prepared yet). Missing data that cannot be made here is an error that
-    prints the command that makes it."""
-    data_dir = Path(c["data_dir"])
-    if not (data_dir / "meta.json").is_file() and c["data_dir"] in BUNDLED:
-        data_dir = ROOT / data_dir
-    if (data_dir / "meta.json").is_file() or c["data_dir"] in BUNDLED:
-        return data_dir, (load_meta(data_dir) if (data_dir / "meta.json").is_file() else None)
-    how = c["data_recipe"] or f"python prepare_data.py --files=<your text files> --out_dir={c['data_dir']}"
-    raise FileNotFoundError(f"{data_dir} holds no prepared data ({data_dir / 'meta.json'} is missing); make it with:\n  {how}")
-
-
-def check_data(c, data_dir, meta):
-    """The token files against the config: each split more than one block, every token id inside the vocabulary."""
-    for s in ("train", "val"):
-        n = meta[f"{s}_tokens"]
-        if n <= c["block_size"] + 1:
-            raise ValueError(f"{data_dir / (s + '.bin')} holds {n} tokens, not more than one block of "
-                             f"block_size={c['block_size']} (+1 for the targets): prepare more data or lower block_size")
-    vocab = meta["vocab_size"]
-    if c["vocab_size"] is not None and c["vocab_size"] < max(vocab, meta.get("max_token_id", -1) + 1):
-        raise ConfigError("vocab_size", c["vocab_size"], f"is smaller than the data's vocabulary ({vocab}, tokenizer "
-                          f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
-
-
 def check_same_start(c, rt, ckpt, meta):
     """Every process starts from the same checkpoint (a run still saving into init_from could hand processes
     different ones), and a fine-tuned model reads the token ids it was trained on."""
@@ -392,74 +357,6 @@ def build(c, rt, ckpt):
         rt["say"]("note: the checkpoint's CUDA RNG state does not apply on this device: dropout draws differ")
     rt["say"](f"resuming from {ckpt['path']} at iteration {ckpt['iter']}")
     return model, raw, optimizer, mcfg, ckpt["iter"], ckpt["best_val_loss"]
-
-
-def sinks(c):
-    return [x.strip() for x in c["log_to"].split(",") if x.strip()]
-
-
-def start_logs(c, out, start_iter):
-    """config.json, and metrics.jsonl without rows an interrupted run wrote after its last checkpoint (both atomic).
-    A new run (scratch or fine-tuning) first removes what an earlier run left in out_dir: checkpoints, best/,
-    TensorBoard and wandb ids. Returns log(row): appends the row to metrics.jsonl and hands it to the log_to sinks."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "diverged.json").unlink(missing_ok=True)
-    if c["init_from"] != "resume":
-        par.remove_run(out)
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)
-        (out / "wandb_id").unlink(missing_ok=True)
-    write_atomic(out / "config.json", json.dumps(c, indent=2) + "\n")
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        rows = []
-        for line in metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by a kill during an append
-        keep = [r for r in rows if r["iter"] <= start_iter] if c["init_from"] == "resume" else []
-        write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in keep))
-    outs = [open_sink(name, c, out, start_iter) for name in sinks(c)]
-
-    def log(row):
-        log_metrics(metrics, row)
-        for sink in outs:
-            sink(row)
-    return log
-
-
-def open_sink(name, c, out, start_iter):
-    """A metrics sink beside metrics.jsonl. A resumed run continues the same TensorBoard log (steps after the
-    checkpoint purged) and the same wandb run (its id kept in out_dir/wandb_id)."""
-    if name == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        w = SummaryWriter(str(out / "tensorboard"), purge_step=start_iter + 1 if start_iter else None)
-
-        def sink(row):
-            for k, v in row.items():
-                if k != "iter" and isinstance(v, (int, float)):
-                    w.add_scalar(k, v, row["iter"])
-            w.flush()
-        return sink
-    import wandb
-    id_file = out / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-    write_atomic(id_file, run_id)
-    try:
-        run = wandb.init(project=c["wandb_project"], name=out.name, id=run_id, resume="allow", dir=str(out))
-    except Exception as e:  # no login, no network, a bad project name: the user's setup, not a bug here
-        raise ValueError(f"log_to='wandb': wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         f"run `wandb login`, or set WANDB_MODE=offline") from None
-    run.config.update(c, allow_val_change=True)  # a resumed run may change the keys FREE_ON_RESUME lists
-    # wandb keeps the first value logged at a step: rows replayed after a kill keep their first values, which
-    # equal the replayed ones (exact resume) unless max_iters was changed on resuming
-    return lambda row: run.log({k: v for k, v in row.items() if k != "iter"}, step=row["iter"])
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -577,10 +474,6 @@ def evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data
         "rng": states}, rank, best=best)
     say(f"saved {saved}" + (f", linked as {out / 'best'} (best val so far)" if best else ""))
     return best_val
-
-
-def fmt_time(s):
-    return f"{s / 3600:.1f}h" if s >= 3600 else f"{s / 60:.1f}m" if s >= 60 else f"{s:.0f}s"
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ def test_a_redirected_log_grows_while_the_run_runs(tiny_data, tmp_path):
 #   replace  os.replace, just before a finished temporary file takes its final name
 #   metrics  an append to metrics.jsonl, after writing half the line
 KILLER = """
-import os, signal, sys, torch, configurator, train, parallel
+import os, signal, sys, torch, configurator, train, parallel, runlog
 kind, n = sys.argv[1], int(sys.argv[2])
 count = [0]
 def hit():
@@ -292,14 +292,14 @@ elif kind == "replace":
     replace = os.replace
     os.replace = lambda a, b: die() if hit() else replace(a, b)
 elif kind == "metrics":
-    log = train.log_metrics
+    log = runlog.log_metrics
     def half(path, row):
         if hit():
             with open(path, "a") as f:
                 f.write(train.json.dumps(row)[:20])
             die()
         log(path, row)
-    train.log_metrics = half
+    runlog.log_metrics = half
 sys.argv = ["train.py", *sys.argv[3:]]
 configurator.main_guard(train.main)
 """
