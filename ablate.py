@@ -53,6 +53,7 @@ VARIANTS = {  # name -> what it changes in the base config ("matched" / "middle_
     "crnet": dict(param="crnet"),
     "lowrank": dict(param="lowrank", rank="matched"),
     "cola": dict(param="cola", rank="matched"),
+    "cola_mlp": dict(param="cola_mlp", rank="matched"),                 # CoLA without the SiLU in attention
     "crnet_fixed_beta": dict(param="crnet", beta_learnable=False),      # paper: learnable beta converges better
     "crnet_lowrank_first": dict(param="crnet", first_layer="lowrank"),  # paper (350M): ppl 18.95 -> 19.68
     "crnet_middle_heavy": dict(param="crnet", rank="middle_heavy"),     # paper: larger ranks in the middle work best

@@ -190,7 +190,7 @@ def structure_note(cfg):
                 f"layer l >= 2, so the structure holds by construction (beta = s, ratio ~0 at r >= {rk}). A ratio "
                 f"near 0 here says nothing about the paper's observation; the meaningful test is a full-rank model "
                 f"(param=full).")
-    if cfg.param in ("lowrank", "cola"):
+    if cfg.param in ("lowrank", "cola", "cola_mlp"):
         return (f"note: param={cfg.param}: every output has rank <= {rk} by construction; at r >= {rk} the direct "
                 f"error is ~0 and the ratios are meaningless; the meaningful test is a full-rank model (param=full).")
     return None

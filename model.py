@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = ("llama", "gpt2")
-PARAMS = ("full", "crnet", "lowrank", "cola")
+PARAMS = ("full", "crnet", "lowrank", "cola", "cola_mlp")
 SILU_SECOND_MOMENT = 0.3557  # E[silu(z)^2] for z ~ N(0, 1): CoLA's bottleneck shrinks variance by this
 
 
@@ -29,7 +29,8 @@ class ModelConfig:
     block_size: int = 256
     bias: bool = False             # GPT-2 only: biases in projections and LayerNorms
     dropout: float = 0.0
-    param: str = "crnet"           # "full" | "crnet" (Eq. 6) | "lowrank" (X A B) | "cola" (silu(X A) B)
+    param: str = "crnet"           # "full" | "crnet" (Eq. 6) | "lowrank" (X A B) | "cola" (silu(X A) B) | "cola_mlp"
+                                   # (silu(X A) B in the MLP only, X A B in attention: where CoLA's gain comes from)
     rank: int | list = 128         # one rank for every low-rank layer, or a list of n_layer ranks
     # CR-Net specifics. Paper: eps = 1e-6, beta learnable; the rest is our choice (results/init.md).
     beta_init: float = 0.5 ** 0.5  # initial beta of every CR layer: the lane carries beta_init^2 of the output variance
@@ -259,13 +260,15 @@ class Block(nn.Module):
         resid_std = cfg.init_std / math.sqrt(2 * L)  # GPT-2: scale the projections that write to the residual stream
         eps = cfg.norm_eps_value
         Norm = (lambda d: RMSNorm(d, eps)) if llama else (lambda d: nn.LayerNorm(d, eps, bias=cfg.bias))
-        P = lambda h_in, h_out, n, std: Projection(h_in, h_out, n, kind, r, cfg.bias, std, cfg, lane_in)
+        attn_kind, mlp_kind = ("lowrank", "cola") if kind == "cola_mlp" else (kind, kind)
+        P = lambda h_in, h_out, n, std, kind: Projection(h_in, h_out, n, kind, r, cfg.bias, std, cfg, lane_in)
         self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
         # q, k, v: three h-wide outputs; under grouped-query attention (full-rank only) one h + 2 kv_dim output
-        self.qkv = P(h, h, 3, cfg.init_std) if cfg.kv_dim == h else P(h, h + 2 * cfg.kv_dim, 1, cfg.init_std)
-        self.o = P(h, h, 1, resid_std)
-        self.up = P(h, ff, 2 if llama else 1, cfg.init_std)  # LLaMA: gate and up share the input
-        self.down = P(ff, h, 1, resid_std)
+        qkv = (h, h, 3) if cfg.kv_dim == h else (h, h + 2 * cfg.kv_dim, 1)
+        self.qkv = P(*qkv, cfg.init_std, attn_kind)
+        self.o = P(h, h, 1, resid_std, attn_kind)
+        self.up = P(h, ff, 2 if llama else 1, cfg.init_std, mlp_kind)  # LLaMA: gate and up share the input
+        self.down = P(ff, h, 1, resid_std, mlp_kind)
 
     def attention(self, y_qkv, rope):
         """y_qkv (B, T, 3, h), or (B, T, 1, h + 2 kv_dim) under grouped-query attention -> attention output

@@ -147,7 +147,8 @@ def layer_numbers(cfg, l, bf16):
     f32 = 2 * ((1 + h) if llama else 2) + 2 * h  # 2 norms' statistics (+ RMSNorm's normalized x); residual x twice
     act = 2 * h                                  # the 2 norms' outputs, as the next matmul keeps them
     if kind != "full":
-        act += (3 + 1 + n_up + 1) * cfg.layer_rank(l) * (2 if kind == "cola" else 1)  # Z (cola: and silu(Z))
+        silu = {"cola": 3 + 1 + n_up + 1, "cola_mlp": n_up + 1}.get(kind, 0)  # projections that also keep silu(Z)
+        act += (3 + 1 + n_up + 1 + silu) * cfg.layer_rank(l)  # Z
     y = lambda n: (n, 0) if lanes_f32 else (0, n)  # numbers of a projection output, by its dtype
     parts = [(nh, 0), (0, h)]                      # SDPA: logsumexp; its output (o's input is a view of it)
     if cast:

@@ -58,7 +58,7 @@ vocab_size = None                   # None = the data's vocabulary [>=1]
 block_size = 128                    # sequence length [>=1]
 bias = False                        # GPT-2 only: biases in projections and norms
 dropout = 0.0                       # [0,1)
-param = "crnet"                     # projections: full-rank, CR-Net (Eq. 6), X A B, silu(X A) B {full|crnet|lowrank|cola}
+param = "crnet"                     # projections: full-rank, CR-Net (Eq. 6), X A B, silu(X A) B (cola_mlp: MLP only) {full|crnet|lowrank|cola|cola_mlp}
 rank = 48                           # n_embd / 4; one rank for layers 2..L, or a list of n_layer ranks [>=1]
 beta_init = 0.5 ** 0.5              # initial beta of every CR-Net layer: the lane carries beta_init^2 of the variance
 beta_eps = 1e-6                     # Eq. 6: s = sign(beta) (|beta| + eps) [>=0]

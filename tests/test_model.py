@@ -75,7 +75,8 @@ def reference_forward(m, idx):
                 y = inp @ mod.weight[:, j * mod.h_out:(j + 1) * mod.h_out]
             else:
                 z = inp @ mod.A[:, j * mod.rank:(j + 1) * mod.rank]
-                y = (F.silu(z) if c.param == "cola" else z) @ mod.B[j]
+                silu = c.param == "cola" or (c.param == "cola_mlp" and group in ("up", "down"))
+                y = (F.silu(z) if silu else z) @ mod.B[j]
             if mod.bias is not None:
                 y = y + mod.bias[j]
             if c.param == "crnet" and name in prev:  # layers 2..L: Eq. 6
@@ -107,7 +108,7 @@ def reference_forward(m, idx):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("param,first_layer", [("full", "full"), ("crnet", "full"), ("lowrank", "full"), ("cola", "full"),
-                                               ("crnet", "lowrank")])
+                                               ("cola_mlp", "full"), ("crnet", "lowrank")])
 def test_model_matches_reference_forward(arch, param, first_layer):
     """Lanes flow across blocks exactly as Eq. 6 says, with betas of both signs and a per-layer rank list;
     first_layer="lowrank" (CR-Net's ablation) makes layer 1 X A B and starts the lanes from it."""
@@ -161,7 +162,7 @@ def closed_form(arch, param, h, ff, nh, L, V, r, T=256, bias=False, first_layer=
         fixed = V * h + T * h + 2 * ln * L + ln  # tied head
         b = (3 * h + h + ff + h) * L if bias else 0
         fixed += b
-    layers = {"full": L * full_layer, "lowrank": L * lr_layer, "cola": L * lr_layer,
+    layers = {"full": L * full_layer, "lowrank": L * lr_layer, "cola": L * lr_layer, "cola_mlp": L * lr_layer,
               "crnet": (full_layer if first_layer == "full" else lr_layer) + (L - 1) * (lr_layer + n_pos)}[param]
     return fixed + layers
 
@@ -176,7 +177,7 @@ def test_low_rank_first_layer_count(arch):
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("param", ["full", "crnet", "lowrank", "cola"])
+@pytest.mark.parametrize("param", ["full", "crnet", "lowrank", "cola", "cola_mlp"])
 def test_llama_param_counts_match_closed_form(size, param):
     h, ff, nh, L, full_total = SIZES[size]
     r = h // 4
