@@ -232,6 +232,8 @@ def main(argv):
         raise ValueError(f"variants={a['variants']!r}: give distinct names from {', '.join(VARIANTS)}")
     if a["lrs"] or a["seeds"]:
         return sweep(a, c, names, run_args)
+    if a["seeds_at"] != "all":
+        raise configurator.ConfigError("seeds_at", a["seeds_at"], "applies to a sweep: give --seeds (and --lrs)")
     plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
     for args in plans.values():
         model_config(configurator.load(args, "train.py")[0])

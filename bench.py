@@ -100,7 +100,7 @@ def one_mode(a):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             _, loss = m(idx, idx)
             loss.backward()
-        print(f"{label(a.mode, a.keep_z)}: top ops by self CPU time", file=sys.stderr)
+        print(f"{label(a.mode, a.keep_z, a.rtol)}: top ops by self CPU time", file=sys.stderr)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14), file=sys.stderr)
     return {"mode": label(a.mode, a.keep_z, a.rtol), "held": held, "formula": formula, "rss_delta": rss_first,
             "step_s": statistics.median(times), "cuda_peak": cuda_peak, "tokens": tokens, "grad_err": grad_error(m, cfg, idx)}
@@ -293,6 +293,9 @@ def main(argv):
     if a.one:
         print(json.dumps(one_mode(a)))
     else:
+        for key in ("mode", "keep_z", "rtol"):  # each row sets these itself
+            if any(x.startswith(f"--{key}=") for x in argv):
+                raise configurator.ConfigError(key, c[key], "is set per row by the recompute table (see ROWS in bench.py)")
         recompute_table(a, [x for x in argv if not x.startswith(("--mode", "--keep_z", "--rtol", "--what")) and x != "recompute"])
 
 

@@ -111,7 +111,9 @@ TRAIN_KEYS = ("iter", "config", "model_config", "rng", "best_val_loss")  # what 
 
 
 class CheckpointError(ValueError):
-    pass
+    def __init__(self, message, damaged=True):
+        super().__init__(message)
+        self.damaged = damaged  # False: unreadable now (an OS error, no memory), not shown to be broken
 
 
 def checkpoints(out):
@@ -151,18 +153,18 @@ def read_checkpoint(kind, path):
     except CheckpointError:
         raise
     except Exception as e:  # torch's zip reader, pickle, EOF, os errors: all mean "cannot be read"
-        raise CheckpointError(f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'}"
+        raise CheckpointError(f"cannot be read ({why})", damaged=not isinstance(e, (OSError, MemoryError))) from None
     missing = [k for k in TRAIN_KEYS + (("model", "optimizer") if kind == "ddp" else ()) if k not in (ckpt if isinstance(ckpt, dict) else {})]
     if missing:
         raise CheckpointError(f"is not a train.py checkpoint (no {', '.join(map(repr, missing))})")
     return {**ckpt, "kind": kind, "path": path}
 
 
-def load_train_state(out, say=print, set_aside=False):
+def load_train_state(out, say=print):
     """The newest readable checkpoint's train state: config, iteration, RNG states... (a ckpt.pt's weights too).
-    A damaged newer one is skipped with a note; none readable is an error naming every file and why.
-    set_aside=True (a resuming run's rank 0) renames the damaged ones to <name>.damaged, kept for inspection
-    but out of the rotation: the next save must not keep a damaged file as its fallback."""
+    A damaged newer one is skipped with a note and listed in the state's "damaged" (see set_aside); none readable
+    is an error naming every file and why."""
     tried = []
     for kind, path in checkpoints(out):
         try:
@@ -171,17 +173,26 @@ def load_train_state(out, say=print, set_aside=False):
             tried.append((path, e))
             continue
         for bad, why in tried:
-            aside = Path(out) / f"{bad.name}.damaged"
-            if set_aside:
-                shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
-                os.replace(bad, aside)
-            say(f"note: checkpoint {bad} {why}; falling back to {path} (iteration {ckpt['iter']})"
-                + (f"; the damaged one is moved to {aside}" if set_aside else ""))
-        return ckpt
+            say(f"note: checkpoint {bad} {why}; falling back to {path} (iteration {ckpt['iter']})")
+        return {**ckpt, "damaged": [bad for bad, why in tried if why.damaged]}
     if not tried:
         raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
     raise CheckpointError("no readable checkpoint: " + "; ".join(f"{p} {e}" for p, e in tried) + ". Restore the "
                           "file, or start over with --init_from=scratch --overwrite")
+
+
+def set_aside(damaged, out, say=print):
+    """A resumed run (rank 0, once every check has passed) renames the damaged checkpoints it fell back past to
+    out/<name>.damaged: kept for inspection, but out of the rotation, so that the next save cannot keep a
+    damaged file as its fallback."""
+    for bad in damaged:
+        aside = Path(out) / f"{bad.name}.damaged"
+        try:
+            shutil.rmtree(aside) if aside.is_dir() else aside.unlink(missing_ok=True)
+            os.replace(bad, aside)
+            say(f"note: moved the damaged {bad} to {aside}")
+        except OSError as e:  # a read-only directory, say: the run goes on, and prune removes it later
+            say(f"note: could not move the damaged {bad} aside ({e})")
 
 
 def load_weights(ckpt, model, optimizer=None):
@@ -209,11 +220,16 @@ def named_optimizer_state(model, optimizer, osd):
     before both formats shared one layout hold them) keyed by parameter names instead, as set_state_dict wants.
     The numbering is the order configure_optimizers puts parameters in, which this version keeps."""
     names = {p: n for n, p in model.named_parameters()}
-    ours = [names[p] for g in optimizer.param_groups for p in g["params"]]
-    theirs = [i for g in osd["param_groups"] for i in g["params"]]
-    if len(theirs) != len(ours):
-        raise CheckpointError(f"holds optimizer state for {len(theirs)} parameters, the model has {len(ours)}")
-    fqn = dict(zip(theirs, ours))
+    sizes = [(len(g["params"]), len(h["params"])) for g, h in zip(osd["param_groups"], optimizer.param_groups)]
+    if len(osd["param_groups"]) != len(optimizer.param_groups) or any(a != b for a, b in sizes):
+        raise CheckpointError(f"holds optimizer groups of {[a for a, _ in sizes]} parameters, the optimizer has "
+                              f"{[len(g['params']) for g in optimizer.param_groups]}: written by another version")
+    fqn = {i: names[p] for g, h in zip(osd["param_groups"], optimizer.param_groups) for i, p in zip(g["params"], h["params"])}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    for i, state in osd["state"].items():
+        if "exp_avg" in state and state["exp_avg"].shape != shapes[fqn[i]]:
+            raise CheckpointError(f"holds optimizer state of shape {tuple(state['exp_avg'].shape)} for {fqn[i]}, "
+                                  f"which has {tuple(shapes[fqn[i]])}: written by another version")
     return {"state": {fqn[i]: v for i, v in osd["state"].items()},
             "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in osd["param_groups"]]}
 
@@ -274,8 +290,7 @@ def link_best(src, best):
     copies where the file system has no hard links. Built as best.tmp/; the old best/ is renamed to best.old/
     until the new one is in place, and restored from there if a kill came between the two renames."""
     tmp, old = best.with_name(best.name + ".tmp"), best.with_name(best.name + ".old")
-    if old.exists() and not best.exists():
-        os.replace(old, best)
+    recover_best(best.parent)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -288,6 +303,13 @@ def link_best(src, best):
         os.replace(best, old)
     os.replace(tmp, best)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_best(out):
+    """A kill between link_best's two renames leaves best.old/ and no best/: put it back (a resumed run does)."""
+    best, old = Path(out) / "best", Path(out) / "best.old"
+    if old.is_dir() and not best.exists():
+        os.replace(old, best)
 
 
 def link_or_copy(src, dst):

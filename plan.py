@@ -248,11 +248,12 @@ def paper_table(c):
     return rows
 
 
-def preflight(c, world):
+def preflight(c, world, ckpt=None):
     """Every check a launch at `world` processes makes before it costs GPU time, on any machine: the config,
-    the batch arithmetic, the data (where it is present here) and the memory plan. Prints a summary; errors raise."""
+    the batch arithmetic, the data (where it is present here; against ckpt's tokenizer when fine-tuning) and the
+    memory plan. Prints a summary; errors raise."""
     from prepare_data import check_data, find_data
-    from train import check_config  # train.py calls this: imported here, not at the top
+    from train import check_config, check_tokenizer  # train.py calls this: imported here, not at the top
     grad_accum = check_config(c, world)
     try:
         data_dir, meta = find_data(c)
@@ -260,6 +261,8 @@ def preflight(c, world):
         data_dir, meta = None, None
         print(f"note: {e}\n  (not needed for the preflight; needed on the machines that train)")
     if meta is not None:
+        if ckpt is not None:
+            check_tokenizer(c, ckpt, meta)
         check_data(c, data_dir, meta)
     vocab = c["vocab_size"] or (meta or {}).get("vocab_size") or (50257 if "gpt2" in c["data_dir"] else 256)
     cp = {**c, "vocab_size": vocab}

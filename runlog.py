@@ -19,14 +19,17 @@ def sinks(c):
 
 def start_logs(c, out, start_iter):
     """config.json, and metrics.jsonl without rows an interrupted run wrote after its last checkpoint (both atomic).
-    A new run (scratch or fine-tuning) first removes what an earlier run left in out_dir: checkpoints, best/,
-    TensorBoard and wandb ids. Returns log(row): appends the row to metrics.jsonl and hands it to the log_to sinks."""
+    A new run (scratch or fine-tuning; train.py asks for --overwrite where out_dir holds a checkpoint) removes what
+    an earlier run left there (checkpoints, best/, TensorBoard), but only once wandb, the one sink that can fail,
+    has started. Returns log(row): appends the row to metrics.jsonl and hands it to the log_to sinks."""
     out.mkdir(parents=True, exist_ok=True)
+    wandb_sink = [open_sink("wandb", c, out, start_iter)] if "wandb" in sinks(c) else []
     (out / "diverged.json").unlink(missing_ok=True)
     if c["init_from"] != "resume":
         par.remove_run(out)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
-        (out / "wandb_id").unlink(missing_ok=True)
+    else:
+        par.recover_best(out)
     write_atomic(out / "config.json", json.dumps(c, indent=2) + "\n")
     metrics = out / "metrics.jsonl"
     if metrics.exists():
@@ -38,7 +41,7 @@ def start_logs(c, out, start_iter):
                 pass  # a line cut short by a kill during an append
         keep = [r for r in rows if r["iter"] <= start_iter] if c["init_from"] == "resume" else []
         write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in keep))
-    outs = [open_sink(name, c, out, start_iter) for name in sinks(c)]
+    outs = wandb_sink + ([open_sink("tensorboard", c, out, start_iter)] if "tensorboard" in sinks(c) else [])
 
     def log(row):
         log_metrics(metrics, row)
@@ -62,13 +65,14 @@ def open_sink(name, c, out, start_iter):
         return sink
     import wandb
     id_file = out / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-    write_atomic(id_file, run_id)
+    resume = c["init_from"] == "resume" and id_file.is_file()
+    run_id = id_file.read_text().strip() if resume else uuid.uuid4().hex[:12]
     try:
         run = wandb.init(project=c["wandb_project"], name=out.name, id=run_id, resume="allow", dir=str(out))
     except Exception as e:  # no login, no network, a bad project name: the user's setup, not a bug here
         raise ValueError(f"log_to='wandb': wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                          f"run `wandb login`, or set WANDB_MODE=offline") from None
+    write_atomic(id_file, run_id)
     run.config.update(c, allow_val_change=True)  # a resumed run may change the keys FREE_ON_RESUME lists
     # wandb keeps the first value logged at a step: rows replayed after a kill keep their first values, which
     # equal the replayed ones (exact resume) unless max_iters was changed on resuming

@@ -44,7 +44,7 @@ overwrite = False                   # start over in an out_dir holding a run (it
 eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end) [>=1]
 eval_tokens = 131072                # fixed validation (and train) tokens per evaluation, split over ranks [>=1]
 log_interval = 25                   # print and append a row to metrics.jsonl every this many iterations [>=1]
-keep_best = False                   # also keep the best-val checkpoint, as out_dir/best/ (hard links, no copy)
+keep_best = False                   # also keep the best-val checkpoint, as out_dir/best/ (hard links; a copy without them)
 log_to = ""                         # also log to "tensorboard" (out_dir/tensorboard) and/or "wandb", comma-separated
 wandb_project = "crnet"             # the wandb project, with log_to="wandb"
 seed = 1337                         # weights, batches and dropout all derive from it [>=0]
@@ -178,8 +178,7 @@ def unigram_entropy(data, vocab_size):
 # ----------------------------------------------------------------------------- the steps of main
 def resume_config(c, given):
     """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them."""
-    rank0 = os.environ.get("RANK", "0") == "0"
-    ckpt = par.load_train_state(c["out_dir"], say=print if rank0 else lambda *a: None, set_aside=rank0)
+    ckpt = par.load_train_state(c["out_dir"], say=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     saved = {k: v for k, v in ckpt["config"].items() if k in c}  # keys this version no longer has are dropped
     for k in sorted(given - FREE_ON_RESUME):
         same_dir = k == "data_dir" and Path(c[k]).resolve() == Path(saved[k]).resolve()
@@ -206,6 +205,9 @@ def finetune_config(c, given):
         raise ConfigError("init_from", c["init_from"], "is neither scratch, resume nor a directory holding a checkpoint")
     if src.resolve() == Path(c["out_dir"]).resolve():
         raise ConfigError("init_from", c["init_from"], "is out_dir itself: continue that run with --init_from=resume")
+    if Path(c["out_dir"]).resolve() in src.resolve().parents:
+        raise ConfigError("init_from", c["init_from"], "is inside out_dir, whose checkpoints a new run there removes: "
+                                                       "copy it elsewhere first")
     ckpt = par.load_train_state(src, say=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     saved = ckpt["config"]
     model_keys = [k for k in ModelConfig.field_names() if k != "dropout" and k in saved]
@@ -300,8 +302,14 @@ def check_same_start(c, rt, ckpt, meta):
         seen = [None] * rt["world"]
         dist.all_gather_object(seen, (str(ckpt["path"]), ckpt["iter"]))
         if len(set(seen)) > 1:
-            raise ValueError(f"processes read different checkpoints ({', '.join(f'{p} at iteration {i}' for p, i in sorted(set(seen)))}): "
-                             f"is a run still saving there? Copy one checkpoint out and start from the copy")
+            how = ("is a run still saving there? Copy one checkpoint out and start from the copy"
+                   if c["init_from"] != "resume" else "is another run writing to this out_dir?")
+            raise ValueError(f"processes read different checkpoints "
+                             f"({', '.join(f'{p} at iteration {i}' for p, i in sorted(set(seen)))}): {how}")
+    check_tokenizer(c, ckpt, meta)
+
+
+def check_tokenizer(c, ckpt, meta):
     was, now = (TOKENIZER_IDS.get(t, t) for t in (ckpt["data_meta"]["tokenizer"], meta["tokenizer"]))
     if c["init_from"] != "resume" and was != now:
         raise ConfigError("data_dir", c["data_dir"], f"holds {meta['tokenizer']!r} tokens, but the checkpoint in "
@@ -362,9 +370,9 @@ def build(c, rt, ckpt):
 # ----------------------------------------------------------------------------- main
 def main(argv):
     c, given = configurator.load(argv, "train.py", doc=__doc__)
-    if c["init_from"] != "resume":
-        kind, path = par.find_checkpoint(c["out_dir"])
-        if kind and not c["overwrite"]:
+    if c["init_from"] != "resume" and not c["overwrite"]:  # a new run removes the old one's checkpoints and best/
+        path = par.find_checkpoint(c["out_dir"])[1] or par.find_checkpoint(Path(c["out_dir"]) / "best")[1]
+        if path:
             raise FileExistsError(f"{path} exists: continue it with --init_from=resume, or pass --overwrite or "
                                   f"another --out_dir to start over")
     ckpt = None
@@ -375,16 +383,18 @@ def main(argv):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if c["preflight"]:
         import plan  # the memory plan and every other check a launch makes
-        return plan.preflight(c, c["world_size"] or world)
+        return plan.preflight(c, c["world_size"] or world, ckpt)
     grad_accum = check_config(c, world)
     rt = setup(c)
     rank, device, autocast, say = rt["rank"], rt["device"], rt["autocast"], rt["say"]
     train_data, val_data, meta = load_data(c, rt, ckpt)
     if c["vocab_size"] is None:
         c["vocab_size"] = meta["vocab_size"]
+    out = Path(c["out_dir"])
+    if rank == 0 and c["init_from"] == "resume":  # every check has passed: damaged checkpoints leave the rotation
+        par.set_aside(ckpt["damaged"], out, say)
     model, raw_model, optimizer, mcfg, start_iter, best_val = build(c, rt, ckpt)
     ckpt = None  # free the checkpoint's tensors
-    out = Path(c["out_dir"])
     rt["log"] = start_logs(c, out, start_iter) if rank == 0 else (lambda row: None)
     counts = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token()

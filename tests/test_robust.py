@@ -151,6 +151,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_pat
     assert list(b) == list(range(1, 9)) and all(b[i] == pytest.approx(a[i], rel=1e-6) for i in range(5, 9))
     # the damaged file is set aside, not rotated in as the next save's fallback
     assert (tmp_path / "b" / "ckpt.pt.damaged").is_file() and par.read_checkpoint("ddp", tmp_path / "b" / par.PREV_FILE)["iter"] == 6
+    assert "note: moved the damaged" in out
 
 
 def test_damaged_sharded_checkpoint_falls_back(tiny_data, tmp_path, capsys):
@@ -232,9 +233,11 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
     def refuse(**kw):
         raise RuntimeError("api_key not configured (no-tty)\nmore")
     fake.init = refuse
+    files = snapshot(tmp_path)
     with pytest.raises(ValueError, match=r"log_to='wandb': wandb.init failed \(RuntimeError: api_key not configured "
                                          r"\(no-tty\)\); run `wandb login`, or set WANDB_MODE=offline"):
-        run(tiny_data, tmp_path / "x", "--log_to=wandb")
+        run(tiny_data, tmp_path, "--log_to=wandb", "--overwrite")  # fails before the old run is removed
+    assert snapshot(tmp_path) == files
 
 
 def test_log_to_tensorboard_writes_events(tiny_data, tmp_path):
@@ -389,8 +392,9 @@ def test_keep_best_copies_where_hard_links_fail_and_survives_a_kill_between_rena
     par.link_best(src, best)
     assert (best / "ckpt.pt").read_bytes() == src.read_bytes() and (best / "ckpt.pt").stat().st_ino != src.stat().st_ino
     os.replace(best, best.with_name("best.old"))  # as a kill between the two renames leaves it
-    par.link_best(src, best)
-    assert (best / "ckpt.pt").is_file() and not best.with_name("best.old").exists()
+    train.main([f"--out_dir={tmp_path / 'a'}", "--init_from=resume", "--max_iters=3", "--eval_interval=5"])
+    assert (best / "ckpt.pt").read_bytes() == src.with_name(par.PREV_FILE).read_bytes()  # the resumed run put it back
+    assert not best.with_name("best.old").exists()
 
 
 def test_fine_tuning_checks_the_tokenizer_and_that_every_process_read_one_checkpoint(tiny_data, tmp_path, monkeypatch):
@@ -408,3 +412,38 @@ def test_fine_tuning_checks_the_tokenizer_and_that_every_process_read_one_checkp
     with pytest.raises(ValueError, match="processes read different checkpoints \\(pre/ckpt.pt at iteration 4, "
                                          "pre/ckpt.pt at iteration 6\\): is a run still saving there"):
         train.check_same_start({"init_from": "pre"}, {"world": 2}, {"path": "x", "iter": 2}, meta)
+
+
+def test_a_new_run_asks_before_removing_best_and_never_removes_its_own_source(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=2", "--eval_interval=2", "--keep_best")
+    for f in ("ckpt.pt", "ckpt.prev.pt"):
+        (tmp_path / f).unlink(missing_ok=True)  # only best/ is left: still a run's checkpoint
+    with pytest.raises(FileExistsError, match="best/ckpt.pt exists: continue it with --init_from=resume, or pass --overwrite"):
+        run(tiny_data, tmp_path)
+    with pytest.raises(ValueError, match="init_from=.*best': is inside out_dir, whose checkpoints a new run there removes"):
+        run(tiny_data, tmp_path, f"--init_from={tmp_path / 'best'}", "--overwrite")
+    assert (tmp_path / "best" / "ckpt.pt").is_file()
+
+
+def test_damaged_checkpoints_are_set_aside_only_once_every_check_passed(tiny_data, tmp_path, capsys):
+    run(tiny_data, tmp_path, "--max_iters=8", "--eval_interval=2", "--stop_iter=4")
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="eval_tokens=1"):
+        train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--eval_tokens=1"])
+    train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--preflight"])
+    assert ckpt.is_file() and not (tmp_path / "ckpt.pt.damaged").exists()  # a failed check or a preflight moves nothing
+    # unreadable for a reason that does not show damage (an OS error): fallen back past, but not moved aside
+    err = par.CheckpointError("cannot be read (OSError: [Errno 5] Input/output error)", damaged=False)
+    assert err.damaged is False and par.CheckpointError("x").damaged is True
+
+
+def test_an_old_format_checkpoint_from_another_layout_is_refused(tiny_data, tmp_path):
+    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
+    model, _ = par.load_for_inference(tmp_path)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    osd = opt.state_dict()
+    moved = {**osd, "param_groups": [{**osd["param_groups"][0], "params": osd["param_groups"][0]["params"][:-1]},
+                                     {**osd["param_groups"][1], "params": osd["param_groups"][0]["params"][-1:] + osd["param_groups"][1]["params"]}]}
+    with pytest.raises(par.CheckpointError, match="holds optimizer groups of .* parameters, the optimizer has"):
+        par.named_optimizer_state(model, opt, moved)
