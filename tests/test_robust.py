@@ -113,6 +113,8 @@ BATTERY = [
     (["ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
     (["ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
     (["ablate.py"], ["--seeds_at=first", "--ablate_dir={w}/ab"], "seeds_at='first'"),
+    (["ablate.py"], ["--seeds_at=best", "--ablate_dir={w}/ab"], "seeds_at='best': applies to a sweep"),
+    (["bench.py"], ["recompute", "--rtol=1e-4"], "rtol=0.0001: is set per row"),
     (["plot.py"], ["{w}/run", "--out={w}/curves"], "needs an image extension"),
     (["plot.py"], ["{w}/run", "--out={w}/no_dir/c.png"], "no_dir does not exist"),
     (["plot.py"], ["--runs= {w}/run , {w}/nowhere"], "nowhere/metrics.jsonl not found"),
