@@ -370,16 +370,16 @@ def load_meta(data_dir):
 
 
 # ----------------------------------------------------------------------------- for train.py
-BUNDLED = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}  # data dirs made from the bundled corpus on demand
+BUNDLED_DIRS = {f"data/shakespeare_{t}": t for t in ("byte", "gpt2")}  # data dirs made from the bundled corpus on demand
 
 
 def find_data(c):
     """train.py's data_dir as (data dir, meta or None if it is a bundled one not prepared yet). Missing data that
     cannot be made here is an error that prints the command that makes it (c["data_recipe"], or the generic one)."""
     data_dir = Path(c["data_dir"])
-    if not (data_dir / "meta.json").is_file() and c["data_dir"] in BUNDLED:
+    if not (data_dir / "meta.json").is_file() and c["data_dir"] in BUNDLED_DIRS:
         data_dir = ROOT / data_dir
-    if (data_dir / "meta.json").is_file() or c["data_dir"] in BUNDLED:
+    if (data_dir / "meta.json").is_file() or c["data_dir"] in BUNDLED_DIRS:
         return data_dir, (load_meta(data_dir) if (data_dir / "meta.json").is_file() else None)
     how = c["data_recipe"] or f"python prepare_data.py --files=<your text files> --out_dir={c['data_dir']}"
     raise FileNotFoundError(f"{data_dir} holds no prepared data ({data_dir / 'meta.json'} is missing); make it with:\n  {how}")

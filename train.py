@@ -31,7 +31,7 @@ import configurator
 import parallel as par
 from configurator import ConfigError
 from model import ModelConfig, estimate_mfu, peak_flops_for
-from prepare_data import BUNDLED, check_data, find_data, load_meta, prepare
+from prepare_data import BUNDLED_DIRS, check_data, find_data, load_meta, prepare
 from runlog import SINKS, fmt_time, sinks, start_logs, write_atomic
 
 # ----------------------------------------------------------------------------- config
@@ -326,7 +326,7 @@ def load_data(c, rt, ckpt=None):
     if meta is None:  # a bundled corpus's dir: rank 0 prepares it, the others wait
         if rt["rank"] == 0:
             rt["say"](f"preparing {data_dir} from the bundled corpus")
-            prepare(data_dir, tokenizer=BUNDLED[c["data_dir"]])
+            prepare(data_dir, tokenizer=BUNDLED_DIRS[c["data_dir"]])
         if rt["world"] > 1:
             dist.barrier()
         meta = load_meta(data_dir)
