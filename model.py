@@ -3,8 +3,10 @@ CR-Net (Cross-layer Low-Rank residual Network, arXiv 2509.18993) in one file: a 
 LLaMA / GPT-2 transformer whose linear projections can be full-rank, CR-Net (Eq. 6), vanilla
 low-rank or CoLA. Row-vector convention throughout, as in the paper: Y = X W.
 
-The model knows nothing about activation recomputation, DDP, FSDP or torch.compile: recompute.apply and
-parallel.build_model apply those from outside, as torchtitan applies activation checkpointing.
+The model knows nothing about DDP, FSDP or torch.compile, and of activation recomputation only one knob:
+recompute.apply and parallel.build_model apply those from outside, as torchtitan applies activation checkpointing.
+The knob is Projection.lane_dtype: lanes are formed in the compute dtype, and recompute.apply raises them to
+float32 where Algorithm 1 must invert Eq. 6 (see Projection.lane_add).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -151,7 +153,9 @@ class Projection(nn.Module):
         cola:    Y = silu(X A) B
         crnet:   Y = s * Y_prev + (X A) B,   s = sign(beta) (|beta| + eps)      # Eq. 6
     CR-Net's layer 1 (full-rank, or low-rank in the paper's ablation) has no lane in; its output is the first lane.
+    lane_dtype: None (lanes in the compute dtype) or a dtype the lanes are formed in at least; see lane_add.
     """
+    lane_dtype = None
 
     def __init__(self, h_in, h_out, n, kind, rank, bias, std, cfg, lane_in=False):
         super().__init__()
@@ -186,8 +190,7 @@ class Projection(nn.Module):
 
     def scale(self):
         """Eq. 6: s = sign(beta) (|beta| + eps), in at least float32 even for bf16 parameters (FSDP's mixed
-        precision): the lanes are then formed in float32, so inverting Eq. 6 in recompute.py stays exact to
-        float32 round-off instead of bf16's."""
+        precision), so eps is not lost to rounding."""
         beta = self.beta.to(torch.promote_types(self.beta.dtype, torch.float32))
         return torch.sign(beta) * (beta.abs() + self.beta_eps)
 
@@ -196,21 +199,29 @@ class Projection(nn.Module):
         result CR-Net recomputation keeps (Z) or knows, so that backward never redoes it."""
         return (x @ (self.weight if self.kind == "full" else self.A)).unflatten(-1, (self.n, -1))
 
+    def output_product(self, z):
+        """Z B (B, T, n, h_out) from Z (B, T, n, r): one r x h_out factor per projection."""
+        # n = 1 (o, down) as a plain matmul: einsum's gradient for a (1, r, h) factor comes out with strides
+        # that differ from DDP's bucket view in the size-1 dim (a warning and a copy on every step)
+        return (z[:, :, 0] @ self.B[0]).unsqueeze(2) if self.n == 1 else torch.einsum("btnr,nrh->btnh", z, self.B)
+
     def delta(self, x, xa=None):
         """Everything but the lane term: X W, (X A) B or silu(X A) B, plus the bias; xa: input_product(x) if known."""
         xa = self.input_product(x) if xa is None else xa
-        if self.kind == "full":
-            d = xa
-        else:
-            z = F.silu(xa) if self.kind == "cola" else xa
-            # n = 1 (o, down) as a plain matmul: einsum's gradient for a (1, r, h) factor comes out with strides
-            # that differ from DDP's bucket view in the size-1 dim (a warning and a copy on every step)
-            d = (z[:, :, 0] @ self.B[0]).unsqueeze(2) if self.n == 1 else torch.einsum("btnr,nrh->btnh", z, self.B)
-        return d if self.bias is None else d + self.bias
+        d = xa if self.kind == "full" else self.output_product(F.silu(xa) if self.kind == "cola" else xa)
+        return d if self.bias is None else d + self.bias.to(d.dtype)  # in the matmul's dtype, as F.linear adds it
 
     def lane_add(self, d, lane):
-        """Eq. 6, layers 2..L: Y_l = s * Y_{l-1} + d with s = sign(beta) (|beta| + eps)."""
-        return torch.addcmul(d, self.scale().view(self.n, 1), lane)
+        """Eq. 6, layers 2..L: Y_l = s * Y_{l-1} + d with s = sign(beta) (|beta| + eps).
+
+        Precision. A lane is as wide as the projection's output, so its dtype is what a CR layer streams through
+        memory. It is the compute dtype (bf16 under autocast): addcmul multiplies and adds in float32 inside the
+        kernel and rounds once, and s is rounded to bf16 first, as autocast rounds every weight it multiplies.
+        Inverting Eq. 6 (recompute.py) divides a rounded lane by s and so amplifies its rounding by 1/|s| per
+        layer: exact in float32 for k layers (the round-off guard), not in bf16. So recompute.apply sets
+        lane_dtype = float32 for "crnet" and "reversible"; then s stays float32 and addcmul promotes to it."""
+        dtype = d.dtype if self.lane_dtype is None else torch.promote_types(d.dtype, self.lane_dtype)
+        return torch.addcmul(d, self.scale().view(self.n, 1).to(dtype), lane)
 
     def forward(self, x, lane=None, xa=None):
         d = self.delta(x, xa)
@@ -395,13 +406,21 @@ class Transformer(nn.Module):
         T = idx.shape[1]
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
-        x = self.wte(idx)  # (B, T, h)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
-        x = F.dropout(x, self.cfg.dropout, self.training)
+        x = self.embed(idx)
         lanes, rope = None, self.rope()
         for block in self.blocks:  # recompute.apply changes what a block does in a training step, not this loop
             x, lanes = block(x, lanes, rope)
+        return self.head(x, targets)
+
+    # embed and head are separate so that parallel.build_model can compile them as regions of their own when
+    # recompute="crnet" | "reversible" runs the blocks through an autograd Function a whole-model compile can't trace
+    def embed(self, idx):
+        x = self.wte(idx)  # (B, T, h)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        return F.dropout(x, self.cfg.dropout, self.training)
+
+    def head(self, x, targets=None):
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -55,9 +55,9 @@ def stored_numbers_per_token(cfg, mode, every=8, store=None, keep_z=True):
     Z 3r + r + 2r + r = 7r. GPT-2's lanes are 3h + h + 4h + h = 9h and its Z 3r + r + r + r = 6r, so reversible
     keeps 6 (L-1) r + |C| (h + 9h) = 6 (L-1) r + 10 h |C|, or 10 h |C| with keep_z=False (C never holds layer 1,
     so every stored input is counted). `store` replaces the checkpoint set by an actual (layer, group) plan,
-    e.g. one the round-off guard extended (group 4: a block input)."""
+    e.g. one the round-off guard extended (group 4 = recompute.STREAM: a block input)."""
     L, h = cfg.n_layer, cfg.n_embd
-    group = lane_numbers(cfg) + [h]  # the 4 lane groups, then the block input (recompute.X)
+    group = lane_numbers(cfg) + [h]  # the 4 lane groups, then the block input (recompute.STREAM)
     if mode == "block":
         return (L - 1) * sum(group)
     if mode not in ("crnet", "reversible"):
@@ -136,11 +136,13 @@ def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
 
 
 # ----------------------------------------------------------------------------- the plan
-def layer_numbers(cfg, l, bf16):
-    """(float32 numbers, compute-dtype numbers) per token that autograd keeps for layer l with no recompute."""
+def layer_numbers(cfg, l, bf16, lanes_f32=False):
+    """(float32 numbers, compute-dtype numbers) per token that autograd keeps for layer l with no recompute.
+    lanes_f32: Eq. 6's outputs are float32 (recompute crnet/reversible set Projection.lane_dtype; their replay of a
+    layer is what this counts then); else every projection output is in the compute dtype."""
     h, ff, nh, L = cfg.n_embd, cfg.ff_dim, cfg.n_head, cfg.n_layer
     llama, n_up, kind = cfg.arch == "llama", (2 if cfg.arch == "llama" else 1), cfg.layer_kind(l)
-    lanes_f32 = kind == "crnet"  # Eq. 6 outputs are float32 (Projection.scale); other outputs are compute dtype
+    lanes_f32 = lanes_f32 and kind == "crnet"
     cast = bf16 and lanes_f32    # SDPA and the next matmul then keep bf16 copies of their inputs
     # the layer above keeps our lanes for dL/dbeta (not for a fixed beta: autograd saves only what it will use)
     kept_above = l + 1 < L and cfg.layer_kind(l + 1) == "crnet" and cfg.beta_learnable
@@ -177,8 +179,8 @@ def activation_numbers(cfg, mode, bf16, every=8, keep_z=True):
         ckpt = checkpoint_layers(L, every)
         return f32 - h + len(ckpt - {0}) * h + len(ckpt) * sum(lanes), act + z_numbers(cfg) * (keep_z or bf16)
     f32 += (L - 1) * h  # the inputs of blocks 2..L
-    if mode == "block":  # and their input lanes: float32, but layer 1's (full-rank) are in compute dtype
-        return f32 + max(0, L - 2) * sum(lanes), act + (L > 1) * sum(lanes)
+    if mode == "block":  # and their input lanes, in the compute dtype
+        return f32, act + (L - 1) * sum(lanes)
     if cfg.param != "crnet":
         raise ValueError(f"recompute={mode!r} needs param='crnet'")
     return f32 + len(checkpoint_layers(L, every)) * sum(lanes), act + z_numbers(cfg)
@@ -200,7 +202,7 @@ def plan(c, parallel, mode, gpus):
     root = P - sum(p.numel() for p in m.blocks.parameters())
     A, tokens = (2 if bf16 else 4), c["batch_size"] * c["block_size"]
     f32, act = activation_numbers(cfg, mode, bf16, c["recompute_every"], c.get("keep_z", True))
-    f, a = layer_numbers(cfg, cfg.n_layer // 2, bf16)
+    f, a = layer_numbers(cfg, cfg.n_layer // 2, bf16, mode in ("crnet", "reversible"))
     backward = tokens * (cfg.vocab_size * (4 + A) + (0 if mode == "none" else 4 * f + A * a))
     if parallel == "ddp":
         r = {"params": 4 * P + (2 * copies if bf16 else 0), "grads": 4 * P, "optimizer": 8 * P}
