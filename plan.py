@@ -216,6 +216,23 @@ def plan(c, parallel, mode, gpus):
     return r, P
 
 
+def auto_recompute(c, world, gpu_bytes):
+    """recompute='auto': the fastest mode whose plan fits 90% of gpu_bytes, in the order none, crnet, reversible
+    (CR-Net; each stores less and replays more than the one before) or none, block (other models). Returns the
+    mode and a line that says why, with the plan's numbers; none fitting is an error naming each mode's need."""
+    order = ("none", "crnet", "reversible") if c["param"] == "crnet" else ("none", "block")
+    cp = {**c, "vocab_size": c["vocab_size"] or 50257}
+    need = []
+    for mode in order:
+        total = plan({**cp, "recompute": mode}, c["parallel"], mode, world)[0]["total"]
+        need.append(f"{mode} {total / GiB:.1f}")
+        if total <= 0.9 * gpu_bytes:
+            return mode, (f"recompute auto -> {mode}: planned {total / GiB:.1f} GiB per GPU, fits 90% of "
+                          f"{gpu_bytes / GiB:.1f} GiB ({c['parallel']}, {world} process(es); GiB needed: {', '.join(need)})")
+    raise ValueError(f"recompute='auto': no mode fits 90% of {gpu_bytes / GiB:.1f} GiB per GPU (GiB needed: "
+                     f"{', '.join(need)}): lower batch_size or use parallel='fsdp'")
+
+
 def report(c, argv):
     gib, n = c["gpu_gib"], c["gpus"]
     print(f"{' '.join(argv) or 'defaults'}: micro-batch {c['batch_size']} x {c['block_size']} tokens, dtype "
@@ -230,6 +247,11 @@ def report(c, argv):
             cells = " | ".join(f"{r[k] / GiB:.2f}" for k in ("params", "grads", "optimizer", "activations", "backward", "total"))
             name = mode + ("" if keep_z else ", keep_z=False")
             print(f"| {label} | {name} | {cells} | {'yes' if r['total'] <= 0.9 * gib * GiB else 'no'} |")
+    for parallel, label in (("ddp", "DDP"), ("fsdp", f"FSDP x{n}")):
+        try:
+            print(f"{label}: " + auto_recompute({**c, "parallel": parallel}, n if parallel == "fsdp" else 1, gib * GiB)[1])
+        except ValueError as e:
+            print(f"{label}: {e}")
     print(f"{P / 1e6:.1f}M parameters")
 
 
@@ -268,19 +290,24 @@ def preflight(c, world, ckpt=None):
         check_data(c, data_dir, meta)
     vocab = c["vocab_size"] or (meta or {}).get("vocab_size") or (50257 if "gpt2" in c["data_dir"] else 256)
     cp = {**c, "vocab_size": vocab}
-    r, P = plan(cp, c["parallel"], c["recompute"], world)
     gib = 2 ** 30
+    if c["recompute"] == "auto":
+        on_gpu = torch.cuda.is_available() and not c["device_gib"]
+        memory = torch.cuda.get_device_properties(0).total_memory if on_gpu else (c["device_gib"] or 80) * gib
+        cp["recompute"], why = auto_recompute(cp, world, memory)
+        print(why + ("" if on_gpu or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
+    r, P = plan(cp, c["parallel"], cp["recompute"], world)
     where = "here"
     if torch.cuda.is_available():
         limit = torch.cuda.get_device_properties(0).total_memory
         if r["total"] > 0.9 * limit:
             raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute="
-                             f"{c['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's "
+                             f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's "
                              f"{limit / gib:.1f} GiB: lower batch_size, use recompute or parallel='fsdp'")
         where = f"of this GPU's {limit / gib:.1f} GiB"
     print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
           f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
-          f"{r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute={c['recompute']}, "
+          f"{r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute={cp['recompute']}, "
           f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){'' if where == 'here' else ', fits ' + where}; "
           f"data {'found in ' + str(data_dir) if meta else 'not here'}")
 

@@ -66,7 +66,8 @@ beta_learnable = True               # False: the paper's fixed-beta ablation
 first_layer = "full"                # "lowrank": the paper's low-rank-first-layer ablation {full|lowrank}
 init_std = 0.02                     # std of a full-rank projection [>0]
 # activation recomputation (recompute.py): not part of the model, so a run may resume with another mode
-recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1; "reversible": also inverts the residual stream {none|block|crnet|reversible}
+recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1; "reversible": also inverts the residual stream; "auto": the fastest that the memory plan fits {none|block|crnet|reversible|auto}
+device_gib = 0.0                    # recompute="auto", --preflight: memory per device to plan for; 0 = this device's [>=0]
 recompute_every = 8                 # crnet, reversible: keep the lanes of every k-th layer, counted down from the last [>=1]
 keep_z = True                       # reversible: keep every Z = X A (False: recompute it in backward, storing less)
 recompute_rtol = 1e-5               # crnet, reversible: round-off a rebuilt lane may carry; above it a lane is stored [>0]
@@ -94,7 +95,7 @@ world_size = 0                      # preflight: the number of processes to chec
 TYPES = {"rank": (int, list), "vocab_size": (int, None)}
 # -----------------------------------------------------------------------------
 # what a resumed run may change; everything else defines the model, the data stream or the optimization
-FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute",
+FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute", "device_gib",
                   "recompute_every", "keep_z", "recompute_rtol", "batch_size", "max_iters", "stop_iter", "device", "dtype",
                   "compile", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
                   "log_to", "wandb_project"}
@@ -245,7 +246,7 @@ def check_config(c, world):
     if c["recompute"] in ("crnet", "reversible") and c["param"] != "crnet":
         raise ConfigError("recompute", c["recompute"], f"inverts Eq. 6 and needs param='crnet' (got param="
                                                        f"{c['param']!r}); use recompute='block'")
-    if not c["keep_z"] and c["recompute"] != "reversible":
+    if not c["keep_z"] and c["recompute"] not in ("reversible", "auto"):
         raise ConfigError("keep_z", False, f"applies to recompute='reversible' only (got {c['recompute']!r})")
     model_config(c)  # the model's own checks (divisibility, ranks, ...), named by key
     return c["total_batch_tokens"] // per_micro  # grad_accum
@@ -295,6 +296,13 @@ def setup(c):
     return dict(rank=rank, world=world, device=device, dtype=dtype, autocast=autocast, threads=threads, say=say)
 
 
+def device_memory(device):
+    """Bytes of memory on `device`: the GPU's, else the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_same_start(c, rt, ckpt, meta):
     """Every process starts from the same checkpoint (a run still saving into init_from could hand processes
     different ones), and a fine-tuned model reads the token ids it was trained on."""
@@ -342,7 +350,8 @@ def build(c, rt, ckpt):
     raw_model is the Transformer itself: what we checkpoint, free of compile and DDP wrappers."""
     mcfg = model_config(c)
     model, raw = par.build_model(mcfg, c["parallel"], rt["device"], c["seed"], rt["dtype"] == "bfloat16",  # FSDP: bf16 params
-                                 c["compile"], (c["recompute"], c["recompute_every"], c["keep_z"], c["recompute_rtol"]))
+                                 c["compile"], (rt["recompute"], c["recompute_every"], c["keep_z"] or rt["recompute"] != "reversible",
+                                                c["recompute_rtol"]))
     optimizer = raw.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt["device"].type)
     start_iter, best_val = 0, float("inf")
     if ckpt is None:
@@ -393,6 +402,12 @@ def main(argv):
     out = Path(c["out_dir"])
     if rank == 0 and c["init_from"] == "resume":  # every check has passed: damaged checkpoints leave the rotation
         par.set_aside(ckpt["damaged"], out, say)
+    rt["recompute"] = c["recompute"]
+    if c["recompute"] == "auto":
+        import plan  # the memory plan picks the mode
+        memory = c["device_gib"] * 2 ** 30 or device_memory(device)
+        rt["recompute"], why = plan.auto_recompute({**c, "dtype": rt["dtype"]}, rt["world"], memory)
+        say(why)
     model, raw_model, optimizer, mcfg, start_iter, best_val = build(c, rt, ckpt)
     ckpt = None  # free the checkpoint's tensors
     rt["log"] = start_logs(c, out, start_iter) if rank == 0 else (lambda row: None)
@@ -405,7 +420,7 @@ def main(argv):
     say(f"data: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {len(train_data):,} train / {len(val_data):,} val tokens; "
         f"val unigram entropy {unigram_entropy(val_data, meta['vocab_size']):.4f} nats")
     say(f"batch: {tokens_per_step:,} tokens/step = {B} seq x {T} tok x {rt['world']} proc x {grad_accum} accum; "
-        f"device {device}, {rt['dtype']}, {rt['threads']} threads/proc; recompute {c['recompute']}; "
+        f"device {device}, {rt['dtype']}, {rt['threads']} threads/proc; recompute {rt['recompute']}; "
         f"{flops_per_token / 1e6:.1f} MFLOP/token")
 
     # ---- loop: step `it` takes the model from iteration it to it + 1

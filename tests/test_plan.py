@@ -62,3 +62,32 @@ def test_report_and_errors(capsys):
     assert "| FSDP x4 | crnet |" in out and "| FSDP x4 | reversible, keep_z=False |" in out and "3092.9M parameters" in out
     with pytest.raises(ValueError, match="unknown config key 'gpu'"):
         plan.main(["--gpu=4"])
+
+
+def test_auto_recompute_picks_the_fastest_mode_that_fits():
+    """recompute='auto' against the plan itself: none where it fits, else crnet, else reversible (block for
+    models without lanes); below every mode's need, an error naming each."""
+    c = configurator.load(["configs/crnet_llama_1b.py", "--vocab_size=32000"], "train.py")[0]
+    need = {m: plan.plan({**c, "recompute": m}, "ddp", m, 1)[0]["total"] for m in ("none", "crnet", "reversible")}
+    assert need["none"] > need["crnet"] > need["reversible"]
+    for mode, room in (("none", need["none"]), ("crnet", need["crnet"]), ("reversible", need["reversible"])):
+        assert plan.auto_recompute(c, 1, room / 0.9)[0] == mode
+        assert plan.auto_recompute(c, 1, room / 0.9 * 1.001)[0] == mode
+    assert plan.auto_recompute(c, 1, need["none"] / 0.9 * 0.999)[0] == "crnet"
+    full = configurator.load(["configs/full_llama_1b.py", "--vocab_size=32000"], "train.py")[0]
+    block = plan.plan({**full, "recompute": "block"}, "ddp", "block", 1)[0]["total"]
+    assert plan.auto_recompute(full, 1, block / 0.9)[0] == "block"
+    with pytest.raises(ValueError, match=r"no mode fits 90% of 1.0 GiB per GPU \(GiB needed: none .*, crnet .*, reversible"):
+        plan.auto_recompute(c, 1, plan.GiB)
+    assert "recompute auto -> crnet" in plan.auto_recompute(c, 1, need["crnet"] / 0.9)[1]
+
+
+def test_preflight_and_train_report_what_auto_chose(tiny_data, tmp_path, capsys):
+    import train
+    from conftest import TINY
+    train.main(["configs/crnet_llama_1b.py", "--recompute=auto", "--device_gib=24", "--preflight", "--world_size=1",
+                f"--out_dir={tmp_path / 'p'}", "--vocab_size=32000"])
+    out = capsys.readouterr().out
+    assert "recompute auto -> crnet" in out and "recompute=crnet" in out  # 1B at 32 x 256: none needs 34.8 GiB
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'r'}", "--recompute=auto", "--max_iters=2"])
+    assert "recompute auto -> none" in capsys.readouterr().out  # a tiny model fits anywhere
