@@ -212,36 +212,35 @@ def short_list(names, n=8):
 
 
 @torch.no_grad()
-def fill(model, files):
-    """Copy every tensor of the weight files into its place; every HF tensor must have one, every parameter
+def fill(model, tensors, config="config.json"):
+    """Copy every (source, HF name, tensor) into its place; every HF tensor must have one, every parameter
     element must be written exactly once."""
     cfg = model.cfg
     where = tensor_map(cfg)
     params = dict(model.named_parameters())  # a tied tensor once
     written = dict.fromkeys(params, 0)
     seen, unexpected, tied_head = set(), [], None
-    for path in files:
-        for name, t in read_tensors(path):
-            key = strip_prefix(name, cfg.arch)
-            if IGNORED.match(key):
-                continue
-            if key == "lm_head.weight" and cfg.tied:
-                tied_head = (name, t)  # some checkpoints store the tied head too: it must be the embedding
-                continue
-            if key not in where or key in seen:
-                unexpected.append(name if key not in seen else f"{name} (twice)")
-                continue
-            target, span, transpose = where[key]
-            p = params[target]
-            dest = p.view(-1) if span == "flat" else p[:, span[0]:span[1]] if span else p
-            src = t.T if transpose else t
-            if src.shape != dest.shape:
-                raise ValueError(f"{path.name}: {name} has shape {tuple(t.shape)}, but {target}"
-                                 f"{'' if span in (None, 'flat') else f'[:, {span[0]}:{span[1]}]'} needs "
-                                 f"{tuple(dest.T.shape if transpose else dest.shape)}: config.json does not match the weights")
-            dest.copy_(src)
-            written[target] += dest.numel()
-            seen.add(key)
+    for source, name, t in tensors:
+        key = strip_prefix(name, cfg.arch)
+        if IGNORED.match(key):
+            continue
+        if key == "lm_head.weight" and cfg.tied:
+            tied_head = (name, t)  # some checkpoints store the tied head too: it must be the embedding
+            continue
+        if key not in where or key in seen:
+            unexpected.append(name if key not in seen else f"{name} (twice)")
+            continue
+        target, span, transpose = where[key]
+        p = params[target]
+        dest = p.view(-1) if span == "flat" else p[:, span[0]:span[1]] if span else p
+        src = t.T if transpose else t
+        if src.shape != dest.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, but {target}"
+                             f"{'' if span in (None, 'flat') else f'[:, {span[0]}:{span[1]}]'} needs "
+                             f"{tuple(dest.T.shape if transpose else dest.shape)}: {config} does not match the weights")
+        dest.copy_(src)
+        written[target] += dest.numel()
+        seen.add(key)
     if unexpected:
         raise ValueError(f"unexpected tensors, with no place in our {cfg.arch} model: {short_list(unexpected)}")
     missing = set(where) - seen
@@ -252,6 +251,88 @@ def fill(model, files):
     assert not unfilled, f"parameters not filled exactly once: {unfilled}"  # a tensor_map bug, not the checkpoint's
     if tied_head is not None and not torch.equal(tied_head[1].to(model.wte.weight.dtype), model.wte.weight):
         raise ValueError(f"{tied_head[0]} differs from the token embedding, but tie_word_embeddings is true")
+
+
+# ----------------------------------------------------------------------------- GGUF files (llama.cpp's format)
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # what gguf dequantizes here (to float32)
+GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+GGUF_TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+            "output.weight": "lm_head.weight"}
+
+
+def gguf_config(reader, path, block_size=None):
+    """The HF config.json dict a LLaMA-architecture GGUF file's metadata describes (then llama_config checks it)."""
+    from prepare_data import gguf_value
+    arch = gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture={arch!r} is not supported: hf.py reads LLaMA-architecture "
+                         f"GGUF files ('llama')")
+    get = lambda key, default=None: gguf_value(reader, f"llama.{key}", default)
+    h, nh = get("embedding_length"), get("attention.head_count")
+    if None in (h, nh, get("block_count"), get("feed_forward_length")):
+        raise ValueError(f"{path}: metadata lacks llama.embedding_length, block_count, feed_forward_length or "
+                         f"attention.head_count: not a complete LLaMA GGUF file")
+    for key, want in (("rope.dimension_count", h // nh), ("attention.key_length", h // nh),
+                      ("attention.value_length", h // nh)):
+        if get(key, want) != want:
+            raise ValueError(f"{path}: llama.{key}={get(key)} is not supported: must be embedding_length / "
+                             f"head_count = {want}")
+    if get("expert_count", 0):
+        raise ValueError(f"{path}: llama.expert_count={get('expert_count')}: mixture-of-experts models are not supported")
+    if get("rope.scaling.type", "none") != "none":
+        raise ValueError(f"{path}: llama.rope.scaling.type={get('rope.scaling.type')!r} is not supported: only plain RoPE is")
+    vocab = get("vocab_size") or len(gguf_value(reader, "tokenizer.ggml.tokens", []))
+    return {"model_type": "llama", "hidden_size": h, "num_attention_heads": nh, "num_hidden_layers": get("block_count"),
+            "intermediate_size": get("feed_forward_length"), "num_key_value_heads": get("attention.head_count_kv", nh),
+            "rope_theta": float(get("rope.freq_base", 10000.0)), "max_position_embeddings": get("context_length", MAX_BLOCK),
+            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)), "vocab_size": vocab,
+            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
+
+
+def gguf_dequantize(t):
+    """A GGUF tensor as float32: a matrix as (rows, columns), nn.Linear's (out, in) layout."""
+    import gguf
+    return gguf.quants.dequantize(t.data, t.tensor_type).astype("float32", copy=False)
+
+
+def gguf_tensors(reader, path, hf, values=gguf_dequantize):
+    """(source, HF name, float32 tensor) for every tensor of a GGUF file; values(t) gives a tensor's float32
+    numbers (rows, columns). llama.cpp's converter permutes the rows of q and k within each head (RoPE on
+    interleaved pairs, where HF rotates the two halves of a head): undone here."""
+    for t in reader.tensors:
+        if t.tensor_type.name not in GGUF_TYPES:
+            raise ValueError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which is not supported: "
+                             f"{', '.join(GGUF_TYPES)} are")
+        parts = t.name.split(".")
+        if t.name in GGUF_TOP:
+            name = GGUF_TOP[t.name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_NAMES:
+            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            name = t.name  # fill() names it as unexpected
+        w = torch.from_numpy(values(t).copy())  # (the file is memory-mapped read-only)
+        heads = {"attn_q": hf["num_attention_heads"], "attn_k": hf["num_key_value_heads"]}.get(parts[2] if len(parts) == 4 else "")
+        if heads:  # llama.cpp: reshape(heads, 2, d/2, in).swapaxes(1, 2); the inverse:
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        yield path.name, name, w
+
+
+def load_gguf(path, dtype=torch.float32, block_size=None, values=gguf_dequantize):
+    """Our full-rank Transformer with the weights of a LLaMA-architecture .gguf file, dequantized to float32."""
+    from prepare_data import open_gguf
+    path = Path(path)
+    reader = open_gguf(path)
+    hf = gguf_config(reader, path)
+    cfg = model_config(hf, block_size)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.reset_buffers()
+    fill(model, gguf_tensors(reader, path, hf, values), config=f"{path.name}'s metadata")
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -284,7 +365,10 @@ def resolve(name_or_dir):
 def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
     """Our full-rank Transformer, in eval mode on the CPU, with the weights of an HF GPT-2 or LLaMA-family model.
     name_or_dir: a local directory (config.json + weights) or a hub name. dtype: of the parameters (the RoPE
-    tables stay float32). block_size: LLaMA family only; default min(max_position_embeddings, MAX_BLOCK)."""
+    tables stay float32). block_size: LLaMA family only; default min(max_position_embeddings, MAX_BLOCK).
+    A .gguf file (llama.cpp's format, LLaMA architecture) is read by load_gguf."""
+    if str(name_or_dir).endswith(".gguf"):
+        return load_gguf(name_or_dir, dtype, block_size)
     d = resolve(name_or_dir)
     config = d / "config.json"
     if not config.is_file():
@@ -297,5 +381,5 @@ def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
     model.to_empty(device="cpu")  # no random init: every parameter is written below
     model.tie_weights()
     model.reset_buffers()
-    fill(model, files)
+    fill(model, ((p.name, name, t) for p in files for name, t in read_tensors(p)))
     return model.eval()

@@ -104,13 +104,14 @@ def gradient_sync(model, parallel, sync):
 
 
 def clip_grad_norm(params, max_norm):
-    """The global gradient norm (over all shards under FSDP), clipping to max_norm; returns a float."""
+    """The global gradient norm (over all shards under FSDP), clipping to max_norm; returns it as a 0-d tensor on
+    the device (no host sync here: train.py reads it together with the loss)."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the per-shard norms are partial sums
     torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
-    return total.item()
+    return total
 
 
 # ----------------------------------------------------------------------------- checkpoints

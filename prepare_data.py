@@ -4,6 +4,7 @@ every document) plus meta.json, which train.py checks before it trains.
 
     python prepare_data.py                                   # bundled Shakespeare, byte tokenizer
     python prepare_data.py --tokenizer=gpt2                  # same corpus, GPT-2 BPE (r50k_base)
+    python prepare_data.py --tokenizer=path/to/model.gguf    # a GGUF model's own BPE (needs gguf and tokenizers)
     python prepare_data.py --files=a.txt,b.txt --out_dir=data/mine
     python prepare_data.py --files='corpus/*.jsonl' --text_column=body --out_dir=data/mine
     python prepare_data.py --files=corpus/ --tokenizer=gpt2 --out_dir=data/mine      # every supported file inside
@@ -42,7 +43,7 @@ REQUIRED = ("tokenizer", "vocab_size", "eot_token", "max_token_id", "dtype", "tr
 
 # ----------------------------------------------------------------------------- config
 out_dir = ""            # output folder; "" = data/shakespeare_<tokenizer> for the bundled corpus
-tokenizer = "byte"      # byte, gpt2 (= r50k_base, shipped) or another tiktoken encoding whose ids fit uint16
+tokenizer = "byte"      # byte, gpt2 (= r50k_base, shipped), another tiktoken encoding whose ids fit uint16, or a .gguf model file (its own BPE)
 files = ""              # comma-separated .txt / .jsonl / .json / .parquet files, globs and folders; "" = bundled
 hf_dataset = ""         # a Hugging Face hub dataset instead of files, e.g. allenai/c4
 hf_config = ""          # the hub dataset's config, e.g. en
@@ -95,13 +96,85 @@ class TiktokenTokenizer:
         return np.fromiter(itertools.chain.from_iterable(x + eot for x in ids), np.uint16, int(lens.sum())), lens
 
 
+def open_gguf(path):
+    """gguf's reader of a .gguf file (llama.cpp's format), or a one-line error: the gguf package is optional."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError(f"{path}: reading GGUF files needs the gguf package, which is optional: pip install gguf") from None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader fails in many ways on a damaged file (struct, numpy, unicode errors)
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def gguf_value(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+# llama.cpp's pre-tokenizer for each tokenizer.ggml.pre: the regexes it splits text with before BPE, in order
+# (llama-vocab.cpp). Digits first, then GPT-2's regex, is tokenizers' Digits(individual) + ByteLevel(use_regex).
+DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
+GPT2_ONLY = ("gpt2", "mpt", "olmo", "jais")
+
+
+class GGUFTokenizer:
+    """The byte-level BPE a .gguf model file carries (tokenizer.ggml.model "gpt2": vocab, merges, pre-tokenizer
+    type), built with the tokenizers package, so text is split as llama.cpp splits it for that model. Text is
+    encoded as ordinary text (special tokens in it are not parsed), as tiktoken's encode_ordinary does."""
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        except ImportError:
+            raise ValueError(f"{path}: its tokenizer needs the tokenizers package, which is optional: "
+                             f"pip install tokenizers") from None
+        r = open_gguf(path)
+        kind, pre = gguf_value(r, "tokenizer.ggml.model"), gguf_value(r, "tokenizer.ggml.pre")
+        if kind != "gpt2":
+            raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported: only byte-level BPE ('gpt2')")
+        if pre not in DIGITS_THEN_GPT2 + GPT2_ONLY:
+            raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported: one of "
+                             f"{', '.join(DIGITS_THEN_GPT2 + GPT2_ONLY)}")
+        tokens, merges = gguf_value(r, "tokenizer.ggml.tokens"), gguf_value(r, "tokenizer.ggml.merges")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        bpe = models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges])
+        self.tok = Tokenizer(bpe)
+        split = [pre_tokenizers.Digits(individual_digits=True)] if pre in DIGITS_THEN_GPT2 else []
+        self.tok.pre_tokenizer = pre_tokenizers.Sequence(split + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        self.tok.decoder = decoders.ByteLevel()
+        self.name, self.n_vocab = str(Path(path).resolve()), len(tokens)
+        # documents are separated as in pretraining: <|endoftext|> where the vocabulary has it (an instruct model's
+        # eos is its end-of-turn token), else the file's eos
+        self.eot_token = vocab.get("<|endoftext|>", gguf_value(r, "tokenizer.ggml.eos_token_id"))
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def encode_docs(self, texts, threads=1):
+        ids = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]  # threads: tokenizers' own
+        lens = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
+        eot = [self.eot_token]
+        return np.fromiter(itertools.chain.from_iterable(x + eot for x in ids), np.uint16, int(lens.sum())), lens
+
+
 def get_tokenizer(name):
-    if name != "byte":
+    if str(name).endswith(".gguf"):
+        tok = GGUFTokenizer(name)
+    elif name != "byte":
         import tiktoken
         if name not in tiktoken.list_encoding_names():
-            raise ValueError(f"unknown tokenizer {name!r}: choose byte or a tiktoken encoding "
-                             f"({', '.join(tiktoken.list_encoding_names())}; gpt2 is r50k_base)")
-    tok = ByteTokenizer() if name == "byte" else TiktokenTokenizer(name)
+            raise ValueError(f"unknown tokenizer {name!r}: choose byte, a tiktoken encoding "
+                             f"({', '.join(tiktoken.list_encoding_names())}; gpt2 is r50k_base) or a .gguf model file")
+        tok = TiktokenTokenizer(name)
+    else:
+        tok = ByteTokenizer()
     if tok.n_vocab > 2 ** 16:
         raise ValueError(f"tokenizer {name!r} has {tok.n_vocab} tokens; ids above 65535 do not fit the uint16 token files")
     return tok
@@ -402,7 +475,7 @@ def main(argv):
     c, _ = configurator.load(argv, "prepare_data.py", doc=__doc__)
     if not c["out_dir"] and (c["files"] or c["hf_dataset"]):
         raise configurator.ConfigError("out_dir", "", "needed with --files or --hf_dataset")
-    out = c["out_dir"] or f"data/shakespeare_{c['tokenizer']}"
+    out = c["out_dir"] or f"data/shakespeare_{Path(c['tokenizer']).name.split('.')[0]}"  # a .gguf: its name
     meta = prepare(out if c["out_dir"] else ROOT / out, **{k: v for k, v in c.items() if k != "out_dir"})
     print(f"wrote {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['train_documents']} / {meta['val_documents']} documents), tokenizer {meta['tokenizer']}")

@@ -442,7 +442,8 @@ def main(argv):
         if rt["world"] > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = par.clip_grad_norm(list(model.parameters()), c["grad_clip"] or float("inf"))
-        loss_val = loss_sum.item() / grad_accum
+        # the step's one host sync: the non-finite check below needs both numbers before the optimizer step
+        loss_val, grad_norm = torch.stack([loss_sum / grad_accum, grad_norm.float()]).tolist()
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             if rank == 0:  # a mark that scripts (ablate.py) read, whatever a launcher prints after this
                 write_atomic(out / "diverged.json", json.dumps({"iter": it, "loss": loss_val, "grad_norm": grad_norm}))
