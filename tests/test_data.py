@@ -118,7 +118,7 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     (tmp_path / "a.txt").write_text("some text\n")
     with pytest.raises(ValueError, match="files mix formats .*a.txt is text.*one format per run"):
         prepare(tmp_path / "o", files=[tmp_path / "a.txt", tmp_path / "empty.jsonl"])
-    with pytest.raises(ValueError, match="unknown tokenizer 'gpt3': choose byte or a tiktoken encoding \\(.*r50k_base"):
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt3': choose byte, a tiktoken encoding \\(.*r50k_base"):
         prepare(tmp_path / "o", files=[tmp_path / "a.txt"], tokenizer="gpt3")
     for f in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="val_fraction=.* must be in \\(0, 1\\)"):
