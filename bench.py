@@ -8,6 +8,8 @@ Benchmarks that print tables (never assertions; tests/ holds those).
     python bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
     python bench.py sizes --sizes=60m,130m --batch=8 --steps=5
+    python bench.py gpu                  # one GPU: full vs CR-Net at 350M (micro-batch 64) and 1B (32), recompute
+                                         # none / crnet / reversible, eager and compiled, as train.py builds them
 
 recompute and init use a 7B-like CR-Net LLaMA shape scaled to a CPU: h 1024, 16 layers, r 256, h_ff 2736,
 sequence 256 (--n_embd=... etc. change it). sizes uses configs/{full,crnet}_llama_{size}.py with the paper's
@@ -31,7 +33,7 @@ import train
 from model import ModelConfig, Projection, Transformer
 
 # ----------------------------------------------------------------------------- config
-what = "recompute"          # which table (also as a bare word: python bench.py sizes) {recompute|init|sizes}
+what = "recompute"          # which table (also as a bare word: python bench.py sizes) {recompute|init|sizes|gpu}
 n_embd = 1024               # recompute, init: the model's width [>=1]
 n_layer = 16                # [>=1]
 n_head = 16                 # [>=1]
@@ -40,10 +42,10 @@ rank = 256                  # CR-Net rank, layers 2..L [>=1]
 seq = 256                   # sequence length [>=1]
 batch = 2                   # sequences per step [>=1]
 every = 8                   # crnet recompute: keep the lanes of every k-th layer [>=1]
-steps = 3                   # timed steps (the median is reported) after one warm-up step [>=1]
+steps = 3                   # timed steps (the median is reported) after the warm-up steps (gpu: 6 when left at 3) [>=1]
 profile = False             # recompute: also print where crnet's and reversible's step time goes (torch.profiler)
-sizes = "60m,130m,350m,1b,7b"  # sizes: which paper sizes to try (each if the planner says it fits)
-compile = False             # sizes: torch.compile the model
+sizes = "60m,130m,350m,1b,7b"  # sizes: which paper sizes to try (each if the planner says it fits); gpu: 350m,1b unless set
+compile = False             # sizes: torch.compile the model (per region, as train.py does)
 mode = "crnet"              # one row's recompute mode (set by the table for each fresh process) {none|block|crnet|reversible}
 keep_z = True               # one row's keep_z (reversible; set by the table)
 rtol = 1e-5                 # one row's recompute_rtol, the round-off guard's budget (set by the table) [>0]
@@ -213,18 +215,21 @@ def size_config(a, size, param, mode, dev):
 
 
 def size_one(a):
-    """Runs in a fresh process: full training steps (forward, backward, AdamW) of one size/param/recompute."""
+    """Runs in a fresh process: full training steps (forward, backward, AdamW) of one size/param/recompute, the
+    model built as train.py builds it (parallel.build_model: recompute, then compile per region)."""
     from model import estimate_mfu, peak_flops_for
+    from parallel import build_model
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     c = size_config(a, a.size, a.param, a.mode, dev.type)
-    torch.manual_seed(0)
-    raw = recompute.apply(Transformer(train.model_config(c)).to(dev), c["recompute"], c["recompute_every"])
-    m = torch.compile(raw) if a.compile else raw
+    m, raw = build_model(train.model_config(c), "ddp", dev, 0, False, a.compile, (a.mode, c["recompute_every"]))
     opt = raw.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.type)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    torch.manual_seed(0)
     idx = torch.randint(0, 32000, (a.batch, c["block_size"]), device=dev)
-    times = []
-    for i in range(a.steps + 1):  # step 0 warms up allocators (and compiles)
+    times, warm = [], 3 if a.what == "gpu" else 1  # the first step compiles
+    for i in range(warm + a.steps):
         t0 = time.perf_counter()
         with autocast:
             loss = m(idx, idx)[1]
@@ -232,13 +237,13 @@ def size_one(a):
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = loss.item()  # waits for the GPU
-        if i:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times[warm:])
     tps = idx.numel() / step
     peak = train.peak_memory_mb(dev) * 2 ** 20  # max_memory_allocated, or the CPU process's peak RSS
     mfu = estimate_mfu(raw.flops_per_token(), tps, peak_flops_for(torch.cuda.get_device_name() if dev.type == "cuda" else ""))
-    return {"params": raw.num_params()["total"], "step_s": step, "tps": tps, "peak": peak, "mfu": mfu, "loss": loss}
+    return {"params": raw.num_params()["total"], "step_s": step, "tps": tps, "peak": peak, "mfu": mfu, "loss": loss,
+            "first_s": times[0]}
 
 
 def memory_limit(dev):
@@ -283,13 +288,56 @@ def sizes_table(a):
           "(including ~0.3 GiB of Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
 
 
+# (size, micro-batch, param, recompute, compile): the table of the GPU-speed targets, in one run
+GPU_ROWS = [("1b", 32, "full", "none", False), ("1b", 32, "crnet", "none", False),
+            ("1b", 32, "full", "none", True), ("1b", 32, "crnet", "none", True),
+            ("1b", 32, "crnet", "crnet", True), ("1b", 32, "crnet", "reversible", True),
+            ("350m", 64, "full", "none", True), ("350m", 64, "crnet", "none", True)]
+
+
+def gpu_table(a, given):
+    """GPU_ROWS side by side, each in a fresh process, bf16 autocast (float32 on the CPU), fused AdamW on CUDA."""
+    import plan
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    steps = a.steps if "steps" in given else 6
+    sizes = a.sizes.split(",") if "sizes" in given else ["350m", "1b"]
+    rows = [r for r in GPU_ROWS if r[0] in sizes] + [(s, a.batch, p, m, c) for s in sizes if s not in ("350m", "1b")
+                                                     for _, _, p, m, c in GPU_ROWS[:6]]
+    print(f"one training step (forward, backward, AdamW) of LLaMA at paper sizes, vocab 32000, sequence 256; "
+          f"{'bf16 autocast' if dev == 'cuda' else 'float32'}; median of {steps} steps after 3 warm-up steps; device {name}; "
+          f"torch {torch.__version__}; each row a fresh process built as train.py builds it")
+    print("| size | param | recompute | compile | micro-batch | step | tokens/s | vs full, compiled | MFU | peak GiB | "
+          "planned GiB | first step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base, t_start = {}, time.perf_counter()
+    for size, batch, param, mode, compiled in rows:
+        batch = a.batch if "batch" in given else batch
+        r = fresh_process("gpu", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={batch}",
+                          f"--steps={steps}", f"--compile={compiled}")
+        if param == "full" and mode == "none" and compiled:
+            base[size] = r["tps"]
+        planned = plan.plan(size_config(SimpleNamespace(batch=batch), size, param, mode, dev), "ddp", mode, 1)[0]
+        vs = f"{r['tps'] / base[size]:.2f}x" if size in base else "-"
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"| {size} | {param} | {mode} | {'yes' if compiled else 'no'} | {batch} x 256 | {r['step_s']:.3f} s | "
+              f"{r['tps']:,.0f} | {vs} | {mfu} | {r['peak'] / 2 ** 30:.1f} | {planned['total'] / 2 ** 30:.1f} | "
+              f"{r['first_s']:.0f} s |", flush=True)
+    print(f"vs full, compiled: tokens/s against full rank with no recompute, compiled, at the same size (rows above it "
+          f"are against a later row: compare by hand). MFU: model.flops_per_token (6 x matmul parameters + attention) "
+          f"against model.PEAK_FLOPS. peak: torch.cuda.max_memory_allocated (the CPU: peak RSS). planned: plan.py's "
+          f"DDP total. first step: includes compilation. Total {time.perf_counter() - t_start:.0f} s.")
+
+
 def main(argv):
-    c, _ = configurator.load(argv, "bench.py", positional="what", doc=__doc__)
+    c, given = configurator.load(argv, "bench.py", positional="what", doc=__doc__)
     a = SimpleNamespace(**c)
     if a.what == "init":
         return init_table(a)
-    if a.what == "sizes":
-        return print(json.dumps(size_one(a))) if a.one else sizes_table(a)
+    if a.what in ("sizes", "gpu"):
+        if a.one:
+            return print(json.dumps(size_one(a)))
+        return sizes_table(a) if a.what == "sizes" else gpu_table(a, given)
     if a.one:
         print(json.dumps(one_mode(a)))
     else:

@@ -63,7 +63,6 @@ def build_model(mcfg, parallel, device, seed, mixed_precision=False, compile=Fal
     Applied from outside, in this order: recomputation (recompute.apply), compile, then DDP or FSDP2."""
     if parallel not in MODES:
         raise ValueError(f"parallel={parallel!r} must be one of {MODES}")
-    inverts = recompute[0] in ("crnet", "reversible")  # Algorithm 1 compiles its own bodies (recompute.py)
     with torch.device("meta"):
         raw = rc.apply(Transformer(mcfg), *recompute, compile=compile)
     if parallel == "fsdp":
@@ -71,16 +70,14 @@ def build_model(mcfg, parallel, device, seed, mixed_precision=False, compile=Fal
         # out-of-place addcmul), which is all FSDP2's warning asks.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+        if compile:
+            compile_regions(raw)  # before sharding (as torchtitan does)
         for block in raw.blocks:
-            if compile and not inverts:
-                block.compile()  # per block, before sharding (as torchtitan does)
             fully_shard(block, mp_policy=mp)
-        if compile and inverts:
-            compile_regions(raw)
         fully_shard(raw, mp_policy=mp)
         return materialize(raw, device, seed), raw
     materialize(raw, device, seed)
-    model = (compile_regions(raw) if inverts else torch.compile(raw)) if compile else raw
+    model = compile_regions(raw) if compile else raw
     if dist.is_initialized() and dist.get_world_size() > 1:
         # bucket views: the gradients live in DDP's buckets, not in a second copy (the planner counts one)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -88,9 +85,14 @@ def build_model(mcfg, parallel, device, seed, mixed_precision=False, compile=Fal
 
 
 def compile_regions(raw):
-    """Compile embedding and head as regions of their own, for crnet and reversible recompute: a whole-model
-    torch.compile cannot trace the blocks' autograd Function, and a graph break inside the layer loop would leave
-    the whole forward eager. The blocks' bodies are compiled by recompute.apply(..., compile=True)."""
+    """torch.compile per region, as torchtitan does: each block, the embedding and the head. Identical blocks share
+    one graph (dynamo reuses it across modules of one kind), so a 24-layer model compiles about as fast as a
+    2-layer one. Under crnet and reversible recompute the blocks run an autograd Function that no compile can
+    trace; recompute.apply(..., compile=True) compiles its bodies instead, and only embedding and head are
+    compiled here."""
+    if getattr(raw, "recompute", ("none",))[0] not in ("crnet", "reversible"):
+        for block in raw.blocks:
+            block.compile()
     raw.embed, raw.head = torch.compile(raw.embed), torch.compile(raw.head)
     return raw
 
