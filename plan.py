@@ -258,15 +258,23 @@ def report(c, argv):
 def paper_table(c):
     """One row per paper config: parameters, and the total per GPU with its recompute mode, DDP vs FSDP."""
     print(f"GiB per GPU at each config's micro-batch and recompute setting, bf16; FSDP on {c['gpus']} GPUs")
-    print(f"| config | parameters | micro-batch | recompute | DDP total | FSDP total | fits {c['gpu_gib']:g} GiB (DDP / FSDP) |")
+    print(f"| config | parameters | micro-batch | recompute (DDP / FSDP) | DDP total | FSDP total | fits {c['gpu_gib']:g} GiB (DDP / FSDP) |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for path in PAPER:
         cc = {**configurator.load([path], "train.py")[0], **{k: c[k] for k in ("gpus", "gpu_gib", "paper")}}
-        d, P = plan(cc, "ddp", cc["recompute"], c["gpus"])
-        f, _ = plan(cc, "fsdp", cc["recompute"], c["gpus"])
+        modes = {}
+        for parallel, n in (("ddp", 1), ("fsdp", c["gpus"])):  # 'auto': what it picks (its last choice if none fits)
+            try:
+                modes[parallel] = cc["recompute"] if cc["recompute"] != "auto" else \
+                    auto_recompute({**cc, "parallel": parallel}, n, c["gpu_gib"] * GiB)[0]
+            except ValueError:
+                modes[parallel] = "reversible" if cc["param"] == "crnet" else "block"
+        d, P = plan(cc, "ddp", modes["ddp"], c["gpus"])
+        f, _ = plan(cc, "fsdp", modes["fsdp"], c["gpus"])
         fits = lambda r: "yes" if r["total"] <= 0.9 * c["gpu_gib"] * GiB else "no"
-        print(f"| {Path(path).stem} | {P / 1e6:.1f}M | {cc['batch_size']} x {cc['block_size']} | {cc['recompute']} | "
+        mode = cc["recompute"] if cc["recompute"] != "auto" else f"auto: {modes['ddp']} / {modes['fsdp']}"
+        print(f"| {Path(path).stem} | {P / 1e6:.1f}M | {cc['batch_size']} x {cc['block_size']} | {mode} | "
               f"{d['total'] / GiB:.1f} | {f['total'] / GiB:.1f} | {fits(d)} / {fits(f)} |")
         rows.append((path, P, d, f))
     return rows

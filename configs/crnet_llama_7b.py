@@ -29,4 +29,4 @@ eval_interval = 1000
 eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens
 log_interval = 50
 compile = True
-recompute = "crnet"  # the paper's Algorithm 1 (recompute.py)
+recompute = "auto"  # the fastest mode whose memory plan fits the GPU: none, else crnet (the paper's Algorithm 1), else reversible

@@ -28,5 +28,5 @@ eval_interval = 1000
 eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens
 log_interval = 50
 compile = True
-recompute = "block"
+recompute = "auto"  # none where it fits the GPU, else block
 parallel = "fsdp"              # DDP would need 105.5 GiB per GPU (plan.py)

@@ -72,6 +72,15 @@ def test_short_run_learns(tiny_data, tmp_path):
     assert not (tmp_path / "ckpt.pt.tmp").exists()
 
 
+def test_compiled_crnet_recompute_trains_like_eager(tiny_data, tmp_path):
+    """train.py --compile with the paper's recomputation (compiled bodies, embedding and head as regions,
+    evaluation through the compiled forward) logs the eager run's losses."""
+    args = ["--max_iters=6", "--eval_interval=3", "--recompute=crnet", "--recompute_every=2"]
+    run(tiny_data, tmp_path / "eager", *args)
+    run(tiny_data, tmp_path / "compiled", *args, "--compile")
+    assert_same_losses(tmp_path / "eager", tmp_path / "compiled", rel=1e-4)  # fused kernels round differently
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, arch):
     args = ["--max_iters=16", "--eval_interval=8", "--dropout=0.1", f"--arch={arch}"]  # dropout: the RNG state matters
