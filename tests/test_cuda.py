@@ -43,6 +43,8 @@ def test_bf16_autocast_error_is_no_worse_than_block_checkpointing_on_cuda():
     to 2-3 digits for 75 of 76 tensors; layer 2's q/k/v beta, whose gradient norm is ~1e-3 of the typical one,
     has 1.25% against block's 0.23% (block's betas range up to 4.9%)."""
     ref, block = cuda_twins("block", recompute_every=3)
+    for p in (p for b in block.blocks for p in b.projections()):
+        p.lane_dtype = torch.float32  # the model crnet runs (float32 lanes): the recomputation's error alone
     crnet = recompute.apply(make("none", **KW), "crnet", 3).cuda()
     crnet.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 256, (4, 64), device="cuda")
@@ -58,16 +60,46 @@ def test_bf16_autocast_error_is_no_worse_than_block_checkpointing_on_cuda():
     assert (err["crnet"] <= bound).all(), (err["crnet"], err["block"])
 
 
-@pytest.mark.parametrize("mode", ["none", "block", "crnet"])
+@pytest.mark.parametrize("mode", ["none", "block", "crnet", "reversible"])
 def test_inductor_compile_matches_eager_on_cuda(mode):
-    ref, rc = cuda_twins(mode, recompute_every=2)
-    compiled = torch.compile(rc)
+    """Compiled as train.py compiles (per region; Algorithm 1's bodies for crnet and reversible), 3 steps of
+    AdamW on both: also runs the plan from the previous step's betas (Recompute.inv_scales on CUDA)."""
+    import parallel
+    ref, rc = cuda_twins("none", recompute_every=2)
+    recompute.apply(rc, mode, 2, compile=True)
+    compiled = parallel.compile_regions(rc)
+    opts = [m.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cuda") for m in (ref, rc)]
     idx = torch.randint(0, 256, (4, 64), device="cuda")
-    for _ in range(2):
+    for _ in range(3):
         l_ref, g_ref = grads(ref, idx)
         l_c, g_c = grads(rc, idx, call=compiled)
         assert torch.allclose(l_ref, l_c, rtol=1e-4)
         assert_grads_close(g_ref, g_c, rtol=1e-3)  # TF32 off, but fused kernels round differently
+        for opt in opts:
+            opt.step()
+        rc.load_state_dict(ref.state_dict())  # the same weights for the next step's comparison
+
+
+@pytest.mark.parametrize("mode", ["crnet", "reversible"])
+def test_compiled_bf16_error_is_no_worse_than_compiled_block_checkpointing(mode):
+    """Under compile the forward and the replay are different graphs; the inversion needs their Z B products to
+    agree. Compiled crnet / reversible under bf16 autocast against compiled block checkpointing of the same model
+    (float32 lanes), each against float32 plain autograd, with the bound of the eager test above."""
+    import parallel
+    ref = cuda_twins("none", recompute_every=3)[0]
+    err, g32 = {}, None
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    g32 = grads(ref, idx)[1]
+    for name in ("block", mode):
+        m = recompute.apply(make("none", **KW).cuda(), name, 3, compile=True)
+        m.load_state_dict(ref.state_dict())
+        for p in (p for b in m.blocks for p in b.projections()):
+            p.lane_dtype = torch.float32
+        g = grads(m, idx, autocast=True, call=parallel.compile_regions(m))[1]
+        err[name] = torch.stack([(g[n] - g32[n]).norm() / g32[n].norm() for n in g32])
+    beta = torch.tensor([n.endswith("beta") for n in g32], device="cuda")
+    worst = torch.where(beta, err["block"][beta].max(), err["block"][~beta].max())
+    assert (err[mode] <= torch.maximum(1.5 * err["block"], worst) + 1e-3).all(), (err[mode], err["block"])
 
 
 @pytest.mark.parametrize("mode", ["block", "crnet"])

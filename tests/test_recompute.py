@@ -178,6 +178,36 @@ def test_bf16_autocast_error_is_no_worse_than_block_checkpointing():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["none", "block", "crnet", "reversible"])
+def test_under_bf16_lanes_are_float32_only_where_recompute_inverts_them(mode, arch):
+    """Every tensor an op writes inside a projection, counted under bf16 autocast (a TorchDispatchMode entered
+    around each Projection call): none of lane size is float32 unless recompute inverts Eq. 6."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from model import Projection
+    m = make(mode, arch=arch, bias=arch == "gpt2", n_layer=4, n_embd=64, n_head=4, intermediate_size=128, rank=16)
+    idx = torch.randint(0, 50, (32, 16))  # 512 tokens: a lane (>= 512 x 64 numbers) outsizes every parameter
+    written = []
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            written.extend((t.dtype, t.numel()) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    tracking = Track()
+    hooks = [h for p in m.modules() if isinstance(p, Projection) for h in (
+        p.register_forward_pre_hook(lambda *_: (tracking.__enter__(), None)[1]),
+        p.register_forward_hook(lambda *_: (tracking.__exit__(None, None, None), None)[1]))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(idx, idx)[1].backward()
+    for h in hooks:
+        h.remove()
+    lane_sized = [dt for dt, n in written if n >= idx.numel() * 64]
+    assert torch.bfloat16 in lane_sized
+    assert (torch.float32 in lane_sized) == (mode in ("crnet", "reversible")), set(lane_sized)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_held_bytes_match_the_formula_and_crnet_beats_block(arch):
     kw = dict(arch=arch, n_layer=16, n_head=4, n_embd=128, intermediate_size=344, vocab_size=64, block_size=64,
               rank=32, recompute_every=8)
