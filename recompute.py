@@ -187,7 +187,8 @@ def recompute_z(block, x, own, rope):
 
 def invert_lanes(block, zs, own, dtypes):
     """Eq. 6 inverted, per projection of block l: the product P the forward formed (Z B, or for layer 1, which has
-    no lane in, Y - b itself: X W or Z B) and the lane below, Y_{l-1} = (Y_l - P - b) / s, in dtypes[g]."""
+    no lane in, Y - b itself: X W or Z B) and the lane below, Y_{l-1} = (Y_l - P - b) / s, in dtypes[g] (None: the
+    lane below is stored, and not rebuilt)."""
     products, below, zs = [], [], iter(zs)
     for proj, y, dtype in zip(block.projections(), own, dtypes):
         z = next(zs) if proj.kind != "full" else None
@@ -198,7 +199,7 @@ def invert_lanes(block, zs, own, dtypes):
         p = proj.output_product(z)
         d = p if proj.bias is None else p + proj.bias.to(p.dtype)  # as Projection.delta formed it
         products.append(p)
-        below.append(((y - d) / proj.scale().view(proj.n, 1)).to(dtype))
+        below.append(None if dtype is None else torch.sub(y, d).div_(proj.scale().view(proj.n, 1)).to(dtype))
     return products, below
 
 
@@ -214,8 +215,8 @@ def replay(block, x, lanes, rope, zs, products):
         d = xa if proj.kind == "full" else Known.apply(xa, proj.B, next(products))
         if proj.bias is not None:
             d = d + proj.bias.to(d.dtype)
-        elif not proj.lane_in:  # layer 1's output would be a view of the known product, an input: under compile an
-            d = d.clone()       # output aliasing an input is rebuilt outside the graph and loses its gradient
+        elif not proj.lane_in and torch.compiler.is_compiling():  # layer 1's output, a view of an input (the known
+            d = d.clone()  # product): a compiled graph rebuilds such an output outside the graph, losing its gradient
         return proj.lane_add(d, lane) if proj.lane_in else d
 
     return type(block).forward(block, x, lanes, rope, project)
@@ -288,13 +289,12 @@ class CRNetBlock(torch.autograd.Function):
         with torch.no_grad(), replaying(x_in, ctx.rng, ctx.autocast):
             if not stash.keep_z:
                 zs = run.body("recompute_z")(block, x_in, own, ctx.rope)
-            dtypes = [stash.dtypes.get((l - 1, g)) for g in range(4)]
-            products, below = run.body("invert_lanes")(block, zs, own, dtypes)
+            rebuild = [None if (l - 1, g) in stash.store else stash.dtypes.get((l - 1, g)) for g in range(4)]
+            products, below = run.body("invert_lanes")(block, zs, own, rebuild)
         leaves = []
-        for g, y in enumerate(below):
-            if y is not None:  # Y_{l-1}: the stored one where the plan kept it, else the rebuilt one, handed down
-                y = stash.lanes.setdefault((l - 1, g), y)
-                leaves.append(y.detach().requires_grad_())
+        for g, y in enumerate(below if l else ()):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
+            y = stash.lanes[(l - 1, g)] if y is None else stash.lanes.setdefault((l - 1, g), y)
+            leaves.append(y.detach().requires_grad_())
         x = x_in.detach().requires_grad_()
         with torch.enable_grad(), replaying(x, ctx.rng, ctx.autocast):
             x_out, lanes_out = run.body("replay")(block, x, leaves or None, ctx.rope, zs, products)
