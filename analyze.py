@@ -10,6 +10,7 @@ best_r the best rank-r approximation (truncated SVD): some beta makes
     python analyze.py --out_dir=out_full --rank=32 --tokens=8192 --plot=observation.png
     python analyze.py --hf=openai-community/gpt2             # a pretrained Hugging Face model (hf.py), full-rank
     python analyze.py --hf=path/to/llama --data_dir=data/mine  # val.bin tokenized with that model's tokenizer
+    python analyze.py --hf=model.gguf --data_dir=data/shakespeare_model --rank=144 --controls   # a GGUF model
 
 For every layer l >= 2 and position P, on `tokens` validation tokens, all relative to ||Y_l||_F:
     direct        ||Y_l - best_r(Y_l)||_F
@@ -23,20 +24,31 @@ The tail energy of R(beta) is the sum of the h_out - r smallest eigenvalues of
     G(beta) = R^T R = G_yy - beta (G_yp + G_py) + beta^2 G_pp,
 so the three h_out x h_out Gram matrices are formed once (float64) and beta_best is found by a 1-D search:
 a grid over every beta that could beat beta = 0 (see best_beta), with 0 and beta_ls among its points, then
-golden-section refinement around the best one. The reported errors are explicit SVDs at that beta.
+refinement around the best one. observation() is the reference (explicit SVDs at the betas found); the
+table comes from observe(), which gives the same numbers (to 1e-5) fast enough for real models: see the
+comment above it. Each pair is measured during the forward pass, as the second layer's outputs appear, so
+only two layers' activations are held; a progress bar counts the layers.
+
+rank2 adds a second rank to the table (default rank / 2: h/4 and h/8). --controls adds, at the first rank,
+the same ratio for the residual stream (block inputs x_l vs x_{l-1}) and for every projection's input, and
+for a .gguf model the weights' quantization noise: a fresh draw of each block's rounding error (uniform in
++-d/2, d the block's stored scale) gives E; its output X E is compared with the rank-r tail it could fill,
+and added to the outputs once more (Y + X E) to see whether the ratios move.
 
 On a CR-Net checkpoint the structure is built in (Y_l = s Y_{l-1} + X A B, rank(X A B) <= the model's rank),
 so ratios near 0 there say nothing about the observation; a full-rank model (param=full) is the real test.
 
 With --hf the model is loaded by hf.load_pretrained (a local directory or a hub name) and run on tokens of its
 own tokenizer: --data_dir, or for GPT-2 models (OpenAI's 50257-token BPE) the bundled corpus as GPT-2 BPE
-(data/shakespeare_gpt2, prepared on first use). prepare_data.py tokenizes with bytes or tiktoken encodings only;
-for a LLaMA tokenizer write val.bin (uint16 ids, so at most 65536 of them: not LLaMA 3's) and meta.json in its
-format yourself. Under grouped-query attention k and v are kv_dim wide, and r must be below that too.
+(data/shakespeare_gpt2, prepared on first use). A .gguf model's tokens: prepare_data.py --tokenizer=<the file>.
+For another LLaMA tokenizer write val.bin (uint16 ids, so at most 65536 of them: not LLaMA 3's) and meta.json in
+its format yourself. Under grouped-query attention k and v are kv_dim wide, and r must be below that too.
 
 The plot needs matplotlib (optional).
 """
 import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +65,9 @@ hf = ""            # a Hugging Face model name or local directory: analyze a pre
 data_dir = ""      # prepared tokens (val.bin) to run; "" = the checkpoint's, or with hf the bundled corpus (GPT-2 only)
 rank = 0           # r of the rank-r approximations; 0 = min(n_embd, kv_dim) // 4; else below every width and the tokens [>=0]
 tokens = 8192      # validation tokens run through the model, in whole blocks of block_size [>=1]
+rank2 = 0          # a second rank, measured beside rank; 0 = rank // 2 (h/8 by default), -1 = none [>=-1]
 below = 0.95       # the summary counts the best-beta ratios under this [>0]
+controls = False   # also the residual stream, the projection inputs and, for a .gguf model, its quantization noise
 plot = ""          # image path for the errors per layer, written if matplotlib is installed; "" = no plot
 # -----------------------------------------------------------------------------
 
@@ -148,21 +162,259 @@ def observation(y_prev, y, r):
             "cosine": dot / (norm * norm_prev) if norm and norm_prev else float("nan")}
 
 
+# ----------------------------------------------------------------------------- the fast estimator
+# observation() above is the reference: explicit SVDs, one rank at a time, float64 eigendecompositions of
+# h_out x h_out Gram matrices at ~100-250 betas. On a real model (29 pairs x 7 projections, h_out up to 1536)
+# that is hours on 2 cores. observe() returns the same numbers (tests/test_analyze.py: to 1e-5) from the same
+# Gram matrices, with four changes that do not change the answer:
+#  1. one spectrum serves every rank: tail_r is a partial sum of the same eigenvalues;
+#  2. the spectrum is taken in the span of Y and Y_prev's columns (a SwiGLU gate/up output of a 576-wide input
+#     has rank <= 576, so a pair spans <= 1152 of 1536 dimensions): directions holding less than 1e-12 of the
+#     largest eigenvalue's energy are dropped;
+#  3. grid points that cannot beat the best point so far are skipped: the sum of the top r eigenvalues of
+#     G(beta) is convex in beta (a maximum of quadratics with a positive leading coefficient, Ky Fan), so
+#     between two evaluated betas it lies below their chord, and the tail = trace - top-r sum lies above
+#     trace minus chord, a quadratic we can evaluate exactly; so the grid's best point is the same;
+#  4. the refinement around the grid's best point is Brent's method (parabolic steps, golden-section
+#     fallback) to the same tolerance, instead of golden section alone: ~10 spectra instead of ~33.
+DROP = 1e-12
+
+
+class Spectra:
+    """Eigenvalues of G(beta) = R^T R, R = Y - beta Y_prev, in the span of both, cached by beta."""
+
+    def __init__(self, g):
+        g_yy, g_sym, g_pp = g
+        ev, v = torch.linalg.eigh(g_yy + g_pp)
+        keep = v[:, ev > DROP * ev[-1].clamp_min(1e-300)]
+        self.g = [keep.T @ m @ keep for m in g]
+        self.k, self.cache = keep.shape[1], {}
+        self.tr = [m.trace().item() for m in self.g]  # trace of the reduced G(beta) = tr0 - beta tr1 + beta^2 tr2
+
+    def __call__(self, beta):
+        if beta not in self.cache:
+            g_yy, g_sym, g_pp = self.g
+            self.cache[beta] = torch.linalg.eigvalsh(g_yy - beta * g_sym + beta * beta * g_pp)
+        return self.cache[beta]
+
+    def tail(self, beta, r):
+        ev = self(beta)
+        return ev[:max(self.k - r, 0)].clamp_min(0).sum().item()
+
+    def trace(self, beta):
+        return self.tr[0] - beta * self.tr[1] + beta * beta * self.tr[2]
+
+    def top(self, beta, r):
+        return self.trace(beta) - self.tail(beta, r)
+
+
+def brent(f, lo, hi, tol):
+    """x in [lo, hi] minimising f to within tol (Brent's method without derivatives, as in scipy's fminbound)."""
+    x = w = v = lo + 0.381966011250105 * (hi - lo)
+    fx = fw = fv = f(x)
+    d = e = 0.0
+    for _ in range(200):
+        m = 0.5 * (lo + hi)
+        if abs(x - m) <= 2 * tol - 0.5 * (hi - lo):
+            break
+        p = q = 0.0
+        if abs(e) > tol:  # try a parabola through x, w, v
+            r_ = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r_
+            q = 2 * (q - r_)
+            p, q = (-p, q) if q > 0 else (p, -q)
+        if abs(e) > tol and abs(p) < abs(0.5 * q * e) and q * (lo - x) < p < q * (hi - x):
+            e, d = d, p / q
+            if (x + d) - lo < 2 * tol or hi - (x + d) < 2 * tol:
+                d = tol if m > x else -tol
+        else:  # golden section into the larger part
+            e = (lo if x >= m else hi) - x
+            d = 0.381966011250105 * e
+        u = x + (d if abs(d) >= tol else (tol if d > 0 else -tol))
+        fu = f(u)
+        if fu <= fx:
+            lo, hi = (lo, x) if u < x else (x, hi)
+            v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
+        else:
+            lo, hi = (lo, u) if u >= x else (u, hi)
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
+    return x
+
+
+def observe(g, ranks, tol=1e-7):
+    """observation() for several ranks from g = grams(Y_prev, Y): {r: the same dict}."""
+    g_yy, g_sym, g_pp = g
+    yy, pp, dot = g_yy.trace().item(), g_pp.trace().item(), 0.5 * g_sym.trace().item()
+    spec, out = Spectra(g), {}
+    norm, norm_prev = math.sqrt(max(yy, 0.0)), math.sqrt(max(pp, 0.0))
+    beta_ls = dot / pp if pp else 0.0
+    ev_p = torch.linalg.eigvalsh(g_pp) if pp else None
+    for r in ranks:
+        direct = math.sqrt(spec.tail(0.0, r))
+        beta = 0.0
+        if pp:
+            rho = math.sqrt(yy / pp)
+            tail_p = math.sqrt(ev_p[:ev_p.numel() - r].clamp_min(0).sum().item())
+            bound = min((norm + direct) / tail_p if tail_p > 0 else math.inf, 2.0 ** 20 * rho)
+            outer = [2 * rho * 2.0 ** (k / 4) for k in range(1, 4 * 21) if 2 * rho * 2.0 ** ((k - 1) / 4) < bound]
+            points = sorted(set(np.linspace(-2 * rho, 2 * rho, GRID).tolist()) | {0.0, beta_ls}
+                            | set(outer) | {-b for b in outer})
+            beta = search(spec, r, points, tol, rho)
+        best = math.sqrt(spec.tail(beta, r))
+        ls = math.sqrt(spec.tail(beta_ls, r))
+        ratio = lambda e: e / direct if direct else float("nan")
+        rel = lambda e: e / norm if norm else float("nan")
+        out[r] = {"direct": rel(direct), "ls_residual": rel(ls), "ls_ratio": ratio(ls), "best_residual": rel(best),
+                  "best_ratio": ratio(best), "ls_beta": beta_ls, "best_beta": beta,
+                  "cosine": dot / (norm * norm_prev) if norm and norm_prev else float("nan")}
+    return out
+
+
+def search(spec, r, points, tol, rho):
+    """best_beta's answer for the candidate points: the grid's best point (skipping points the chord bound
+    rules out), then Brent's method between its neighbours; ties go to the smaller |beta|."""
+    f = lambda b: spec.tail(b, r)
+    done = set(points[::4]) | {points[-1], 0.0}
+    slack = 1e-12 * spec.trace(0.0)
+    while True:
+        best = min(f(b) for b in done)
+        known = sorted(done)
+        todo = []
+        for b in points:
+            if b in done:
+                continue
+            i = np.searchsorted(known, b)
+            a, c = known[i - 1], known[i]
+            chord = spec.top(a, r) + (spec.top(c, r) - spec.top(a, r)) * (b - a) / (c - a)
+            if spec.trace(b) - chord <= best + slack:  # it might beat the best: look
+                todo.append(b)
+        if not todo:
+            break
+        done |= set(todo)
+    i = min(range(len(points)), key=lambda k: f(points[k]) if points[k] in done else math.inf)  # first of ties
+    lo, hi = points[max(i - 1, 0)], points[min(i + 1, len(points) - 1)]
+    brent(f, lo, hi, 0.5 * tol * max(rho, abs(lo), abs(hi)))  # best_beta's stopping width, as a half-width
+    return min(spec.cache, key=lambda b: (f(b), abs(b)))
+
+
+# ----------------------------------------------------------------------------- running the model
+NAMES = {"qkv": ["q", "k", "v"], "o": ["o"], "down": ["down"]}  # + up: gate, up (llama) or fc (gpt2)
+INPUTS = {"qkv": "attn_in", "o": "o_in", "up": "mlp_in", "down": "down_in"}  # what each projection reads
+
+
+def split_output(y, names, h, kv):
+    """A projection's (B, T, n, h_out) output as {name: (N, h_out)}; under grouped-query attention qkv is one
+    (B, T, 1, h + 2 kv_dim) output, cut into q, k, v."""
+    gqa = y.shape[2] != len(names)
+    parts = y[:, :, 0].split((h, kv, kv), -1) if gqa else y.unbind(2)
+    return {name: t.reshape(-1, t.shape[-1]) for name, t in zip(names, parts, strict=True)}
+
+
+class Measure:
+    """Forward hooks that measure each layer against the one below as the forward reaches it, so only two
+    layers' activations are ever held: outputs of every projection (at every rank), and as controls the
+    residual stream, every projection's input and, given a model of the weights' quantization noise, the
+    outputs with that noise added once more (at the first rank)."""
+
+    def __init__(self, model, ranks, controls, noise=None, bar=None):
+        cfg = model.cfg
+        self.names = dict(NAMES, up=["gate", "up"] if cfg.arch == "llama" else ["fc"])
+        self.h, self.kv, self.ranks, self.controls, self.noise, self.bar = cfg.n_embd, cfg.kv_dim, ranks, controls, noise, bar
+        self.prev, self.cur, self.rows, self.hooks = {}, {}, [], []
+        self.workers = max(1, torch.get_num_threads())
+        for l, blk in enumerate(model.blocks):
+            if controls:
+                self.hooks.append(blk.register_forward_pre_hook(lambda m, inp: self.cur.update(resid=inp[0])))
+            for group in self.names:
+                proj = getattr(blk, group)
+                self.hooks.append(proj.register_forward_hook(lambda m, inp, y, l=l, g=group: self.output(l, g, inp[0], y)))
+            self.hooks.append(blk.register_forward_hook(lambda m, inp, out, l=l: self.layer(l)))
+
+    def output(self, l, group, x, y):
+        for name, t in split_output(y, self.names[group], self.h, self.kv).items():
+            self.cur[name] = t
+        if self.controls:
+            self.cur[INPUTS[group]] = x
+            if self.noise is not None:  # Y + X E: the same quantization noise once more, on this projection
+                e = x @ getattr(self.noise.blocks[l], group).weight
+                for name, t in split_output(e.unflatten(-1, (y.shape[2], -1)), self.names[group], self.h, self.kv).items():
+                    self.cur[f"{name}+noise"] = self.cur[name] + t
+                    self.cur[f"{name}:noise"] = t
+
+    def layer(self, l):
+        cur = {k: v.reshape(-1, v.shape[-1]).double() for k, v in self.cur.items()}
+        self.cur = {}
+
+        def one(key):  # many small LAPACK calls: one per core at a time, each on one thread, use the cores best
+            torch.set_num_threads(1)
+            y = cur[key]
+            g_yy = y.T @ y
+            row = None
+            if l:
+                p, g_pp = self.prev[key]
+                g_yp = y.T @ p
+                ranks = self.ranks if key in NAMES_ALL else self.ranks[:1]
+                o = observe((g_yy, g_yp + g_yp.T, g_pp), ranks)
+                row = {"layer": l + 1, "key": key, **{f"r{r}": o[r] for r in ranks}}
+                if f"{key}:noise" in cur:  # the noise's energy against the tail it could fill
+                    e = cur[f"{key}:noise"].norm().item()
+                    row["noise_tail"] = {r: e / (o[r]["direct"] * y.norm().item()) for r in ranks}
+            return key, y, g_yy, row
+        keys = sorted((k for k in cur if not k.endswith(":noise")), key=lambda k: -cur[k].shape[1])  # widest first
+        try:
+            with ThreadPoolExecutor(self.workers) as pool:
+                for key, y, g_yy, row in pool.map(one, keys):
+                    self.prev[key] = (y, g_yy)
+                    if row:
+                        self.rows.append(row)
+        finally:
+            torch.set_num_threads(self.workers)  # the forward's own threads again
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+NAMES_ALL = {"q", "k", "v", "o", "gate", "up", "fc", "down"}
+
+
+def gguf_noise(path, seed=0):
+    """A model whose weights are fresh quantization noise of the file's own blocks: uniform in [-d/2, d/2] per
+    element, d the scale stored with each block of 32 (Q8_0, Q4_0, Q4_1 round to the nearest multiple of d, so
+    this is the distribution of their rounding error); zero for F32/F16/BF16 tensors."""
+    import gguf
+    from hf import load_gguf
+    rng = np.random.default_rng(seed)
+
+    def values(t):
+        if t.tensor_type.name not in ("Q8_0", "Q4_0", "Q4_1"):
+            return np.zeros(t.data.shape, np.float32)
+        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        raw = np.ascontiguousarray(t.data).reshape(t.data.shape[0], -1, size)
+        d = raw[..., :2].copy().view(np.float16).astype(np.float32)  # each block's scale, its first 2 bytes
+        return ((rng.random((*raw.shape[:2], block), dtype=np.float32) - 0.5) * d).reshape(t.data.shape[0], -1)
+    return load_gguf(path, values=values)
+
+
 @torch.no_grad()
 def collect_outputs(model, idx):
-    """{(layer, position name): (N, h_out) float32 output} for every projection, via forward hooks."""
+    """{(layer, position name): (N, h_out) float32 output} for every projection, via forward hooks (for the
+    reference estimator on small models)."""
     names = {"qkv": ["q", "k", "v"], "o": ["o"], "up": ["gate", "up"] if model.cfg.arch == "llama" else ["fc"],
              "down": ["down"]}
     out, hooks = {}, []
     h, kv = model.cfg.n_embd, model.cfg.kv_dim
     for l, blk in enumerate(model.blocks):
         for group in names:
-            def hook(mod, inp, y, l=l, group=group):  # y: (B, T, n, h_out)
-                # grouped-query attention: one (B, T, 1, h + 2 kv_dim) output, cut into q, k, v
-                gqa = y.shape[2] != len(names[group])
-                parts = y[:, :, 0].split((h, kv, kv), -1) if gqa else y.unbind(2)
-                for name, t in zip(names[group], parts, strict=True):
-                    out.setdefault((l, name), []).append(t.reshape(-1, t.shape[-1]).float())
+            def hook(mod, inp, y, l=l, group=group):
+                for name, t in split_output(y, names[group], h, kv).items():
+                    out.setdefault((l, name), []).append(t.float())
             hooks.append(getattr(blk, group).register_forward_hook(hook))
     for i in range(0, len(idx), 8):
         model(idx[i:i + 8])
@@ -236,40 +488,75 @@ def main(argv):
     model, data_dir, name = load(c)
     cfg = model.cfg
     r = c["rank"] or min(cfg.n_embd, cfg.kv_dim) // 4
+    ranks = [r] + ([c["rank2"] or r // 2] if c["rank2"] >= 0 and (c["rank2"] or r // 2) not in (0, r) else [])
     val = np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r")
     T = cfg.block_size
     n = min(c["tokens"] // T, (len(val) - 1) // T)
     if n < 1:
         raise configurator.ConfigError("tokens", c["tokens"], f"is less than one block of {T}")
-    check_rank(r, (cfg.n_embd, cfg.ff_dim, cfg.kv_dim), n * T)
-    idx = torch.from_numpy(val[:n * T].astype(np.int64)).view(n, T)
-    ys = collect_outputs(model, idx)
-    positions = [p for (l, p) in ys if l == 0]
-    print(f"{name}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, rank r={r}, {n * T} val tokens"
-          f"{f' from {data_dir}' if c['hf'] or c['data_dir'] else ''}")
+    for rk in ranks:
+        check_rank(rk, (cfg.n_embd, cfg.ff_dim, cfg.kv_dim), n * T)
+    ids = torch.from_numpy(val[:n * T + 1].astype(np.int64))
+    noise = gguf_noise(c["hf"]) if c["controls"] and str(c["hf"]).endswith(".gguf") else None
+    print(f"{name}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, ranks r={', '.join(map(str, ranks))}, "
+          f"{n * T} val tokens{f' from {data_dir}' if c['hf'] or c['data_dir'] else ''}", flush=True)
     note = structure_note(cfg)
     if note:
         print(note)
-    print("errors relative to ||Y_l||; LS = least-squares beta, best = beta minimising the rank-r tail")
-    print("| layer | position | direct | residual LS | ratio LS | residual best | ratio best | beta LS | beta best | cosine |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for l in range(1, cfg.n_layer):
-        for p in positions:
-            o = observation(ys[(l - 1, p)], ys[(l, p)], r)
-            rows.append((l + 1, p, o))
-            print(f"| {l + 1} | {p} | {o['direct']:.4f} | {o['ls_residual']:.4f} | {o['ls_ratio']:.3f} | "
-                  f"{o['best_residual']:.4f} | {o['best_ratio']:.3f} | {o['ls_beta']:.3f} | {o['best_beta']:.3f} | "
-                  f"{o['cosine']:.3f} |")
-    ls = np.array([o["ls_ratio"] for *_, o in rows])
-    best = np.array([o["best_ratio"] for *_, o in rows])
-    print(f"ratio residual/direct at r={r}: LS beta median {np.median(ls):.3f}, range {ls.min():.3f}-{ls.max():.3f}; "
-          f"best beta median {np.median(best):.3f}, range {best.min():.3f}-{best.max():.3f}; "
-          f"best-beta ratio below {c['below']:g} in {int((best < c['below']).sum())} of {len(best)} "
-          f"(paper: 0.4-0.97)")
+    from tqdm import tqdm
+    with tqdm(total=cfg.n_layer, desc="layers", unit=" layer", file=sys.stderr) as bar, torch.no_grad():
+        m = Measure(model, ranks, c["controls"], noise, bar)
+        try:
+            _, loss = model(ids[:-1].view(n, T), ids[1:].view(n, T))  # one forward: every pair measured inside it
+        finally:
+            m.remove()
+    print(f"perplexity {math.exp(loss.item()):.2f} (loss {loss.item():.4f} nats) on these tokens")
+    rows = [(row["layer"], row["key"], {**row[f"r{r}"], "at": {rk: row[f"r{rk}"] for rk in ranks}})
+            for row in m.rows if row["key"] in NAMES_ALL]
+    print_table(rows, ranks, c["below"])
+    if c["controls"]:
+        print_controls(m.rows, ranks)
     if c["plot"]:
-        plot_errors(rows, positions, c["plot"], f"{name} ({cfg.param}, r={r})")
+        plot_errors(rows, [p for l, p, _ in rows if l == 2], c["plot"], f"{name} ({cfg.param}, r={r})")
     return rows
+
+
+def print_table(rows, ranks, below):
+    r = ranks[0]
+    head = " | ".join(f"ratio best r={rk} (beta)" for rk in ranks)
+    print(f"errors relative to ||Y_l||; ratios residual/direct as norms (square them for energies); LS = least-squares "
+          f"beta, best = the beta minimising the rank-r tail\n| layer | position | cosine | direct r={r} | ratio LS r={r} | "
+          f"{head} |\n|---|---|---|---|---|{'---|' * len(ranks)}")
+    for l, p, o in rows:
+        best = " | ".join(f"{o['at'][rk]['best_ratio']:.3f} ({o['at'][rk]['best_beta']:.3f})" for rk in ranks)
+        print(f"| {l} | {p} | {o['cosine']:.3f} | {o['direct']:.4f} | {o['ls_ratio']:.3f} | {best} |")
+    for rk in ranks:
+        ls = np.array([o["at"][rk]["ls_ratio"] for *_, o in rows])
+        best = np.array([o["at"][rk]["best_ratio"] for *_, o in rows])
+        print(f"ratio residual/direct at r={rk}: LS beta median {np.median(ls):.3f}, range {ls.min():.3f}-{ls.max():.3f}; "
+              f"best beta median {np.median(best):.3f}, range {best.min():.3f}-{best.max():.3f}; best-beta ratio below "
+              f"{below:g} in {int((best < below).sum())} of {len(best)} (paper: 0.4-0.97)")
+
+
+def print_controls(all_rows, ranks):
+    """Per kind of activation, the range over layers of the best-beta ratio at the first rank, and for the
+    outputs the quantization noise against the rank-r tail, and the ratio with that noise added once more."""
+    r, by = ranks[0], {}
+    for row in all_rows:
+        by.setdefault(row["key"], []).append(row)
+    print(f"controls at r={r}: best-beta ratio (min-median-max over layers; energies are the squares), least-squares "
+          f"beta's ratio, cosine; noise/tail = ||X E|| / ||Y - best_r(Y)|| for E a fresh draw of the weights' "
+          f"quantization noise; +noise = the ratio with that noise added once more\n"
+          f"| activation | best ratio | LS ratio | cosine | noise/tail | +noise best ratio |\n|---|---|---|---|---|---|")
+    span = lambda v: f"{min(v):.3f}-{np.median(v):.3f}-{max(v):.3f}"
+    for key, rs in by.items():
+        if key.endswith("+noise"):
+            continue
+        o = [x[f"r{r}"] for x in rs]
+        noisy = by.get(f"{key}+noise")
+        print(f"| {key} | {span([x['best_ratio'] for x in o])} | {span([x['ls_ratio'] for x in o])} | "
+              f"{span([x['cosine'] for x in o])} | {span([x['noise_tail'][r] for x in rs]) if 'noise_tail' in rs[0] else '-'} | "
+              f"{span([x[f'r{r}']['best_ratio'] for x in noisy]) if noisy else '-'} |")
 
 
 def plot_errors(rows, positions, path, title):

@@ -155,3 +155,63 @@ def test_help_lists_the_keys_and_exits_zero():
     p = subprocess.run([sys.executable, "analyze.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "arXiv 2509.18993" in p.stdout and all(f"--{k}=" in p.stdout for k in ("out_dir", "rank", "tokens", "below", "plot"))
+
+
+# ---------------------------------------------------------------- the fast estimator against the reference
+def fast_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, h = 400, 48
+    prev = power_law(n, h, g)
+    low = lambda k: torch.randn(n, k, generator=g) @ torch.randn(k, h, generator=g)
+    return {"trained-like": (prev, 0.3 * prev @ power_law(h, h, g, 0.3) + power_law(n, h, g, 1.5) * (seed + 1)),
+            "independent": (torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)),
+            # (+ a little full-rank noise: where the best tail is exactly 0, its norm is V-shaped in beta and either
+            # search pins it only to its beta tolerance times ||Y_{l-1}||)
+            "cross-layer low rank": (prev, 0.6 * prev + 0.3 * low(4) + 0.01 * torch.randn(n, h, generator=g)),
+            "far beta": (0.3 * prev + 10 * low(4), 0.9 * prev + 0.01 * torch.randn(n, h, generator=g)),
+            "rank-deficient (SwiGLU-like)": (low(20), low(20) + 0.5 * low(20))}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_estimator_equals_the_reference(seed):
+    """observe (one spectrum for both ranks, reduced basis, pruned grid, Brent) against observation (explicit
+    SVDs, full grid, golden section): errors, ratios and cosines to 1e-5; betas to 1e-3 of max(|beta|, ||Y_l|| /
+    ||Y_{l-1}||) (near its minimum the tail is flat in beta, so beta is pinned less tightly than the tail)."""
+    for name, (p, y) in fast_cases(seed).items():
+        fast = analyze.observe(analyze.grams(p, y), [12, 6])
+        rho = (y.norm() / p.norm()).item()
+        for r in (12, 6):
+            ref = analyze.observation(p, y, r)
+            for k, v in ref.items():
+                tol = 1e-3 * max(rho, abs(v)) if "beta" in k else 1e-5
+                assert abs(fast[r][k] - v) <= tol, (name, r, k, v, fast[r][k])
+
+
+def test_fast_estimator_can_fail_where_the_search_is_wrong(monkeypatch):
+    """Without its refinement the search stops at a grid point: the comparison above would see it."""
+    p, y = fast_cases(0)["cross-layer low rank"]
+    monkeypatch.setattr(analyze, "brent", lambda f, lo, hi, tol: lo)
+    fast = analyze.observe(analyze.grams(p, y), [4])[4]
+    assert abs(fast["best_beta"] - analyze.observation(p, y, 4)["best_beta"]) > 1e-3
+
+
+def test_measure_in_the_forward_equals_the_reference_on_collected_outputs(trained, tiny_data):
+    """The hooks' per-layer Grams (two layers held at a time) give what the reference gives on every output."""
+    import numpy as np
+    model, _ = analyze.load_for_inference(trained["full"])
+    val = np.memmap(tiny_data / "val.bin", dtype=np.uint16, mode="r")
+    idx = torch.from_numpy(val[:256].astype(np.int64)).view(8, 32)
+    ys = analyze.collect_outputs(model, idx)
+    m = analyze.Measure(model, [4, 2], controls=True)
+    with torch.no_grad():
+        model(idx)
+    m.remove()
+    outs = [row for row in m.rows if row["key"] in analyze.NAMES_ALL]
+    assert len(outs) == 2 * 7 and {row["key"] for row in m.rows} - analyze.NAMES_ALL == {"resid", "attn_in", "o_in",
+                                                                                          "mlp_in", "down_in"}
+    for row in outs:
+        l, p = row["layer"] - 1, row["key"]
+        for r in (4, 2):
+            ref = analyze.observation(ys[(l - 1, p)], ys[(l, p)], r)
+            assert row[f"r{r}"]["best_ratio"] == pytest.approx(ref["best_ratio"], abs=1e-5)
+            assert row[f"r{r}"]["direct"] == pytest.approx(ref["direct"], abs=1e-5)

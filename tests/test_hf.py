@@ -266,7 +266,7 @@ def test_analyze_a_pretrained_gpt2(gpt2_tokens, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     rows = analyze.main([f"--hf={d}", "--tokens=256", "--rank=4"])
     out = capsys.readouterr().out
-    assert f"{d}: param=full, 3 layers, h=32, rank r=4, 256 val tokens from {gpt2_tokens}" in out
+    assert f"{d}: param=full, 3 layers, h=32, ranks r=4, 2, 256 val tokens from {gpt2_tokens}" in out
     assert len(rows) == 2 * 6 and "| 2 | q |" in out and "| 3 | fc |" in out and "by construction" not in out
     assert all(o["best_ratio"] <= 1.0 for *_, o in rows)
     assert analyze.main([f"--hf={d}", "--tokens=256", "--rank=4", f"--data_dir={gpt2_tokens}"]) == rows
@@ -285,7 +285,7 @@ def test_analyze_a_pretrained_llama_needs_its_tokens(small_llama, tiny_data, tmp
     capsys.readouterr()
     rows = analyze.main([f"--hf={d}", f"--data_dir={tiny_data}", "--tokens=256"])
     out = capsys.readouterr().out
-    assert "rank r=4," in out and len(rows) == 7 and "| 2 | k |" in out and "| 2 | gate |" in out
+    assert "ranks r=4, 2," in out and len(rows) == 7 and "| 2 | k |" in out and "| 2 | gate |" in out
     with pytest.raises(configurator.ConfigError, match=r"^rank=16: must be 1 <= rank <= 15: below the narrowest "
                                                        r"projection width \(16\)"):
         analyze.main([f"--hf={d}", f"--data_dir={tiny_data}", "--tokens=256", "--rank=16"])
