@@ -5,6 +5,7 @@ Benchmarks that print tables (never assertions; tests/ holds those).
                                          # one fresh process each
     python bench.py recompute --profile  # plus where crnet's and reversible's step time goes
     python bench.py init                 # per-layer output std at init, CR-Net vs full-rank (results/init.md)
+    python bench.py bytes                # bytes allocated and ops run in one bf16 training step (torch.profiler)
     python bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
     python bench.py sizes --sizes=60m,130m --batch=8 --steps=5
@@ -16,6 +17,7 @@ sequence 256 (--n_embd=... etc. change it). sizes uses configs/{full,crnet}_llam
 vocabulary (32000) and skips what plan.py says will not fit 90% of the memory here. On a GPU the same
 commands report torch.cuda.max_memory_allocated (and sizes runs bf16 autocast and reports MFU).
 """
+import contextlib
 import json
 import os
 import statistics
@@ -33,7 +35,7 @@ import train
 from model import ModelConfig, Projection, Transformer
 
 # ----------------------------------------------------------------------------- config
-what = "recompute"          # which table (also as a bare word: python bench.py sizes) {recompute|init|sizes|gpu}
+what = "recompute"          # which table (also as a bare word: python bench.py sizes) {recompute|init|sizes|gpu|bytes}
 n_embd = 1024               # recompute, init: the model's width [>=1]
 n_layer = 16                # [>=1]
 n_head = 16                 # [>=1]
@@ -288,6 +290,32 @@ def sizes_table(a):
           "(including ~0.3 GiB of Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
 
 
+def bytes_table(a):
+    """Memory traffic's first proxy, countable on any device: bytes allocated and aten ops run in one training step
+    under bf16 autocast (torch.profiler with profile_memory), full rank against CR-Net, eager and compiled."""
+    from parallel import build_model
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"one bf16-autocast training step, LLaMA h {a.n_embd}, {a.n_layer} layers, h_ff {a.ff}, r {a.rank}, "
+          f"{a.batch} x {a.seq} tokens, vocab 256; device {dev}")
+    print("| param | recompute | compile | allocated MiB | aten ops |")
+    print("|---|---|---|---|---|")
+    for param, mode, compiled in (("full", "none", False), ("crnet", "none", False), ("crnet", "crnet", False),
+                                  ("full", "none", True), ("crnet", "none", True), ("crnet", "crnet", True)):
+        torch.manual_seed(0)
+        cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
+                          vocab_size=256, block_size=a.seq, param=param)
+        m, _ = build_model(cfg, "ddp", dev, 0, False, compiled, (mode, a.every))
+        idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
+        for profiled in (False, True):  # the first step warms up (and compiles)
+            with torch.profiler.profile(profile_memory=True) if profiled else contextlib.nullcontext() as prof, \
+                    torch.autocast(dev.type, dtype=torch.bfloat16):
+                m(idx, idx)[1].backward()
+        events = prof.key_averages()
+        alloc = sum(max(e.self_cpu_memory_usage, 0) + max(getattr(e, "self_device_memory_usage", 0), 0) for e in events)
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        print(f"| {param} | {mode} | {'yes' if compiled else 'no'} | {alloc / 2 ** 20:,.1f} | {ops:,} |", flush=True)
+
+
 # (size, micro-batch, param, recompute, compile): the table of the GPU-speed targets, in one run
 GPU_ROWS = [("1b", 32, "full", "none", False), ("1b", 32, "crnet", "none", False),
             ("1b", 32, "full", "none", True), ("1b", 32, "crnet", "none", True),
@@ -334,6 +362,8 @@ def main(argv):
     a = SimpleNamespace(**c)
     if a.what == "init":
         return init_table(a)
+    if a.what == "bytes":
+        return bytes_table(a)
     if a.what in ("sizes", "gpu"):
         if a.one:
             return print(json.dumps(size_one(a)))
