@@ -46,7 +46,8 @@ moves a beta at lr <= 1e-2), read from a copy started a step earlier: no step wa
 Compiled (apply(..., compile=True), what train.py's compile=True does): CRNetBlock stays a thin eager
 autograd.Function (a Function that hands lanes between blocks through a Python stash cannot be traced), and its
 bodies forward_body, invert_lanes, recompute_z and replay are torch.compile'd: pure functions of the block and
-tensors, so one graph serves every layer of a kind (layer 1; layers 2..L). The forward body runs under no_grad,
+tensors, so one graph serves every layer of a kind (layer 1; layer 2, whose input lanes have layer 1's layout;
+layers 3..L). The forward body runs under no_grad,
 so its graph saves nothing for backward; the replay's graph saves what its own backward, run at once, needs. So
 the held bytes are those of the eager Function (tests/test_recompute.py counts them under inductor). With
 dropout the bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
