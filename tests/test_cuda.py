@@ -109,3 +109,22 @@ def test_held_bytes_match_the_formula_on_cuda(mode):
     held, loss = held_activation_bytes(m, idx, idx)
     loss.backward()
     assert held == stored_numbers_per_token(m.cfg, mode, 4) * 4 * idx.numel()
+
+
+@pytest.mark.parametrize("mode", ["crnet", "reversible"])
+def test_a_training_step_never_waits_for_the_gpu(mode):
+    """No host sync in the model or the recomputation: after the first step (which reads the betas once), forward
+    and backward run under torch.cuda.set_sync_debug_mode("error"), which raises on any synchronizing call."""
+    m = make(mode, **{**KW, "n_layer": 8}, recompute_every=4).cuda()
+    opt = m.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cuda")
+    idx = torch.randint(0, 256, (2, 64), device="cuda")
+    for step in range(3):
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = m(idx, idx)[1]
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
