@@ -120,7 +120,10 @@ def clip_grad_norm(params, max_norm):
 # Both formats hold the same state dicts (torch.distributed.checkpoint.state_dict's: parameter names as keys, for
 # the optimizer too), so a run resumes in either mode from either format: DCP reshards to any layout, and a full
 # ckpt.pt is split into shards by set_state_dict. Each save keeps the previous checkpoint beside the new one
-# (ckpt.prev.pt, or the previous iter_ directory): a latest file damaged after the fact falls back to it.
+# (ckpt.prev.pt, or the previous iter_ directory): a latest file damaged after the fact falls back to it. Once a
+# save has completed, the latest name never vanishes (a job script tests for it to choose between start and resume):
+# ckpt.pt is linked to ckpt.prev.pt before the new file replaces it; an iter_ directory saved again at the same
+# iteration is renamed iter_N.old (still listed) until the new one is in place.
 TRAIN_KEYS = ("iter", "config", "model_config", "rng", "best_val_loss")  # what makes a checkpoint one of ours
 
 
@@ -138,8 +141,9 @@ def checkpoints(out):
     out = Path(out)
     ddp = [("ddp", out / f) for f in (CKPT_FILE, PREV_FILE) if (out / f).is_file()]
     root = out / DCP_DIR
-    fsdp = sorted((("fsdp", p) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()),
-                  key=lambda kp: int(kp[1].name[5:]), reverse=True) if root.is_dir() else []
+    dirs = {p.name for p in root.glob("iter_*") if p.is_dir()} if root.is_dir() else set()
+    names = [n for n in dirs if n[5:].isdigit() or (n.endswith(".old") and n[5:-4].isdigit() and n[:-4] not in dirs)]
+    fsdp = [("fsdp", root / n) for n in sorted(names, key=lambda n: int(n[5:].removesuffix(".old")), reverse=True)]
     if not (ddp and fsdp):
         return ddp + fsdp
     slots = sorted(ddp + fsdp, key=lambda kp: kp[1].stat().st_mtime_ns, reverse=True)  # which format, when
@@ -259,8 +263,11 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
         if rank == 0:
             tmp = out / (CKPT_FILE + ".tmp")
             torch.save({"model": msd, "optimizer": osd, **train_state}, tmp)
-            if final.exists():
-                os.replace(final, out / PREV_FILE)
+            if final.exists():  # ckpt.pt keeps its name throughout: linked (or copied) to ckpt.prev.pt, then replaced
+                prev_tmp = out / (PREV_FILE + ".tmp")
+                prev_tmp.unlink(missing_ok=True)
+                link_or_copy(final, prev_tmp)
+                os.replace(prev_tmp, out / PREV_FILE)
             os.replace(tmp, final)
             prune(out, final)
     else:
@@ -273,8 +280,10 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)  # returns once every process has written
         if rank == 0:
             torch.save(train_state, tmp / "train_state.pt")
-            if final.exists():  # the same iteration saved again: set the old copy aside until the new one is in
-                os.replace(final, final.with_name(final.name + ".old"))
+            if final.exists():  # the same iteration saved again: iter_N.old is listed until the new one is in
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
             prune(out, final)
     if best and rank == 0:
@@ -288,7 +297,7 @@ def prune(out, final):
     """Keep the new checkpoint and the newest one before it (of either format: the fallback); remove the rest,
     with anything an interrupted save left in the DCP directory."""
     keep = {final, *[p for _, p in checkpoints(out) if p != final][:1]}
-    for f in (CKPT_FILE, PREV_FILE):
+    for f in (CKPT_FILE, PREV_FILE, PREV_FILE + ".tmp"):
         if out / f not in keep:
             (out / f).unlink(missing_ok=True)
     root = out / DCP_DIR
@@ -337,7 +346,7 @@ def remove_run(out):
     """A run started over (--overwrite) removes the old run's checkpoints and best/ once every check has passed,
     so that nothing of the old run can be resumed or fallen back to."""
     out = Path(out)
-    for name in (CKPT_FILE, PREV_FILE, CKPT_FILE + ".tmp"):
+    for name in (CKPT_FILE, PREV_FILE, CKPT_FILE + ".tmp", PREV_FILE + ".tmp"):
         (out / name).unlink(missing_ok=True)
     for name in (DCP_DIR, "best", "best.tmp", "best.old"):
         shutil.rmtree(out / name, ignore_errors=True)

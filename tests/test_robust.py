@@ -320,11 +320,17 @@ def test_sigkill_anywhere_then_resume_loses_nothing(tiny_data, tmp_path):
     run(tiny_data, tmp_path / "ref", *args[len(TINY) + 1:])
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    last = 0  # the iteration of ckpt.pt after the previous process
     for kind, n in [*KILLS, ("none", 0)]:
         start = ["--init_from=resume"] if par.find_checkpoint(out)[0] else [*args, "--overwrite"]
         p = subprocess.run([sys.executable, "-c", KILLER, kind, str(n), *start, f"--out_dir={out}"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == (0 if kind == "none" else -9), (kind, n, p.stdout[-1500:], p.stderr[-1500:])
+        # once a save has completed, ckpt.pt is there and readable whatever the kill interrupted (a job script
+        # tests for it), and never older than a checkpoint that was there before
+        now = par.read_checkpoint("ddp", out / "ckpt.pt")["iter"] if last or (out / "ckpt.pt").exists() else 0
+        assert now >= last, (kind, n, now, last)
+        last = now
     keys = ("iter", "loss", "lr", "grad_norm", "tokens", "val_loss", "train_loss")
     ref, got = ([{k: r[k] for k in keys if k in r} for r in read_metrics(d)] for d in (tmp_path / "ref", out))
     assert [r["iter"] for r in got] == [r["iter"] for r in ref]
@@ -449,3 +455,71 @@ def test_an_old_format_checkpoint_from_another_layout_is_refused(tiny_data, tmp_
                                      {**osd["param_groups"][1], "params": osd["param_groups"][0]["params"][-1:] + osd["param_groups"][1]["params"]}]}
     with pytest.raises(par.CheckpointError, match="holds optimizer groups of .* parameters, the optimizer has"):
         par.named_optimizer_state(model, opt, moved)
+
+
+class Cut(BaseException):
+    """A kill, as far as the interrupted save can tell: nothing after it runs."""
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_save_cut_at_any_step_leaves_the_newest_checkpoint_listed(tmp_path, monkeypatch, parallel):
+    """Each file-system step of a save (write, rename, link, unlink, rmdir) cut in turn, for a new iteration and
+    for the same iteration saved again: the newest completed checkpoint is always listed first and readable
+    (for ddp under the name ckpt.pt), and the next save leaves just the new checkpoint and its fallback."""
+    from torch import distributed as dist
+    if parallel == "fsdp":
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, raw = par.build_model(train.model_config(train.load_config(TINY)), parallel, torch.device("cpu"), 0)
+        opt = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        save = lambda out, it: par.save_checkpoint(out, parallel, raw, opt, {"iter": it, "best_val_loss": 1.0,
+                                                    "config": {}, "model_config": {}, "rng": []}, 0)
+        real = {name: getattr(os, name) for name in ("replace", "rename", "link", "unlink", "rmdir")}
+        real_save = torch.save
+        for again in (False, True):
+            for k in range(1, 100):
+                out = tmp_path / f"{again}_{k}"
+                out.mkdir()
+                save(out, 2)
+                save(out, 4)
+                count = [0]
+
+                def step(fn):
+                    def cut(*a, **kw):
+                        if fn is real_save and not isinstance(a[1], (str, os.PathLike)):
+                            return fn(*a, **kw)  # DCP serializing an object in memory
+                        count[0] += 1
+                        if count[0] == k:
+                            if fn is real_save:  # half a file, as a kill during the write leaves it
+                                fn(*a, **kw)
+                                os.truncate(a[1], os.path.getsize(a[1]) // 2)
+                            raise Cut
+                        return fn(*a, **kw)
+                    return cut
+                for name, fn in real.items():
+                    monkeypatch.setattr(os, name, step(fn))
+                monkeypatch.setattr(torch, "save", step(real_save))
+                try:
+                    save(out, 4 if again else 6)
+                    finished = True
+                except BaseException as e:  # DCP hands a cut inside its writer on wrapped
+                    if not (isinstance(e, Cut) or "test_robust.Cut" in str(e)):
+                        raise
+                    finished = False
+                finally:
+                    for name, fn in real.items():
+                        monkeypatch.setattr(os, name, fn)
+                    monkeypatch.setattr(torch, "save", real_save)
+                kind, path = par.find_checkpoint(out)
+                if parallel == "ddp":
+                    assert path == out / "ckpt.pt", (again, k)
+                assert par.read_checkpoint(kind, path)["iter"] in (4, 6), (again, k, path)
+                save(out, 8)  # and the next save cleans up after the cut one
+                assert [p.name for _, p in par.checkpoints(out)][:1] == ["ckpt.pt" if parallel == "ddp" else "iter_0000008"]
+                assert len(par.checkpoints(out)) == 2 and not list(out.rglob("*.tmp"))
+                if finished:
+                    assert k > 2, "a save with fewer steps than this test cuts cannot be"
+                    break
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
