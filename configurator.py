@@ -260,6 +260,8 @@ def main_guard(main, errors=(ValueError, FileNotFoundError, FileExistsError)):
     their traceback."""
     try:
         return main(sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C where nothing catches it (train.py's loop saves first): no traceback
+        raise SystemExit(130)
     except errors as e:
         if int(os.environ.get("RANK", 0)):  # under torchrun every rank fails the same way: rank 0 says it once
             raise SystemExit(1)

@@ -18,6 +18,8 @@ bit-identical weights, and a 7B model is never materialized whole on one process
 """
 import os
 import shutil
+import signal
+import threading
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -291,6 +293,29 @@ def save_checkpoint(out, parallel, model, optimizer, train_state, rank, best=Fal
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (a cluster's notice before it kills a job) and Ctrl-C (SIGINT) ask a run to stop: the
+    handler only records the first one, so the step in progress and the save that follows finish (a save must not
+    be cut short; a repeated signal, which torchrun adds to Ctrl-C, is ignored). train.py reduces the flag across
+    ranks with the step's loss, so every rank stops and saves at the same iteration."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.old = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers only there
+            self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 
 def prune(out, final):

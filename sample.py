@@ -23,6 +23,7 @@ temperature = 0.8           # 0 = greedy [>=0]
 top_k = 200                 # keep the k most likely tokens; 0 = all [>=0]
 seed = 1337                 # [>=0]
 device = "auto"             # "auto" = cuda, else mps, else cpu
+cpu_threads = 0             # 0 = torch's default; 1 is often faster on a machine busy with other work [>=0]
 # -----------------------------------------------------------------------------
 
 
@@ -30,8 +31,13 @@ def main(argv):
     c, _ = configurator.load(argv, "sample.py", doc=__doc__)
     check_device(c["device"])
     device = pick_device(c["device"], 0)
+    if c["cpu_threads"]:
+        torch.set_num_threads(c["cpu_threads"])
     model, ckpt = load_for_inference(c["out_dir"])
     model.to(device)
+    ev = ckpt.get("last_eval")  # checkpoints from before it was saved: the best val loss so far
+    print(f"sampling from {ckpt['path']} (iteration {ckpt['iter']}, " + (f"val loss {ev['val_loss']:.4f} at iteration "
+          f"{ev['iter']})" if ev else f"best val loss {ckpt['best_val_loss']:.4f})"), flush=True)
     tok = get_tokenizer(ckpt["data_meta"]["tokenizer"])
     if c["start"].startswith("FILE:") and not Path(c["start"][5:]).is_file():
         raise configurator.ConfigError("start", c["start"], f"prompt file {c['start'][5:]} not found")

@@ -5,6 +5,8 @@ Train a CR-Net (or baseline) transformer.
     python train.py configs/crnet_llama_60m.py --max_iters=2000
     torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_1b.py
     python train.py --init_from=resume --out_dir=out  # continue exactly where the checkpoint left off
+    python train.py --init_from=auto --out_dir=out    # resume if out holds a checkpoint, else start: a job script's command
+    python train.py --eval_only --out_dir=out --data_dir=data/x   # loss and perplexity of out's checkpoint on x
     python train.py --init_from=out --out_dir=out_ft --learning_rate=3e-4   # fine-tune: out's weights, fresh optimizer
 
 Config: the defaults below, then config files (plain assignments) and --key=value arguments in the order given
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -39,9 +42,11 @@ from runlog import SINKS, fmt_time, sinks, start_logs, write_atomic
 out_dir = "out"                     # checkpoint, config.json and metrics.jsonl go here
 data_dir = "data/shakespeare_byte"  # prepared automatically when it is one of the bundled corpus's dirs
 data_recipe = ""                    # the prepare_data.py command that makes data_dir: printed when it is missing
-init_from = "scratch"               # "resume": continue out_dir's checkpoint; or a run's dir: start from its weights
+init_from = "scratch"               # "resume": continue out_dir's checkpoint; "auto": resume if it has one, else scratch; or a run's dir: its weights
 overwrite = False                   # start over in an out_dir holding a run (its checkpoints, best/, logs go once all checks pass)
 eval_interval = 150                 # evaluate and checkpoint every this many iterations (and at the end) [>=1]
+checkpoint_interval = 0             # also checkpoint (without an eval) every this many iterations; 0 = at evals only [>=0]
+eval_only = False                   # evaluate out_dir's checkpoint on data_dir (loss, perplexity), write nothing, exit
 eval_tokens = 131072                # fixed validation (and train) tokens per evaluation, split over ranks [>=1]
 log_interval = 25                   # print and append a row to metrics.jsonl every this many iterations [>=1]
 keep_best = False                   # also keep the best-val checkpoint, as out_dir/best/ (hard links; a copy without them)
@@ -95,9 +100,9 @@ world_size = 0                      # preflight: the number of processes to chec
 TYPES = {"rank": (int, list), "vocab_size": (int, None)}
 # -----------------------------------------------------------------------------
 # what a resumed run may change; everything else defines the model, the data stream or the optimization
-FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "eval_tokens", "log_interval", "recompute", "device_gib",
-                  "recompute_every", "keep_z", "recompute_rtol", "batch_size", "max_iters", "stop_iter", "device", "dtype",
-                  "compile", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
+FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "checkpoint_interval", "eval_only", "eval_tokens",
+                  "log_interval", "recompute", "device_gib", "recompute_every", "keep_z", "recompute_rtol", "batch_size",
+                  "max_iters", "stop_iter", "device", "dtype", "compile", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "parallel", "keep_best",
                   "log_to", "wandb_project"}
 
 
@@ -181,15 +186,15 @@ def resume_config(c, given):
     """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them."""
     ckpt = par.load_train_state(c["out_dir"], say=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     saved = {k: v for k, v in ckpt["config"].items() if k in c}  # keys this version no longer has are dropped
-    for k in sorted(given - FREE_ON_RESUME):
+    for k in sorted(given - FREE_ON_RESUME - ({"data_dir"} if c["eval_only"] else set())):  # eval_only: any data
         same_dir = k == "data_dir" and Path(c[k]).resolve() == Path(saved[k]).resolve()
         if c[k] != saved.get(k, c[k]) and not same_dir:
             raise ConfigError(k, c[k], f"the checkpoint in {c['out_dir']} was trained with {saved[k]!r}; a resumed run "
                                        f"keeps the model, data stream and optimization (start a new run to change it)")
-    c = {**c, **saved, **{k: c[k] for k in given}}
+    c = {**c, **saved, **{k: c[k] for k in given}, "init_from": "resume"}  # also under init_from=auto, eval_only
     if "stop_iter" not in given:
         c["stop_iter"] = 0  # the earlier process's stop: this one runs to max_iters unless told otherwise
-    if c["max_iters"] <= ckpt["iter"]:
+    if c["max_iters"] <= ckpt["iter"] and not c["eval_only"]:
         raise ConfigError("max_iters", c["max_iters"], f"the checkpoint is at iteration {ckpt['iter']}: nothing to train "
                                                        f"(raise max_iters to continue)")
     if c["max_iters"] != saved["max_iters"]:
@@ -319,10 +324,11 @@ def check_same_start(c, rt, ckpt, meta):
 
 def check_tokenizer(c, ckpt, meta):
     was, now = (TOKENIZER_IDS.get(t, t) for t in (ckpt["data_meta"]["tokenizer"], meta["tokenizer"]))
-    if c["init_from"] != "resume" and was != now:
-        raise ConfigError("data_dir", c["data_dir"], f"holds {meta['tokenizer']!r} tokens, but the checkpoint in "
-                          f"{c['init_from']} was trained on {ckpt['data_meta']['tokenizer']!r} tokens: its embeddings "
-                          f"would read other ids (prepare the data with --tokenizer={ckpt['data_meta']['tokenizer']})")
+    if (c["init_from"] != "resume" or c["eval_only"]) and was != now:
+        src = c["out_dir"] if c["init_from"] == "resume" else c["init_from"]
+        raise ConfigError("data_dir", c["data_dir"], f"holds {meta['tokenizer']!r} tokens, but the checkpoint in {src} was "
+                          f"trained on {ckpt['data_meta']['tokenizer']!r} tokens: its embeddings would read other ids "
+                          f"(prepare the data with --tokenizer={ckpt['data_meta']['tokenizer']})")
 
 
 TOKENIZER_IDS = {"r50k_base": "gpt2"}  # names with identical token ids
@@ -342,7 +348,26 @@ def load_data(c, rt, ckpt=None):
         check_same_start(c, rt, ckpt, meta)
     check_data(c, data_dir, meta)
     splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
-    return splits["train"], splits["val"], meta
+    return splits["train"], splits["val"], meta, data_dir
+
+
+def check_token_ids(c, rt, data_dir, meta, train_data, val_data, grad_accum, it):
+    """An id beyond the vocabulary (a meta.json that understates it) would fail inside F.embedding, on CUDA as a
+    device-side assert. Before the first step every rank reads the ids of its first batches and of the evaluation
+    windows (fixed, so every later eval is covered), and all ranks agree on the largest."""
+    B, T = c["batch_size"], c["block_size"]
+    firsts = [train_batch(train_data, it, m, rt["rank"], rt["world"], B, T, c["seed"], torch.device("cpu"))
+              for m in range(grad_accum)]
+    evals = [int(d[:min(c["eval_tokens"] // T, (len(d) - 1) // T) * T + 1].max()) for d in (train_data, val_data)]
+    top = torch.tensor([max(int(t.max()) for xy in firsts for t in xy), *evals])
+    if rt["world"] > 1:
+        top = top.to(rt["device"])
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    for split, m in zip(("train", "train", "val"), top.tolist()):
+        if m >= c["vocab_size"]:
+            raise ValueError(f"{data_dir / (split + '.bin')} holds token id {m}, beyond the model's vocabulary of "
+                             f"{c['vocab_size']} ({data_dir / 'meta.json'} says vocab_size {meta['vocab_size']}, max_token_id "
+                             f"{meta['max_token_id']}): prepare the data again, or start a run with --vocab_size={m + 1}")
 
 
 def build(c, rt, ckpt):
@@ -372,35 +397,42 @@ def build(c, rt, ckpt):
         torch.cuda.set_rng_state_all(s["cuda"])
     elif bool(s.get("cuda")) != (rt["device"].type == "cuda") and ckpt["config"]["dropout"]:
         rt["say"]("note: the checkpoint's CUDA RNG state does not apply on this device: dropout draws differ")
-    rt["say"](f"resuming from {ckpt['path']} at iteration {ckpt['iter']}")
+    rt["last_eval"] = ckpt.get("last_eval")  # the latest eval's val loss: sample.py reports it
+    rt["say"](f"{'evaluating' if c['eval_only'] else 'resuming from'} {ckpt['path']} at iteration {ckpt['iter']}")
     return model, raw, optimizer, mcfg, ckpt["iter"], ckpt["best_val_loss"]
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv):
     c, given = configurator.load(argv, "train.py", doc=__doc__)
-    if c["init_from"] != "resume" and not c["overwrite"]:  # a new run removes the old one's checkpoints and best/
-        path = par.find_checkpoint(c["out_dir"])[1] or par.find_checkpoint(Path(c["out_dir"]) / "best")[1]
-        if path:
-            raise FileExistsError(f"{path} exists: continue it with --init_from=resume, or pass --overwrite or "
-                                  f"another --out_dir to start over")
+    if c["init_from"] == "auto":  # the one command a job script can repeat after every preemption
+        c["init_from"] = "resume" if par.find_checkpoint(c["out_dir"])[0] else "scratch"
+    if c["eval_only"] and c["init_from"] not in ("scratch", "resume"):
+        raise ConfigError("init_from", c["init_from"], "eval_only evaluates out_dir's checkpoint: pass --out_dir=<run dir>")
+    c["init_from"] = "resume" if c["eval_only"] else c["init_from"]
     ckpt = None
     if c["init_from"] == "resume":
         c, ckpt = resume_config(c, given)
     elif c["init_from"] != "scratch":
         c, ckpt = finetune_config(c, given)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    grad_accum = check_config(c, c["world_size"] or world if c["preflight"] else world)
+    if c["init_from"] != "resume" and not c["overwrite"]:  # a new run removes the old one's checkpoints and best/
+        path = par.find_checkpoint(c["out_dir"])[1] or par.find_checkpoint(Path(c["out_dir"]) / "best")[1]
+        if path:
+            raise FileExistsError(f"{path} exists: continue it with --init_from=resume, or pass --overwrite or "
+                                  f"another --out_dir to start over")
     if c["preflight"]:
         import plan  # the memory plan and every other check a launch makes
         return plan.preflight(c, c["world_size"] or world, ckpt)
-    grad_accum = check_config(c, world)
     rt = setup(c)
     rank, device, autocast, say = rt["rank"], rt["device"], rt["autocast"], rt["say"]
-    train_data, val_data, meta = load_data(c, rt, ckpt)
+    train_data, val_data, meta, data_dir = load_data(c, rt, ckpt)
     if c["vocab_size"] is None:
         c["vocab_size"] = meta["vocab_size"]
+    check_token_ids(c, rt, data_dir, meta, train_data, val_data, grad_accum, ckpt["iter"] if ckpt and c["init_from"] == "resume" else 0)
     out = Path(c["out_dir"])
-    if rank == 0 and c["init_from"] == "resume":  # every check has passed: damaged checkpoints leave the rotation
+    if rank == 0 and c["init_from"] == "resume" and not c["eval_only"]:  # every check passed: damaged ones leave the rotation
         par.set_aside(ckpt["damaged"], out, say)
     rt["recompute"] = c["recompute"]
     if c["recompute"] == "auto":
@@ -409,7 +441,12 @@ def main(argv):
         rt["recompute"], why = plan.auto_recompute({**c, "dtype": rt["dtype"]}, rt["world"], memory)
         say(why)
     model, raw_model, optimizer, mcfg, start_iter, best_val = build(c, rt, ckpt)
-    ckpt = None  # free the checkpoint's tensors
+    path, ckpt = ckpt and ckpt["path"], None  # free the checkpoint's tensors
+    if c["eval_only"]:
+        losses = [evaluate(model, d, c, rank, rt["world"], device, autocast) for d in (val_data, train_data)]
+        say(f"eval_only {path} (iteration {start_iter}) on {data_dir}: " + " | ".join(
+            f"{s} loss {x:.4f}, perplexity {math.exp(x):.3f}" for s, x in zip(("val", "train"), losses)))
+        return close()
     rt["log"] = start_logs(c, out, start_iter) if rank == 0 else (lambda row: None)
     counts = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token()
@@ -426,55 +463,68 @@ def main(argv):
     # ---- loop: step `it` takes the model from iteration it to it + 1
     t_start = t0 = time.perf_counter()
     train_time, timed_iters = 0.0, 0  # since the last log line; evaluation excluded
-    for it in range(start_iter, c["max_iters"]):
-        lr = lr_at(it, c)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = train_batch(train_data, it, micro, rank, rt["world"], B, T, c["seed"], device)
-            with par.gradient_sync(model, c["parallel"], micro == grad_accum - 1):
-                with autocast:
-                    loss = model(x, y)[1]  # not `_, loss =`: that would keep the (B, T, vocab) logits through backward
-                loss_sum += loss.detach().float()
-                (loss / grad_accum).backward()
-            del loss  # frees the graph now, with what recompute stored for it, not during the next forward
-        if rt["world"] > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        grad_norm = par.clip_grad_norm(list(model.parameters()), c["grad_clip"] or float("inf"))
-        # the step's one host sync: the non-finite check below needs both numbers before the optimizer step
-        loss_val, grad_norm = torch.stack([loss_sum / grad_accum, grad_norm.float()]).tolist()
-        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-            if rank == 0:  # a mark that scripts (ablate.py) read, whatever a launcher prints after this
-                write_atomic(out / "diverged.json", json.dumps({"iter": it, "loss": loss_val, "grad_norm": grad_norm}))
-            raise SystemExit(f"iteration {it}: non-finite loss {loss_val} or grad norm {grad_norm}; stopped before the "
-                             f"optimizer step. The last checkpoint in {out} is untouched." if rank == 0 else 1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t1 = time.perf_counter()
-        train_time, timed_iters, t0 = train_time + t1 - t0, timed_iters + 1, t1
-        done = it + 1
-        if done % c["log_interval"] == 0 or done == c["max_iters"]:
-            dt, train_time, timed_iters = train_time / timed_iters, 0.0, 0
-            tps = tokens_per_step / dt
-            mfu = estimate_mfu(flops_per_token, tps, peak)
-            elapsed = t1 - t_start
-            end = c["stop_iter"] if c["stop_iter"] > done else c["max_iters"]
-            eta = elapsed / (done - start_iter) * (end - done)
-            row = {"iter": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": 1000 * dt,
-                   "tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device), "tokens": done * tokens_per_step,
-                   "elapsed_s": elapsed}
-            say(f"iter {done:6d} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {1000 * dt:7.1f} ms | "
-                f"{tps:9.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | mem {row['peak_mem_mb']:.0f} MiB | "
-                f"{row['tokens'] / 1e6:.2f}M tok | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
-            rt["log"](row)
-        stopping = done == c["stop_iter"]
-        if done % c["eval_interval"] == 0 or done == c["max_iters"] or stopping:
-            best_val = evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data, val_data, done, best_val)
-            t0 = time.perf_counter()  # evaluation time is not training time
-        if stopping:
-            say(f"stop_iter={done} reached; continue with: python train.py --init_from=resume --out_dir={c['out_dir']}")
-            break
+    with par.StopSignals() as signals:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, save, stop (parallel.py)
+        for it in range(start_iter, c["max_iters"]):
+            lr = lr_at(it, c)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                x, y = train_batch(train_data, it, micro, rank, rt["world"], B, T, c["seed"], device)
+                with par.gradient_sync(model, c["parallel"], micro == grad_accum - 1):
+                    with autocast:
+                        loss = model(x, y)[1]  # not `_, loss =`: that would keep the (B, T, vocab) logits through backward
+                    loss_sum += loss.detach().float()
+                    (loss / grad_accum).backward()
+                del loss  # frees the graph now, with what recompute stored for it, not during the next forward
+            flag = loss_sum.new_full((), float(signals.signum > 0))  # a fill, not a host-to-device copy
+            if rt["world"] > 1:  # the stop flag rides on the loss's all-reduce: every rank stops at the same iteration
+                both = torch.stack([loss_sum, flag])
+                dist.all_reduce(both, op=dist.ReduceOp.AVG)
+                loss_sum, flag = both.unbind()
+            grad_norm = par.clip_grad_norm(list(model.parameters()), c["grad_clip"] or float("inf"))
+            # the step's one host sync: the non-finite check below needs both numbers before the optimizer step
+            loss_val, grad_norm, stop = torch.stack([loss_sum / grad_accum, grad_norm.float(), flag]).tolist()
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                if rank == 0:  # a mark that scripts (ablate.py) read, whatever a launcher prints after this
+                    write_atomic(out / "diverged.json", json.dumps({"iter": it, "loss": loss_val, "grad_norm": grad_norm}))
+                raise SystemExit(f"iteration {it}: non-finite loss {loss_val} or grad norm {grad_norm}; stopped before the "
+                                 f"optimizer step. The last checkpoint in {out} is untouched." if rank == 0 else 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            train_time, timed_iters, t0 = train_time + t1 - t0, timed_iters + 1, t1
+            done = it + 1
+            if done % c["log_interval"] == 0 or done == c["max_iters"]:
+                dt, train_time, timed_iters = train_time / timed_iters, 0.0, 0
+                tps = tokens_per_step / dt
+                mfu = estimate_mfu(flops_per_token, tps, peak)
+                elapsed = t1 - t_start
+                end = c["stop_iter"] if c["stop_iter"] > done else c["max_iters"]
+                eta = elapsed / (done - start_iter) * (end - done)
+                row = {"iter": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": 1000 * dt,
+                       "tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device), "tokens": done * tokens_per_step,
+                       "elapsed_s": elapsed}
+                say(f"iter {done:6d} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {1000 * dt:7.1f} ms | "
+                    f"{tps:9.0f} tok/s | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | mem {row['peak_mem_mb']:.0f} MiB | "
+                    f"{row['tokens'] / 1e6:.2f}M tok | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
+                rt["log"](row)
+            stopping = done == c["stop_iter"] or (stop > 0 and done < c["max_iters"])
+            if done % c["eval_interval"] == 0 or done == c["max_iters"] or done == c["stop_iter"]:
+                best_val = evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data, val_data, done, best_val)
+                t0 = time.perf_counter()  # evaluation and saving are not training time
+            elif stopping or (c["checkpoint_interval"] and done % c["checkpoint_interval"] == 0):
+                save(c, rt, raw_model, optimizer, mcfg, meta, done, best_val)
+                t0 = time.perf_counter()
+            if stopping:
+                say(f"stopped at iteration {done}; resume with: python train.py --init_from=resume --out_dir={c['out_dir']}")
+                break
+    close()
+    if signals.signum == signal.SIGINT and done < c["max_iters"]:
+        raise SystemExit(130)  # Ctrl-C's usual exit status
+
+
+def close():
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing the checkpoint: gloo aborts if a peer tears down first
         dist.destroy_process_group()
@@ -487,19 +537,23 @@ def evaluate_and_save(c, rt, model, raw_model, optimizer, mcfg, meta, train_data
     improved = val_loss < best_val
     best_val = min(best_val, val_loss)
     say(f"eval {done:6d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | best val {best_val:.4f}")
-    states = [None] * world
-    if world > 1:
+    rt["log"]({"iter": done, "val_loss": val_loss, "train_loss": train_loss})
+    rt["last_eval"] = {"iter": done, "val_loss": val_loss}
+    save(c, rt, raw_model, optimizer, mcfg, meta, done, best_val, best=c["keep_best"] and improved)
+    return best_val
+
+
+def save(c, rt, raw_model, optimizer, mcfg, meta, done, best_val, best=False):
+    states = [None] * rt["world"]
+    if rt["world"] > 1:
         dist.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
     out = Path(c["out_dir"])
-    rt["log"]({"iter": done, "val_loss": val_loss, "train_loss": train_loss})
-    best = c["keep_best"] and improved
     saved = par.save_checkpoint(out, c["parallel"], raw_model, optimizer, {
         "iter": done, "best_val_loss": best_val, "config": c, "model_config": asdict(mcfg), "data_meta": meta,
-        "rng": states}, rank, best=best)
-    say(f"saved {saved}" + (f", linked as {out / 'best'} (best val so far)" if best else ""))
-    return best_val
+        "rng": states, "last_eval": rt.get("last_eval")}, rt["rank"], best=best)
+    rt["say"](f"saved {saved}" + (f", linked as {out / 'best'} (best val so far)" if best else ""))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ def world(tiny_data, tmp_path_factory):
     (w / "docs.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
     (w / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
     (w / "prompt_dir").mkdir()
+    shutil.copytree(tiny_data, w / "understated")  # a meta.json that understates the vocabulary its files use
+    meta = json.loads((w / "understated" / "meta.json").read_text())
+    (w / "understated" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100, "max_token_id": 99}))
     return w
 
 
@@ -94,6 +97,10 @@ BATTERY = [
     (T, ["--init_from=resume", "--out_dir={w}/foreign", "--max_iters=4"], "foreign/ckpt.pt is not a train.py checkpoint"),
     (T, ["--init_from=resume", "--out_dir={w}/nowhere"], "no checkpoint in"),
     (T, ["--out_dir={w}/run"], "ckpt.pt exists"),
+    (T, ["--out_dir={w}/run", "--total_batch_tokens=100"], "total_batch_tokens=100"),  # the key, before "exists"
+    (T, ["--data_dir={w}/understated"], "understated/train.bin holds token id 1"),
+    (T, ["--eval_only", "--out_dir={w}/nowhere"], "no checkpoint in"),
+    (T, ["--eval_only", "--out_dir={w}/run", "--init_from={w}/run"], "init_from="),
     (["sample.py"], ["--out_dir={w}/run", "--top_k=-5"], "top_k=-5"),
     (["sample.py"], ["--out_dir={w}/run", "--temperature=-1"], "temperature=-1"),
     (["sample.py"], ["--out_dir={w}/truncated"], "truncated/ckpt.pt cannot be read"),
@@ -523,3 +530,22 @@ def test_a_save_cut_at_any_step_leaves_the_newest_checkpoint_listed(tmp_path, mo
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_init_from_auto_is_one_command_to_repeat_after_every_kill(tiny_data, tmp_path):
+    """The same command after each SIGKILL (before the first checkpoint, after a checkpoint_interval one, after an
+    eval's) starts the run, then resumes it; it ends with the uninterrupted run's metrics."""
+    args = [*TINY, f"--data_dir={tiny_data}", "--max_iters=12", "--eval_interval=6", "--checkpoint_interval=2", "--dropout=0.1"]
+    run(tiny_data, tmp_path / "ref", *args[len(TINY) + 1:])
+    out = tmp_path / "auto"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for kind, n, ckpt_iter in [("iter", 2, None), ("iter", 6, 4), ("iter", 4, 6), ("none", 0, 12)]:
+        p = subprocess.run([sys.executable, "-c", KILLER, kind, str(n), *args, "--init_from=auto", f"--out_dir={out}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == (0 if kind == "none" else -9), (kind, n, p.stdout[-1500:], p.stderr[-1500:])
+        assert (par.load_train_state(out)["iter"] if ckpt_iter else par.find_checkpoint(out)[0]) == ckpt_iter
+    keys = ("iter", "loss", "lr", "grad_norm", "val_loss", "train_loss")
+    ref, got = ([{k: r[k] for k in keys if k in r} for r in read_metrics(d)] for d in (tmp_path / "ref", out))
+    assert [r["iter"] for r in got] == [r["iter"] for r in ref]
+    for a, b in zip(ref, got):
+        assert b == pytest.approx(a, rel=1e-6), (a, b)

@@ -1,11 +1,15 @@
 """train.py: config handling, learning, exact resume, DDP equivalence, the non-finite stop, sample.py."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
+import parallel as par
 import sample
 import train
 from conftest import ROOT, TINY, read_metrics, train_losses
@@ -186,11 +190,37 @@ def sample_text(out, n=1):
 
 
 def test_sample_prints_text(tiny_data, tmp_path):
-    run(tiny_data, tmp_path, "--max_iters=2", "--eval_interval=2")
+    run(tiny_data, tmp_path, "--max_iters=3", "--eval_interval=2")
     text = sample_text(tmp_path, 2)
     assert text.count("ROMEO:") == 2 and text.count("-" * 60) == 2
+    val = [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r][-1]  # the checkpoint's latest eval
+    assert text.startswith(f"sampling from {tmp_path / 'ckpt.pt'} (iteration 3, val loss {val:.4f} at iteration 3)\n")
+    threads = torch.get_num_threads()
+    try:
+        sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=2", "--cpu_threads=1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main([f"--out_dir={tmp_path / 'none'}"])
+
+
+def test_eval_only_prints_loss_and_perplexity_and_writes_nothing(tiny_data, tmp_path, capsys):
+    import hashlib
+    import math
+    import shutil
+    run(tiny_data, tmp_path / "run", "--max_iters=4", "--eval_interval=4")
+    ev = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][0]  # the run's own eval: the oracle
+    files = lambda: {p: hashlib.sha1(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
+    shutil.copytree(tiny_data, tmp_path / "other")  # a data dir the run did not train on
+    before = files()
+    capsys.readouterr()
+    train.main(["--eval_only", f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'other'}"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (f"eval_only {tmp_path / 'run' / 'ckpt.pt'} (iteration 4) on {tmp_path / 'other'}: val loss "
+                    f"{ev['val_loss']:.4f}, perplexity {math.exp(ev['val_loss']):.3f} | train loss {ev['train_loss']:.4f}, "
+                    f"perplexity {math.exp(ev['train_loss']):.3f}")
+    assert files() == before
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
@@ -199,9 +229,9 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------- distributed
-def torchrun(nproc, tiny_data, out, *extra):
+def torchrun(nproc, tiny_data, out, *extra, script="train.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            *TINY, f"--data_dir={tiny_data}", f"--out_dir={out}", *extra]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)  # normally 5-7 s
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -350,3 +380,74 @@ def test_plot_draws_the_curves_of_several_runs(tiny_data, tmp_path):
     (tmp_path / "a" / "metrics.jsonl").write_text('{"iter": 1}\nnot json\n{"iter": 2}\n')
     with pytest.raises(ValueError, match=r"a/metrics.jsonl:2 is not a JSON row"):
         plot.main([str(tmp_path / "a")])
+
+
+
+# ---------------------------------------------------------------- preemption
+def same_metrics(ref, got, rel=1e-6):
+    keys = ("iter", "loss", "lr", "grad_norm", "val_loss", "train_loss")
+    ref, got = ([{k: r[k] for k in keys if k in r} for r in read_metrics(d)] for d in (ref, got))
+    assert [r["iter"] for r in got] == [r["iter"] for r in ref]  # every row once, no eval of its own at a stop
+    for a, b in zip(ref, got):
+        assert b == pytest.approx(a, rel=rel), (a, b)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_finishes_the_step_saves_and_the_resumed_run_continues_exactly(tiny_data, tmp_path, monkeypatch, capsys, signum):
+    args = ["--max_iters=10", "--eval_interval=5", "--dropout=0.1"]
+    run(tiny_data, tmp_path / "ref", *args)
+    lr_at = train.lr_at  # the signal arrives during step 6, as a cluster's would, at any moment
+    monkeypatch.setattr(train, "lr_at", lambda it, c: (it == 6 and os.kill(os.getpid(), signum)) or lr_at(it, c))
+    capsys.readouterr()
+    run(tiny_data, tmp_path / "b", *args)  # returns: exit status 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"stopped at iteration 7; resume with: python train.py --init_from=resume --out_dir={tmp_path / 'b'}"
+    assert max(train_losses(tmp_path / "b")) == 7 and par.load_train_state(tmp_path / "b")["iter"] == 7
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone
+    monkeypatch.undo()
+    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    same_metrics(tmp_path / "ref", tmp_path / "b")
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["ctrl-c", "SIGTERM"])
+def test_the_command_line_stops_on_a_signal_with_one_line(tiny_data, tmp_path, signum, status):
+    """From outside, mid-run: exit status 130 for Ctrl-C (0 for SIGTERM), no traceback, the resume line last,
+    and a checkpoint at the iteration it names."""
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}",
+                          "--max_iters=5000", "--eval_interval=5000"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    while not any(l.startswith("iter      3 |") for l in lines):
+        line = p.stdout.readline()
+        assert line, p.stderr.read()[-2000:]
+        lines.append(line)
+    p.send_signal(signum)
+    out, err = p.communicate(timeout=120)
+    last = out.strip().splitlines()[-1]
+    assert p.returncode == status and "Traceback" not in err, (p.returncode, err[-2000:])
+    n = int(last.split()[3][:-1])
+    assert last == f"stopped at iteration {n}; resume with: python train.py --init_from=resume --out_dir={tmp_path}"
+    assert n >= 3 and par.load_train_state(tmp_path)["iter"] == n
+
+
+SIGNALLED = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import configurator, train
+lr_at = train.lr_at  # only rank 1 is signalled, during step 4: every rank must stop after it, together
+train.lr_at = lambda it, c: (it == 4 and os.environ["RANK"] == "1" and os.kill(os.getpid(), signal.SIGUSR1)) or lr_at(it, c)
+configurator.main_guard(train.main)
+"""
+
+
+def test_two_processes_stop_together_on_one_signal_and_resume_exactly(tiny_data, tmp_path):
+    """Under torchrun (FSDP: every rank writes its shard) a signal to one process stops both after the same step;
+    rank 0 prints the resume line, and the resumed run continues the uninterrupted 2-process run's losses."""
+    args = ["--max_iters=8", "--eval_interval=4", "--parallel=fsdp", "--total_batch_tokens=256"]
+    torchrun(2, tiny_data, tmp_path / "ref", *args)
+    (tmp_path / "signalled.py").write_text(SIGNALLED)
+    p = torchrun(2, tiny_data, tmp_path / "b", *args, script=tmp_path / "signalled.py")
+    assert f"stopped at iteration 5; resume with: python train.py --init_from=resume --out_dir={tmp_path / 'b'}" in p.stdout
+    assert par.load_train_state(tmp_path / "b")["iter"] == 5
+    torchrun(2, tiny_data, tmp_path / "b", *args, "--init_from=resume")
+    same_metrics(tmp_path / "ref", tmp_path / "b", rel=1e-6)
