@@ -367,10 +367,12 @@ class Measure:
         keys = sorted((k for k in cur if not k.endswith(":noise")), key=lambda k: -cur[k].shape[1])  # widest first
         try:
             with ThreadPoolExecutor(self.workers) as pool:
-                for key, y, g_yy, row in pool.map(one, keys):
-                    self.prev[key] = (y, g_yy)
-                    if row:
-                        self.rows.append(row)
+                done = {key: (y, g_yy, row) for key, y, g_yy, row in pool.map(one, keys)}
+            for key in cur:  # rows in the model's order: q, k, v, o, gate, up, down, then the controls
+                if key in done:
+                    self.prev[key] = done[key][:2]
+                    if done[key][2]:
+                        self.rows.append(done[key][2])
         finally:
             torch.set_num_threads(self.workers)  # the forward's own threads again
         if self.bar is not None:

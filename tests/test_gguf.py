@@ -253,3 +253,23 @@ def test_smollm2_logits_perplexity_and_tokenizer(smollm2):
     prompt = torch.tensor([ours_tok.encode("The capital of France is")])
     with torch.no_grad():
         assert ours_tok.decode([model(prompt)[0][0, -1].argmax().item()]) == " Paris"
+
+
+def test_analyze_a_gguf_model_with_controls(bpe, tmp_path, capsys):
+    import analyze
+    path = write_gguf(tmp_path / "m.gguf", bpe=bpe, layers=3)
+    src = tmp_path / "small.txt"
+    src.write_text((ROOT / "data" / "shakespeare.txt").read_text()[:30_000])
+    prepare(tmp_path / "data", tokenizer=str(path), files=[src], piece_chars=2000)
+    capsys.readouterr()
+    rows = analyze.main([f"--hf={path}", f"--data_dir={tmp_path / 'data'}", "--tokens=256", "--rank=8", "--controls"])
+    out = capsys.readouterr().out
+    assert "ranks r=8, 4, 256 val tokens" in out and "perplexity" in out and len(rows) == 2 * 7
+    assert all(0 <= o["at"][r]["best_ratio"] <= 1 for *_, o in rows for r in (8, 4))
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")}
+    for key in ("resid", "attn_in", "o_in", "mlp_in", "down_in"):
+        assert table[key][3] == "-" and table[key][4] == "- |"  # no noise for inputs
+    for key in ("q", "k", "v", "o", "gate", "up", "down"):
+        low, med, high = map(float, table[key][3].split("-"))  # noise/tail: random Q4_1 weights have a real one
+        assert 0 < low <= med <= high
+        assert table[key][4] != "- |"
