@@ -307,6 +307,7 @@ def bytes_table(a):
         m, _ = build_model(cfg, "ddp", dev, 0, False, compiled, (mode, a.every))
         idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
         for profiled in (False, True):  # the first step warms up (and compiles)
+            m.zero_grad(set_to_none=True)  # as train.py: each step allocates its gradients
             with torch.profiler.profile(profile_memory=True) if profiled else contextlib.nullcontext() as prof, \
                     torch.autocast(dev.type, dtype=torch.bfloat16):
                 m(idx, idx)[1].backward()
@@ -341,8 +342,13 @@ def gpu_table(a, given):
     base, t_start = {}, time.perf_counter()
     for size, batch, param, mode, compiled in rows:
         batch = a.batch if "batch" in given else batch
-        r = fresh_process("gpu", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={batch}",
-                          f"--steps={steps}", f"--compile={compiled}")
+        try:
+            r = fresh_process("gpu", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={batch}",
+                              f"--steps={steps}", f"--compile={compiled}")
+        except SystemExit as e:  # e.g. out of memory: say so in the row, and go on with the others
+            print(f"| {size} | {param} | {mode} | {'yes' if compiled else 'no'} | {batch} x 256 | failed: "
+                  f"{str(e).strip().splitlines()[-1][:120]} |", flush=True)
+            continue
         if param == "full" and mode == "none" and compiled:
             base[size] = r["tps"]
         planned = plan.plan(size_config(SimpleNamespace(batch=batch), size, param, mode, dev), "ddp", mode, 1)[0]

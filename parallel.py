@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import threading
+import types
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -95,7 +96,8 @@ def compile_regions(raw):
     if getattr(raw, "recompute", ("none",))[0] not in ("crnet", "reversible"):
         for block in raw.blocks:
             block.compile()
-    raw.embed, raw.head = torch.compile(raw.embed), torch.compile(raw.head)
+    # bound to raw as methods (not closures over it), so that copy.deepcopy rebinds them to the copy
+    raw.embed, raw.head = (types.MethodType(torch.compile(getattr(Transformer, f)), raw) for f in ("embed", "head"))
     return raw
 
 

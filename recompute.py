@@ -58,6 +58,7 @@ output_product, lane_add and scale. The stored-numbers formulas and the held-byt
 """
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,8 @@ from torch.utils.checkpoint import checkpoint
 
 MODES = ("none", "block", "crnet", "reversible")
 LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane (or block input)
-BETA_DRIFT = 0.02  # CUDA: how far |s| may have moved since the betas the plan read (one optimizer step)
+BETA_DRIFT = 0.02  # CUDA: how far |s| may have moved since the betas the plan read (one optimizer step: AdamW
+                   # moves a parameter by at most ~1.2 lr at beta2 = 0.95; checked one step late, see new_stash)
 STREAM = 4         # the stash's group of the block input x_l ("reversible"), after the 4 lane groups
 
 
@@ -94,7 +96,10 @@ def min_scales(blocks):
     if not betas:
         return torch.zeros(0, 4, dtype=torch.float64)
     local = [b.to_local() if hasattr(b, "to_local") else b for b in betas]  # DTensor shard, or the tensor
-    mins = [(p.detach().abs().min() if p.numel() else p.new_tensor(float("inf"))).double() for p in local]
+    # an empty shard (FSDP2 on more processes than a beta has entries) gives inf, made on the device: new_tensor
+    # would copy from the host and wait
+    mins = [p.detach().abs().min().double() if p.numel() else p.new_full((), float("inf"), dtype=torch.float64)
+            for p in local]
     min_s = torch.stack(mins) + blocks[1].qkv.beta_eps  # |s| = |beta| + eps
     if hasattr(betas[0], "device_mesh"):
         torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
@@ -223,7 +228,12 @@ def replay(block, x, lanes, rope, zs, products):
     return type(block).forward(block, x, lanes, rope, project)
 
 
-BODIES = {f.__name__: f for f in (forward_body, recompute_z, invert_lanes, replay)}
+def plain_forward(block, x, lanes, rope):
+    """Evaluation under compile: a code object of its own, so its graphs do not count against forward_body's."""
+    return type(block).forward(block, x, lanes, rope)
+
+
+BODIES = {f.__name__: f for f in (forward_body, recompute_z, invert_lanes, replay, plain_forward)}
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
@@ -325,7 +335,7 @@ class Recompute:
 
     def __init__(self, model, mode, every, keep_z=True, rtol=LANE_RTOL, compile=False):
         self.blocks, self.mode, self.every, self.keep_z, self.rtol = model.blocks, mode, every, keep_z, rtol
-        self.compile, self.compiled, self.stash, self.pending = compile, {}, None, None
+        self.compile, self.compiled, self.stash, self.pending, self.last_plan = compile, {}, None, None, None
 
     def body(self, name):
         """A body of Algorithm 1: compiled (once per process; dynamo keeps one graph per block kind), or eager."""
@@ -336,20 +346,25 @@ class Recompute:
         return self.compiled[name]
 
     def inv_scales(self):
-        """1/|s| per (layer 2..L, group) for the plan, as host numbers. On CUDA without waiting for the GPU: the
-        betas of the previous forward, copied to the host since, each |s| lowered by BETA_DRIFT."""
+        """(1/|s| per (layer 2..L, group) for the plan, 1/|s| of the previous forward exactly or None), as host
+        numbers. On CUDA without waiting for the GPU: the betas of the previous forward, copied to the host since,
+        each |s| lowered by BETA_DRIFT."""
         min_s = min_scales(self.blocks)
         if min_s.device.type != "cuda":
-            return (1.0 / min_s).tolist()
-        host = torch.empty(min_s.shape, dtype=min_s.dtype, pin_memory=True).copy_(min_s, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+            return (1.0 / min_s).tolist(), None
+        with torch.cuda.device(min_s.device):  # the copy and its event on the betas' device's stream
+            host = torch.empty(min_s.shape, dtype=min_s.dtype, pin_memory=True).copy_(min_s, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
         previous, self.pending = self.pending, (host, done)
         if previous is None:  # the first forward: wait once, and use the betas exactly
             done.synchronize()
-            return (1.0 / host).tolist()
+            return (1.0 / host).tolist(), None
         previous[1].synchronize()  # recorded a whole step ago: long done
-        return (1.0 / (previous[0] - BETA_DRIFT).clamp_min(0.0)).tolist()
+        return (1.0 / (previous[0] - BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / previous[0]).tolist()
+
+    def __getstate__(self):  # copy.deepcopy, pickle: CUDA events and compiled functions stay behind
+        return {**self.__dict__, "pending": None, "compiled": {}, "last_plan": None}
 
     def new_stash(self, x):
         # Round-off enters where Y_l = s * Y_{l-1} + Z B is formed, in the lanes' dtype: float32 (apply sets
@@ -361,13 +376,19 @@ class Recompute:
         on, ac_dtype = autocast_state(x.device.type)
         keep_z = self.keep_z or torch.finfo(ac_dtype if on else x.dtype).eps > torch.finfo(dtype).eps
         stream = self.mode == "reversible"
-        store = plan_stored_lanes(self.blocks, self.every, dtype, stream, keep_z, self.rtol, self.inv_scales())
+        inv_s, exact_before = self.inv_scales()
+        plan = lambda inv, kept=(): plan_stored_lanes(self.blocks, self.every, dtype, stream, keep_z, self.rtol, inv, kept)
+        if exact_before is not None and self.last_plan is not None and plan(exact_before, self.last_plan) != self.last_plan:
+            warnings.warn(f"{self.mode} recompute: a beta moved by more than BETA_DRIFT={BETA_DRIFT} in one optimizer "
+                          f"step, so the previous step's gradients may carry more round-off than recompute_rtol="
+                          f"{self.rtol:g}")
+        self.last_plan = store = plan(inv_s)
         return LaneStash(store, stream, keep_z, torch.finfo(dtype).eps)
 
     def block_forward(self, block, layer, x, lanes, rope=None):
         """Replaces block.forward (inside block.__call__, so FSDP2's hooks gather the block around it)."""
         if not (block.training and torch.is_grad_enabled()):  # evaluation, generation, no_grad: the plain forward
-            return self.body("forward_body")(block, x, lanes, rope, False)[:2] if self.compile else layer(x, lanes, rope)
+            return self.body("plain_forward")(block, x, lanes, rope) if self.compile else layer(x, lanes, rope)
         if self.mode == "block":
             return checkpoint(layer, x, lanes, rope, use_reentrant=False)
         l = block.layer_idx

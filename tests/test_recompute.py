@@ -334,6 +334,50 @@ def test_compiled_algorithm_1_matches_plain_autograd_and_holds_what_it_plans(mod
         assert 1 <= len(compiled_graphs(recompute.BODIES[body].__code__)) <= 3, body
 
 
+def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypatch):
+    """The CUDA plan (Recompute.inv_scales) reads last step's betas less BETA_DRIFT, and checks the plan it used
+    against them exactly one step later: a jump larger than the margin is a warning, a small move is not."""
+    m = make("crnet", n_layer=6, recompute_every=8)
+    rc = m.blocks[0].forward.args[0]
+    history = []
+
+    def stale(self):  # what inv_scales returns on CUDA, emulated here from the betas of the previous forward
+        now = recompute.min_scales(self.blocks)
+        before = history[-1] if history else now
+        history.append(now)
+        return (1.0 / (before - recompute.BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / before).tolist()
+
+    monkeypatch.setattr(recompute.Recompute, "inv_scales", stale)
+    idx = torch.randint(0, 50, (2, 16))
+    import warnings
+    for jump, warned in ((0.01, False), (0.69, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m(idx, idx)[1].backward()                  # planned from the betas before
+            with torch.no_grad():
+                m.blocks[3].qkv.beta.sub_(jump)         # 0.707 -> 0.697, or -> 0.017: a step far beyond the margin
+            m(idx, idx)[1].backward()                  # planned from stale betas: unsafe after the big jump...
+            m(idx, idx)[1].backward()                  # ...which the next forward finds out
+        assert any("moved by more than BETA_DRIFT" in str(w.message) for w in caught) == warned, jump
+        assert rc.last_plan is not None
+
+
+def test_a_compiled_model_deep_copies_with_its_own_weights():
+    import copy
+    import parallel
+    ref, rc = twins("none", n_layer=2)
+    recompute.apply(rc, "crnet", 2, compile=True)
+    parallel.compile_regions(rc)
+    idx = torch.randint(0, 50, (2, 16))
+    rc(idx, idx)[1].backward()
+    twin = copy.deepcopy(rc)
+    with torch.no_grad():
+        twin.wte.weight.zero_()
+        twin.lm_head.weight.zero_()
+    assert twin(idx, idx)[1].item() == pytest.approx(torch.log(torch.tensor(50.0)).item(), rel=1e-5)  # uniform
+    assert rc(idx, idx)[1].item() == pytest.approx(ref(idx, idx)[1].item(), rel=1e-5)  # the original untouched
+
+
 def test_a_deep_copy_recomputes_its_own_blocks():
     import copy
     ref, rc = twins("crnet", n_layer=4, recompute_every=2)
