@@ -5,6 +5,7 @@ the same logits as transformers' own model, to float round-off (tests/test_hf.py
     from hf import load_pretrained
     model = load_pretrained("path/to/dir")            # config.json + model.safetensors (or shards, or pytorch_model.bin)
     model = load_pretrained("openai-community/gpt2")  # a hub name, where the network allows (needs huggingface_hub)
+    python hf.py --out_dir=out --export=out_hf          # a full-rank train.py run as a Hugging Face directory
 
 Supported: model_type "gpt2" and the LLaMA family ("llama", "mistral"): grouped-query attention, tied or untied
 embeddings, any rope_theta, plain RoPE only (rope_scaling must be None). transformers is not needed: config.json
@@ -30,7 +31,14 @@ from pathlib import Path
 
 import torch
 
+import configurator
 from model import ModelConfig, Transformer
+
+# ----------------------------------------------------------------------------- config
+# python hf.py exports a run (the rest of this file is the library above)
+out_dir = "out"             # the train.py run whose latest checkpoint is exported
+export = ""                 # write it here as a Hugging Face directory (config.json + model.safetensors); must not exist
+# -----------------------------------------------------------------------------
 
 MAX_BLOCK = 4096  # default cap on a LLaMA model's block_size (see the docstring)
 SAFETENSORS_DTYPES = {
@@ -355,8 +363,8 @@ def resolve(name_or_dir):
         d = Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
         if not any(d.glob("*.safetensors")):
             d = Path(snapshot_download(name, allow_patterns=["config.json", "pytorch_model*.bin*"]))
-    except Exception as e:  # offline, unknown name, gated model, ...: say which, and what to do instead
-        raise OSError(f"{name}: no such directory, and the Hugging Face hub could not provide it "
+    except Exception as e:  # offline, unknown name, gated model, ...: say which, and what to do instead (one line)
+        raise FileNotFoundError(f"{name}: no such directory, and the Hugging Face hub could not provide it "
                       f"({type(e).__name__}: {e}); download it where the hub is reachable and pass the directory "
                       f"holding config.json and model.safetensors") from e
     return d
@@ -383,3 +391,93 @@ def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
     model.reset_buffers()
     fill(model, ((p.name, name, t) for p in files for name, t in read_tensors(p)))
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- our checkpoint -> HF directory
+def hf_config(cfg):
+    """config.json for transformers' GPT2LMHeadModel or LlamaForCausalLM with our ModelConfig's shape."""
+    if cfg.arch == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+                "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.norm_eps_value, "n_inner": None,
+                "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
+                "tie_word_embeddings": cfg.tied, "torch_dtype": "float32"}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.n_embd // cfg.n_head, "max_position_embeddings": cfg.block_size,
+            "rms_norm_eps": cfg.norm_eps_value, "vocab_size": cfg.vocab_size, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tied, "torch_dtype": "float32"}
+
+
+def hf_tensors(model):
+    """(HF name, tensor) for every tensor transformers expects: tensor_map read backwards. A GPT-2 model trained
+    without biases gets zero biases, which HF GPT-2 always has."""
+    cfg, params = model.cfg, dict(model.named_parameters())
+    prefix = "transformer." if cfg.arch == "gpt2" else "model."
+    for name, (target, span, transpose) in tensor_map(cfg).items():
+        if target in params:
+            p = params[target].detach()
+            t = p.reshape(-1) if span == "flat" else p[:, span[0]:span[1]] if span else p
+        else:  # a bias of a bias-free GPT-2: its shape from the weight beside it
+            w = params[target.rsplit(".", 1)[0] + ".weight"]
+            t = torch.zeros(w.shape[-1] if w.dim() == 2 else w.shape[0])
+        yield ("" if name == "lm_head.weight" else prefix) + name, (t.T if transpose else t).float().contiguous()
+
+
+def write_safetensors(path, tensors):
+    """The format read_safetensors reads: 8-byte little-endian header length, a JSON header, the raw tensors."""
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors:
+        data = t.numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the header is padded to 8 bytes, as the safetensors writer pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for data in blobs:
+            f.write(data)
+
+
+def export(run_dir, dest):
+    """Write a full-rank run's latest checkpoint to dest as a Hugging Face directory, built beside it and renamed
+    into place. CR-Net and the other low-rank parameterizations are refused: no standard architecture has them."""
+    import shutil
+    import tempfile
+    import parallel
+    dest = Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"export={dest}: exists; choose a new directory")
+    ckpt = parallel.load_train_state(run_dir)
+    cfg = ModelConfig(**ckpt["model_config"])
+    if cfg.param != "full":
+        raise ValueError(f"{ckpt['path']} holds a param={cfg.param!r} model: no standard Hugging Face architecture "
+                         f"has {'the lanes of Eq. 6' if cfg.param == 'crnet' else 'low-rank factors'}, so only "
+                         f"param='full' runs export")
+    model = Transformer(cfg)
+    parallel.load_weights(ckpt, model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", hf_tensors(model))
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ckpt
+
+
+def main(argv):
+    c, _ = configurator.load(argv, "hf.py", doc=__doc__)
+    if not c["export"]:
+        raise configurator.ConfigError("export", "", "name the directory to write (python hf.py --out_dir=RUN --export=DIR)")
+    ckpt = export(c["out_dir"], c["export"])
+    print(f"wrote {c['export']}: {ckpt['path']} (iteration {ckpt['iter']}) as a Hugging Face {ckpt['model_config']['arch']} "
+          f"model; load it with transformers' AutoModelForCausalLM.from_pretrained({c['export']!r})")
+
+
+if __name__ == "__main__":
+    configurator.main_guard(main)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-import transformers  # a test dependency (requirements.txt); hf.py itself does not use it
+import transformers  # a test dependency (requirements-test.txt); hf.py itself does not use it
 from safetensors.torch import load_file, save_file  # installed with transformers
 
 import configurator
@@ -162,9 +162,33 @@ def test_hub_names_fail_clearly_when_the_hub_is_unreachable(monkeypatch):
     def offline(*a, **k):
         raise ConnectionError("no network")
     monkeypatch.setattr(hub, "snapshot_download", offline)
-    with pytest.raises(OSError, match=r"^some-org/some-model: no such directory, and the Hugging Face hub could not "
-                                      r"provide it \(ConnectionError: no network\); download it"):
-        hf.load_pretrained("some-org/some-model")
+    with pytest.raises(FileNotFoundError, match=r"^some-org/some-model: no such directory, and the Hugging Face hub "
+                                                r"could not provide it \(ConnectionError: no network\); download it"):
+        hf.load_pretrained("some-org/some-model")  # FileNotFoundError: scripts print it as one error: line
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_data, tmp_path):
+    """python hf.py --out_dir=RUN --export=DIR writes config.json + model.safetensors that transformers'
+    AutoModelForCausalLM loads with our logits (gpt2: tied, biases; llama: untied); CR-Net runs are refused."""
+    import train
+    from conftest import TINY
+    run = tmp_path / "run"
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={run}", "--param=full", f"--arch={arch}",
+                       "--max_iters=3", "--eval_interval=3"] + (["--bias"] if arch == "gpt2" else []))
+    hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ours = Transformer(ModelConfig(**ckpt["model_config"]))
+    ours.load_state_dict(ckpt["model"])
+    assert_same_logits(theirs, ours.eval(), ours.cfg.vocab_size, ours.cfg.block_size)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileExistsError, match="export=.*hf: exists"):
+        hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'cr'}", "--max_iters=1", "--eval_interval=1"])
+    with pytest.raises(ValueError, match="param='crnet' model: no standard Hugging Face architecture has the lanes"):
+        hf.main([f"--out_dir={tmp_path / 'cr'}", f"--export={tmp_path / 'cr_hf'}"])
+    assert not (tmp_path / "cr_hf").exists() and not list(tmp_path.glob(".cr_hf.tmp-*"))
 
 
 @pytest.mark.parametrize("config, match", [

@@ -299,7 +299,8 @@ def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
 @pytest.mark.parametrize("script,key", [("train.py", "--recompute_every=8"), ("sample.py", "--top_k=200"),
                                         ("plan.py", "--gpu_gib=80.0"), ("ablate.py", "--variants="),
                                         ("analyze.py", "--rank=0"), ("bench.py", "--what='recompute'"),
-                                        ("prepare_data.py", "--tokenizer='byte'"), ("plot.py", "--x='iter'")])
+                                        ("prepare_data.py", "--tokenizer='byte'"), ("plot.py", "--x='iter'"),
+                                        ("hf.py", "--export=''")])
 def test_every_script_answers_help(script, key):
     p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and key in p.stdout and p.stderr == "", (p.stdout[-500:], p.stderr[-500:])
