@@ -56,6 +56,7 @@ val_fraction = 0.1      # share of the tokens that goes to val.bin (0,1)
 seed = 1337             # the split's random draw [>=0]
 num_proc = 0            # tokenizer threads; 0 = one per CPU core, at most 8 [>=0]
 piece_chars = 20000     # .txt files are cut at the first paragraph break after this many characters [>=1]
+overwrite = False       # replace out_dir when it already holds prepared data (a meta.json)
 # -----------------------------------------------------------------------------
 
 
@@ -255,6 +256,13 @@ def read_dataset(text_column, where, *args, **kwargs):
     rows = None
     while True:
         try:
+            if rows is None and str(where).startswith("hf:"):
+                try:
+                    rows = iter(datasets.load_dataset(*args, **kwargs).iter(batch_size=BATCH))
+                except OSError as e:  # offline, unknown name, gated (network errors are OSErrors): say so in one line
+                    raise FileNotFoundError(f"{where}: the Hugging Face hub could not provide it ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); run where the hub is "
+                                            f"reachable, or download the data and pass --files") from None
             rows = rows or iter(datasets.load_dataset(*args, **kwargs).iter(batch_size=BATCH))
             batch = next(rows, None)
         except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError, StopIteration) as e:
@@ -476,7 +484,11 @@ def main(argv):
     if not c["out_dir"] and (c["files"] or c["hf_dataset"]):
         raise configurator.ConfigError("out_dir", "", "needed with --files or --hf_dataset")
     out = c["out_dir"] or f"data/shakespeare_{Path(c['tokenizer']).name.split('.')[0]}"  # a .gguf: its name
-    meta = prepare(out if c["out_dir"] else ROOT / out, **{k: v for k, v in c.items() if k != "out_dir"})
+    where = Path(out if c["out_dir"] else ROOT / out)
+    if (where / "meta.json").is_file() and not c["overwrite"]:  # a run may be training on it
+        raise configurator.ConfigError("out_dir", out, "already holds prepared data (meta.json); pass --overwrite "
+                                                       "to replace it, or choose another out_dir")
+    meta = prepare(where, **{k: v for k, v in c.items() if k not in ("out_dir", "overwrite")})
     print(f"wrote {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['train_documents']} / {meta['val_documents']} documents), tokenizer {meta['tokenizer']}")
 

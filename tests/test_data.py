@@ -229,6 +229,28 @@ def test_hub_path_is_one_load_dataset_call(tmp_path, monkeypatch):
     assert not (tmp_path / "p").exists()
 
 
+def test_an_unreachable_hub_and_a_prepared_out_dir_are_one_line_errors(tmp_path, monkeypatch):
+    import datasets
+    import prepare_data
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'org/corpus' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"^hf:org/corpus: the Hugging Face hub could not provide it "
+                                                r"\(ConnectionError: Couldn't reach .*\); run where the hub is reachable"):
+        prepare(tmp_path / "p", hf_dataset="org/corpus")
+    assert not (tmp_path / "p").exists()
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(DOCS))
+    prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'd'}", "--piece_chars=50"])
+    before = {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()}
+    with pytest.raises(ValueError, match=r"out_dir=.*: already holds prepared data \(meta.json\); pass --overwrite"):
+        prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'd'}", "--tokenizer=gpt2", "--piece_chars=50"])
+    assert {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()} == before
+    prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'd'}", "--tokenizer=gpt2", "--overwrite", "--piece_chars=50"])
+    assert (tmp_path / "d" / "meta.json").read_bytes() != before["meta.json"]  # replaced, with --overwrite
+
+
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     """A corpus held whole would add 120 MB of text and 240 MB of tokens; read a batch at a time, it adds little
     (what it adds is batches in flight in the tokenizer threads: 7-45 MB measured on 2 cores, hence the margin).
@@ -242,7 +264,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
         with open(src, "w") as f:
             for _ in range(mb * 2 ** 20 // len(block)):
                 f.write(block)
-        p = subprocess.run([sys.executable, "-c", code, f"--files={src}", f"--out_dir={tmp_path / 'o'}"],
+        p = subprocess.run([sys.executable, "-c", code, f"--files={src}", f"--out_dir={tmp_path / 'o'}", "--overwrite"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
         peaks.append(int(p.stdout.split()[-1]) / 1024)  # MB
@@ -289,8 +311,8 @@ def test_killed_run_leaves_the_old_dataset_or_an_incomplete_one(tmp_path):
     for target, patch in [("Splits.add", f"prepare_data.Splits.add = {kill}"),  # while tokens are being written
                           ("os.replace", f"r = os.replace; os.replace = lambda *a: (r(*a), ({kill})())")]:  # after 1 rename
         code = f"import os, signal, sys, prepare_data; {patch}; prepare_data.main(sys.argv[1:])"
-        p = subprocess.run([sys.executable, "-c", code, f"--files={src}", f"--out_dir={tmp_path / 'out'}", "--seed=7"],
-                           cwd=ROOT, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", code, f"--files={src}", f"--out_dir={tmp_path / 'out'}", "--seed=7",
+                            "--overwrite"], cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == -9, (target, p.stderr[-2000:])
         if target == "Splits.add":
             assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
