@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")  # test dependencies (requirements.txt); optional at runtime
+gguf = pytest.importorskip("gguf")  # test dependencies (requirements-test.txt); optional at runtime
 tokenizers = pytest.importorskip("tokenizers")
 import transformers  # noqa: E402
 

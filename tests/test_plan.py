@@ -22,7 +22,7 @@ CASES += [(arch, param, f"reversible:{keep_z}") for arch in ("llama", "gpt2") fo
 def test_activation_figures_match_counted_bytes(arch, param, mode, dtype):
     """The planner's activations (plus, under autocast, the bf16 weight copies it books under params) against
     the bytes still alive after a real training forward, counted tensor by tensor. Measured: within 1%; the
-    issue asks for 15%, we hold it to 2%. (Ranks vary per layer to catch a formula that assumes one rank.)"""
+    test holds it to 2%. (Ranks vary per layer to catch a formula that assumes one rank.)"""
     param, _, ablation = param.partition(":")
     mode, _, keep_z = mode.partition(":")
     keep_z = keep_z != "False"
