@@ -299,15 +299,14 @@ def preflight(c, world, ckpt=None):
     vocab = c["vocab_size"] or (meta or {}).get("vocab_size") or (50257 if "gpt2" in c["data_dir"] else 256)
     cp = {**c, "vocab_size": vocab}
     gib = 2 ** 30
+    limit = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None  # this GPU's
     if c["recompute"] == "auto":
-        on_gpu = torch.cuda.is_available() and not c["device_gib"]
-        memory = torch.cuda.get_device_properties(0).total_memory if on_gpu else (c["device_gib"] or 80) * gib
+        memory = c["device_gib"] * gib or limit or 80 * gib
         cp["recompute"], why = auto_recompute(cp, world, memory)
-        print(why + ("" if on_gpu or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
+        print(why + ("" if limit or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
     r, P = plan(cp, c["parallel"], cp["recompute"], world)
     where = "here"
-    if torch.cuda.is_available():
-        limit = torch.cuda.get_device_properties(0).total_memory
+    if limit:
         if r["total"] > 0.9 * limit:
             raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute="
                              f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's "
