@@ -8,7 +8,7 @@ One config system for every script, in nanoGPT's shape: each script opens with a
 
 then config files of plain assignments and --key=value arguments are applied in the order given:
 
-    python train.py configs/crnet_llama_60m.py --max_iters=2000 --compile
+    python train.py configs/crnet_llama_60m.py --max_iters=2000 --torch_compile
 
 A trailing [..] or {..} in a comment is the key's rule, checked before any work starts: [>=1], [>0], [>=0], an
 interval such as [0,1) or (0,1], or a choice {a|b|c}. A bare --flag sets a boolean key to True. Unknown keys,
@@ -25,12 +25,12 @@ import re
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SCRIPTS = ("train.py", "sample.py", "plan.py", "ablate.py", "analyze.py", "bench.py", "prepare_data.py")
+HERE = Path(__file__).resolve().parent  # the repository root: scripts are named relative to it ("tools/bench.py")
 BEGIN, END = "# " + "-" * 77 + " config", "# " + "-" * 77
 SAFE = {"__builtins__": {}, "int": int, "float": float, "str": str, "bool": bool, "list": list}  # for TYPES lines
 FILE_FUNCS = {"min": min, "max": max, "round": round, "range": range}  # what a config file's arithmetic may call
 NUM = r"-?(?:\d+(?:\.\d*)?(?:e[+-]?\d+)?|inf)"
+RENAMED = {"compile": "torch_compile", "parallel": "data_parallel"}  # keys renamed: the builtin and module they shadowed
 RULE = re.compile(rf"\s*(\[[<>]=?\s*{NUM}\]|[\[(]{NUM},\s*{NUM}[\])]|\{{[\w.:/-]+(?:\|[\w.:/-]+)+\}})\s*$")
 
 
@@ -135,9 +135,16 @@ def defaults(*scripts):
     return {k: v.default for s in scripts for k, v in spec(s).items()}
 
 
+@functools.lru_cache(maxsize=None)
+def scripts():
+    """Every script with a config block: the top level's, then tools/'s."""
+    paths = [*sorted(HERE.glob("*.py")), *sorted(HERE.glob("tools/*.py"))]
+    return tuple(p.relative_to(HERE).as_posix() for p in paths if BEGIN in p.read_text().splitlines())
+
+
 def owner(key, exclude):
     """The script (other than `exclude`) whose config has `key`, if any."""
-    return next((s for s in SCRIPTS if s not in exclude and key in spec(s)), None)
+    return next((s for s in scripts() if s not in exclude and key in spec(s)), None)
 
 
 def read_file(path):
@@ -189,7 +196,7 @@ def help_text(doc, keys, scripts):
 
 def load(argv, script, extends=(), positional=None, doc=None):
     """(config dict, set of keys given explicitly) for `script`: its defaults (and those of the scripts it
-    `extends`, e.g. ablate.py runs train.py), then each argument in order: a config file, --key=value, --flag,
+    `extends`, e.g. tools/ablate.py runs train.py), then each argument in order: a config file, --key=value, --flag,
     or (if `positional` names a key) a bare word for that key. --help prints the keys and exits 0."""
     scripts = [*extends, script]
     keys = {}
@@ -209,6 +216,8 @@ def load(argv, script, extends=(), positional=None, doc=None):
                               + (f": {origin} is a config for {other}" if origin.endswith(".py") else ""))
         near = difflib.get_close_matches(key, keys, n=1)
         where = "on the command line" if origin == "command line" else f"in {origin}"
+        if RENAMED.get(key) in keys:
+            return ValueError(f"config key {key!r} {where} is now called {RENAMED[key]!r}")
         return ValueError(f"unknown config key {key!r} {where}" + (f" (did you mean {near[0]!r}?)" if near else "")
                           + f"; python {script} --help lists every key")
 
@@ -221,7 +230,7 @@ def load(argv, script, extends=(), positional=None, doc=None):
                 raise ConfigError(key, None, "needs a value: --key=value (a bare --flag is only for True/False keys)")
             value = parse_value(text) if sep else True
             if keys[key].types == (bool,) and isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"  # --compile=true as well as --compile=True
+                value = value.lower() == "true"  # --torch_compile=true as well as --torch_compile=True
             if keys[key].types == (str,) and not isinstance(value, str):
                 value = text  # --out_dir=123 is the string "123"
             updates, where = {key: value}, {key: "command line"}

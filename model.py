@@ -1,15 +1,11 @@
 """
-CR-Net (Cross-layer Low-Rank residual Network, arXiv 2509.18993) in one file: a compact
-LLaMA / GPT-2 transformer whose linear projections can be full-rank, CR-Net (Eq. 6), vanilla
-low-rank or CoLA. Row-vector convention throughout, as in the paper: Y = X W.
-
-The model knows nothing about DDP, FSDP or torch.compile, and of activation recomputation only one knob:
-recompute.apply and parallel.build_model apply those from outside, as torchtitan applies activation checkpointing.
-The knob is Projection.lane_dtype: lanes are formed in the compute dtype, and recompute.apply raises them to
-float32 where Algorithm 1 must invert Eq. 6 (see Projection.lane_add).
+CR-Net (Cross-layer Low-Rank residual Network, arXiv 2509.18993) in one file: a compact LLaMA / GPT-2 transformer
+whose linear projections can be full-rank, CR-Net (Eq. 6), vanilla low-rank or CoLA. Row vectors, as in the
+paper: Y = X W. The model knows nothing about DDP, FSDP or torch.compile (parallel.py applies them from outside),
+and of activation recomputation (recompute.py) one knob: Projection.lane_dtype (see Projection.lane_add).
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -40,7 +36,7 @@ class ModelConfig:
     beta_learnable: bool = True    # False: every beta stays at beta_init (the paper's fixed-beta ablation)
     first_layer: str = "full"      # CR-Net's layer 1: "full" (paper) or "lowrank" (the paper's ablation: X A B, no lane in)
     init_std: float = 0.02         # std of a full-rank projection; the low-rank factors are scaled to match it
-    # Set by pretrained checkpoints (hf.py); training configs keep the defaults, so they are not train.py keys.
+    # Set by pretrained checkpoints (tools/hf.py); training configs keep the defaults, so they are not train.py keys.
     rope_theta: float = 10000.0    # LLaMA: RoPE base
     norm_eps: float | None = None  # None = the arch's default: 1e-6 (RMSNorm, llama), 1e-5 (LayerNorm, gpt2)
     n_kv_head: int = 0             # key/value heads; 0 = n_head; fewer = grouped-query attention (param='full' only)
@@ -50,48 +46,43 @@ class ModelConfig:
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")  # as configurator.ConfigError words it
-        if self.arch not in ARCHS:
-            bad("arch", f"must be one of {ARCHS}")
-        if self.param not in PARAMS:
-            bad("param", f"must be one of {PARAMS}")
-        if self.first_layer not in ("full", "lowrank"):
-            bad("first_layer", "must be 'full' or 'lowrank'")
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for name, choices in (("arch", ARCHS), ("param", PARAMS), ("first_layer", ("full", "lowrank")),
+                              ("gelu_approx", ("none", "tanh"))):
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {choices}")
         if self.param != "crnet" and (self.first_layer != "full" or not self.beta_learnable):
             bad("first_layer" if self.first_layer != "full" else "beta_learnable",
                 f"is a CR-Net ablation and needs param='crnet' (got param={self.param!r})")
         for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
-        if self.n_embd % self.n_head:
-            bad("n_embd", f"must be divisible by n_head={self.n_head}")
-        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
-            bad("n_head", f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
-        if self.arch == "llama" and self.bias:
-            bad("bias", "the LLaMA architecture has no biases")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", "must be in [0, 1)")
-        if not 0.0 < abs(self.beta_init) <= 1.0:
-            bad("beta_init", "must satisfy 0 < |beta_init| <= 1 (the rest of the variance goes to X A B)")
-        if not self.beta_eps >= 0.0 or not self.init_std > 0.0:
-            bad("beta_eps" if not self.beta_eps >= 0.0 else "init_std", "must be non-negative / positive")
-        if not (isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool)
-                and 0.0 < self.rope_theta < math.inf):
-            bad("rope_theta", "must be a positive number")
-        if self.norm_eps is not None and (not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool)
-                                          or not 0.0 <= self.norm_eps < 1.0):
-            bad("norm_eps", "must be None (the arch's default) or a number in [0, 1)")
-        if not isinstance(self.n_kv_head, int) or isinstance(self.n_kv_head, bool) or self.n_kv_head < 0:
+        if not is_int(self.n_kv_head) or self.n_kv_head < 0:
             bad("n_kv_head", "must be a non-negative integer (0 = n_head)")
-        if self.n_head % self.kv_heads:
-            bad("n_kv_head", f"must divide n_head={self.n_head}")
-        if self.kv_heads != self.n_head and self.param != "full":
-            bad("n_kv_head", f"grouped-query attention (n_kv_head < n_head={self.n_head}) needs param='full' "
-                             f"(got param={self.param!r}): the low-rank and CR-Net q/k/v share one width")
-        if self.gelu_approx not in ("none", "tanh"):
-            bad("gelu_approx", "must be 'none' or 'tanh'")
-        if not (self.tie_embeddings is None or isinstance(self.tie_embeddings, bool)):
-            bad("tie_embeddings", "must be None (the arch's default), True or False")
+        checks = [  # (broken, key, why)
+            (self.n_embd % self.n_head, "n_embd", f"must be divisible by n_head={self.n_head}"),
+            (self.arch == "llama" and (self.n_embd // self.n_head) % 2, "n_head",
+             f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}"),
+            (self.arch == "llama" and self.bias, "bias", "the LLaMA architecture has no biases"),
+            (not 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)"),
+            (not 0.0 < abs(self.beta_init) <= 1.0, "beta_init",
+             "must satisfy 0 < |beta_init| <= 1 (the rest of the variance goes to X A B)"),
+            (not self.beta_eps >= 0.0, "beta_eps", "must be non-negative"),
+            (not self.init_std > 0.0, "init_std", "must be positive"),
+            (not (is_num(self.rope_theta) and self.rope_theta > 0), "rope_theta", "must be a positive number"),
+            (self.norm_eps is not None and not (is_num(self.norm_eps) and 0.0 <= self.norm_eps < 1.0), "norm_eps",
+             "must be None (the arch's default) or a number in [0, 1)"),
+            (self.n_head % self.kv_heads, "n_kv_head", f"must divide n_head={self.n_head}"),
+            (self.kv_heads != self.n_head and self.param != "full", "n_kv_head",
+             f"grouped-query attention (n_kv_head < n_head={self.n_head}) needs param='full' (got param="
+             f"{self.param!r}): the low-rank and CR-Net q/k/v share one width"),
+            (self.tie_embeddings not in (None, True, False) or is_int(self.tie_embeddings), "tie_embeddings",
+             "must be None (the arch's default), True or False"),
+        ]
+        for broken, name, why in checks:
+            if broken:
+                bad(name, why)
         if self.param == "full":
             return
         ranks = self.rank if isinstance(self.rank, (list, tuple)) else [self.rank] * self.n_layer
@@ -99,9 +90,7 @@ class ModelConfig:
             bad("rank", f"a rank list needs n_layer={self.n_layer} entries, got {len(ranks)}")
         limit = min(self.n_embd, self.ff_dim)  # every projection has h_in, h_out in {n_embd, ff_dim}
         for l, r in enumerate(ranks):
-            if self.layer_kind(l) == "full":
-                continue  # layer 1 of CR-Net is full-rank; its entry is unused
-            if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r < limit:
+            if self.layer_kind(l) != "full" and not (is_int(r) and 1 <= r < limit):  # CR-Net's full layer 1: unused
                 bad("rank", f"layer {l + 1} rank {r!r} must be an integer with 1 <= r < min(n_embd, ff_dim) = {limit}")
         self.rank = list(ranks) if isinstance(self.rank, (list, tuple)) else self.rank
 
@@ -130,11 +119,9 @@ class ModelConfig:
         return self.rank[l] if isinstance(self.rank, list) else self.rank
 
     def layer_kind(self, l):
-        """Parameterization of layer l (0-based): CR-Net keeps layer 1 full-rank (Sec. 2), or, as the paper's
-        ablation, makes it plain low-rank X A B; either way it has no lane in and its outputs start the lanes."""
-        if self.param == "crnet" and l == 0:
-            return self.first_layer
-        return self.param
+        """Parameterization of layer l (0-based): CR-Net's layer 1 is full-rank (Sec. 2), or X A B as the paper's
+        ablation; either way it has no lane in and its outputs start the lanes."""
+        return self.first_layer if self.param == "crnet" and l == 0 else self.param
 
     @classmethod
     def field_names(cls, pretrained=False):
@@ -142,6 +129,13 @@ class ModelConfig:
         checkpoints change (rope_theta .. tie_embeddings), which training keeps at their defaults."""
         names = [f.name for f in fields(cls)]
         return names if pretrained else names[:names.index("rope_theta")]
+
+
+def model_config(c, **changes):
+    """The ModelConfig of a train.py config c (a dict), with `changes`, validated. Before the data is read its
+    vocab_size may be None: GPT-2's 50257 stands in, the widest prepare_data.py makes, so a memory plan errs high."""
+    keys = {**{k: c[k] for k in ModelConfig.field_names()}, **changes}
+    return ModelConfig(**{**keys, "vocab_size": keys["vocab_size"] or 50257})
 
 
 class Projection(nn.Module):
@@ -189,14 +183,12 @@ class Projection(nn.Module):
             self.init_tensor(leaf, p)
 
     def scale(self):
-        """Eq. 6: s = sign(beta) (|beta| + eps), in at least float32 even for bf16 parameters (FSDP's mixed
-        precision), so eps is not lost to rounding."""
+        """Eq. 6: s = sign(beta) (|beta| + eps), in float32 at least (bf16 betas under FSDP): eps survives rounding."""
         beta = self.beta.to(torch.promote_types(self.beta.dtype, torch.float32))
         return torch.sign(beta) * (beta.abs() + self.beta_eps)
 
     def input_product(self, x):
-        """X A (B, T, n, r), or X W (B, T, n, h_out) for a full-rank projection: the input-side matmul, whose
-        result CR-Net recomputation keeps (Z) or knows, so that backward never redoes it."""
+        """X A (B, T, n, r), or X W (B, T, n, h_out): the input-side matmul, which recompute.py keeps (Z) or knows."""
         return (x @ (self.weight if self.kind == "full" else self.A)).unflatten(-1, (self.n, -1))
 
     def output_product(self, z):
@@ -228,16 +220,6 @@ class Projection(nn.Module):
         return self.lane_add(d, lane) if self.lane_in else d
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
 def rope_tables(head_dim, block_size, theta=10000.0):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hd/2)
@@ -264,13 +246,11 @@ class Block(nn.Module):
         h, ff, L = cfg.n_embd, cfg.ff_dim, cfg.n_layer
         kind, r = cfg.layer_kind(l), cfg.layer_rank(l)
         lane_in = cfg.param == "crnet" and l > 0
-        self.layer_idx = l
-        self.emits_lanes = cfg.param == "crnet"
-        self.cfg = cfg
+        self.layer_idx, self.emits_lanes, self.cfg = l, cfg.param == "crnet", cfg
         llama = cfg.arch == "llama"
         resid_std = cfg.init_std / math.sqrt(2 * L)  # GPT-2: scale the projections that write to the residual stream
         eps = cfg.norm_eps_value
-        Norm = (lambda d: RMSNorm(d, eps)) if llama else (lambda d: nn.LayerNorm(d, eps, bias=cfg.bias))
+        Norm = (lambda d: nn.RMSNorm(d, eps)) if llama else (lambda d: nn.LayerNorm(d, eps, bias=cfg.bias))
         attn_kind, mlp_kind = ("lowrank", "cola") if kind == "cola_mlp" else (kind, kind)
         P = lambda h_in, h_out, n, std, kind: Projection(h_in, h_out, n, kind, r, cfg.bias, std, cfg, lane_in)
         self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
@@ -342,7 +322,7 @@ class Transformer(nn.Module):
     | projection biases (GPT-2)      | 0                                       | standard |
 
     So at init every projection of every parameterization outputs (to first order) the variance of
-    the full-rank model's, at every depth; bench.py --init measures it.
+    the full-rank model's, at every depth; tools/bench.py --init measures it.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -353,7 +333,7 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, h) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
         eps = cfg.norm_eps_value
-        self.norm_f = RMSNorm(h, eps) if cfg.arch == "llama" else nn.LayerNorm(h, eps, bias=cfg.bias)
+        self.norm_f = nn.RMSNorm(h, eps) if cfg.arch == "llama" else nn.LayerNorm(h, eps, bias=cfg.bias)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
         self.tie_weights()
         if cfg.arch == "llama":
@@ -364,14 +344,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_tensor(self, name, t, generator=None):
-        """Write parameter `name`'s initial value (the table above) into t, a tensor of its full shape. A sharded
-        model (train.py's FSDP path) draws each full tensor here and keeps its own shard, so every process count
-        initializes the same weights from the same seed."""
+        """Write parameter `name`'s initial value (the table above) into t, of its full shape: a sharded model draws
+        each full tensor here and keeps its shard, so every process count starts from the same weights."""
         path, _, leaf = name.rpartition(".")
         owner = self.get_submodule(path)
         if isinstance(owner, Projection):
             return owner.init_tensor(leaf, t, generator)
-        if isinstance(owner, (RMSNorm, nn.LayerNorm)):
+        if isinstance(owner, (nn.RMSNorm, nn.LayerNorm)):
             return t.fill_(1.0 if leaf == "weight" else 0.0)
         return nn.init.normal_(t, std=self.cfg.init_std, generator=generator)  # wte, wpe, lm_head
 
@@ -388,13 +367,12 @@ class Transformer(nn.Module):
         self.reset_buffers()
 
     def tie_weights(self):
-        """GPT-2 (or tie_embeddings=True) shares the token embedding with the head. Again after to_empty(),
-        which unties them."""
+        """GPT-2 (or tie_embeddings=True) shares wte with the head; again after to_empty(), which unties them."""
         if self.cfg.tied:
             self.lm_head.weight = self.wte.weight
 
     def reset_buffers(self):
-        """The RoPE tables: computed, not stored, so a model built on the meta device can be materialized."""
+        """The RoPE tables: computed, not stored, so that a meta-device model can be materialized."""
         if self.cfg.arch == "llama":
             cos, sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size, self.cfg.rope_theta)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
@@ -403,9 +381,8 @@ class Transformer(nn.Module):
         return (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
 
     def forward(self, idx, targets=None):
-        T = idx.shape[1]
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
+        if idx.shape[1] > self.cfg.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size={self.cfg.block_size}")
         x = self.embed(idx)
         lanes, rope = None, self.rope()
         for block in self.blocks:  # recompute.apply changes what a block does in a training step, not this loop
@@ -431,27 +408,9 @@ class Transformer(nn.Module):
     # ----- accounting -----
     def param_groups_by_role(self):
         """name -> role for every parameter, roles as in num_params()."""
-        roles = {}
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if name.startswith(("wte", "wpe")):
-                role = "embeddings"
-            elif name.startswith("lm_head"):
-                role = "lm_head"
-            elif "norm" in name:
-                role = "norms"
-            elif leaf == "weight":
-                role = "full_rank"
-            elif leaf in ("A", "B"):
-                role = "low_rank"
-            elif leaf == "beta":
-                role = "betas"
-            elif leaf == "bias":
-                role = "biases"
-            else:
-                raise AssertionError(f"parameter {name} has no role")
-            roles[name] = role
-        return roles
+        leaf = {"A": "low_rank", "B": "low_rank", "beta": "betas", "bias": "biases", "weight": "full_rank"}
+        return {n: "embeddings" if n.startswith(("wte", "wpe")) else "lm_head" if n.startswith("lm_head") else
+                "norms" if "norm" in n else leaf[n.rsplit(".", 1)[-1]] for n, _ in self.named_parameters()}
 
     def num_params(self):
         """Per-group parameter counts; tied weights are counted once (as embeddings)."""
@@ -459,7 +418,7 @@ class Transformer(nn.Module):
         params = dict(self.named_parameters())  # named_parameters() yields a tied tensor once
         for name, role in self.param_groups_by_role().items():
             counts[role] += params[name].numel()
-        counts["total"] = sum(v for k, v in counts.items())
+        counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters())
         return counts
 
@@ -481,39 +440,3 @@ class Transformer(nn.Module):
         assert len(ids) == len(set(ids)) == len(named), "every parameter must be in exactly one group"
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens after idx (B, T); temperature 0 means greedy."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size:])
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, nxt), dim=1)
-        return idx
-
-
-# Dense bf16 tensor-core peak FLOP/s from vendor datasheets, matched against torch.cuda.get_device_name()
-# (longest matching key wins, so "H100 PCIe" beats "H100"). Not listed: pass peak_flops explicitly.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-
-
-def peak_flops_for(device_name):
-    keys = [k for k in PEAK_FLOPS if k.lower() in (device_name or "").lower()]
-    return PEAK_FLOPS[max(keys, key=len)] if keys else None
-
-
-def estimate_mfu(flops_per_token, tokens_per_s, peak_flops):
-    """Model FLOPs utilization in [0, 1], or None where the peak is unknown (e.g. CPU)."""
-    return None if not peak_flops else flops_per_token * tokens_per_s / peak_flops

@@ -20,7 +20,13 @@ bfloat16, the GPU default):
                any recompute.
 Not counted: the CUDA context and allocator fragmentation (1-3 GiB in practice), so "fits" keeps 10% headroom.
 Dropout masks are not counted (the paper's configs use none).
+
+stored_lanes: which lanes (and block inputs) a "crnet" / "reversible" forward stores: the checkpoint set and the
+round-off guard, which recompute.py runs before every training forward.
 """
+import json
+import os
+import warnings
 import weakref
 from pathlib import Path
 
@@ -29,8 +35,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import configurator
-from model import ModelConfig, Transformer
-from recompute import checkpoint_layers
+from checkpoint import check_tokenizer
+from model import Transformer, model_config
+from prepare_data import check_data, find_data
 
 # ----------------------------------------------------------------------------- config
 # plan.py also takes every train.py key (config files, --batch_size=..., --recompute_every=...)
@@ -41,6 +48,113 @@ paper = False               # print one row per paper config instead
 
 GiB = 2 ** 30
 PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for s in ("60m", "130m", "350m", "1b", "7b") for p in ("full", "crnet")]
+
+
+# ----------------------------------------------------------------------------- the lanes a forward stores
+# Round-off guard (recompute.py's "crnet" and "reversible"). A rebuilt lane carries the forward's rounding amplified
+# by 1/|s| at every inversion: relative error ~ eps * sum_{i=j+1..c} prod_{t=j+1..i} 1/|s_t| for layer j rebuilt
+# from a stored layer c (lane norms of similar size, as the init makes them). Before each forward stored_lanes walks
+# the layers top-down and stores a lane wherever that bound would pass the budget rtol / eps (84 in float32 at
+# rtol = LANE_RTOL: betas near 0.7 and k = 8 stay at 35; a |s| below ~0.012 stores the lane below it outright; in
+# bf16 the budget is below 1, so every lane would be stored, hence float32 lanes). "reversible" adds the stream as a
+# fifth group with s = 1 (x_l inherits x_{l+1}'s error, one rounding and those of the two lanes it subtracts); a
+# recomputed Z adds its input's error. Worst case, yet not loose by much: at h=1024, L=16, k=8, reversible with
+# keep_z=False storing the checkpoint set alone has 10-12x the gradient error of the guarded plan (tools/bench.py).
+LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane (or block input)
+BETA_DRIFT = 0.02  # CUDA: how far |s| may have moved since the betas the plan read (one optimizer step: AdamW
+                   # moves a parameter by at most ~1.2 lr at beta2 = 0.95; checked one step late: LanePlanner)
+STREAM = 4         # the group of the block input x_l ("reversible"), after the 4 lane groups
+
+
+def checkpoint_layers(n_layer, every):
+    """0-based layers whose lanes are stored: the last, then every `every`-th below it, never the first."""
+    return {n_layer - 1} | set(range(n_layer - 1, 0, -every))
+
+
+def min_scales(blocks):
+    """min |s| per (layer 2..L, group) as one device tensor (L - 1, 4). Works on FSDP2-sharded betas: each process
+    takes the minimum over its own shard and one all-reduce finds the global one, so no block is gathered."""
+    betas = [p.beta for blk in blocks[1:] for p in blk.projections()]
+    if not betas:
+        return torch.zeros(0, 4, dtype=torch.float64)
+    local = [b.to_local() if hasattr(b, "to_local") else b for b in betas]  # DTensor shard, or the tensor
+    # an empty shard (FSDP2 on more processes than a beta has entries) gives inf, made on the device: new_tensor
+    # would copy from the host and wait
+    mins = [p.detach().abs().min().double() if p.numel() else p.new_full((), float("inf"), dtype=torch.float64)
+            for p in local]
+    min_s = torch.stack(mins) + blocks[1].qkv.beta_eps  # |s| = |beta| + eps
+    if hasattr(betas[0], "device_mesh"):
+        torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
+    return min_s.view(-1, 4)
+
+
+def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL, inv_s=None, store=()):
+    """The checkpoint set plus the round-off guard (the comment above), per (layer, group); dtype is the one the
+    lanes are formed in. stream=True (reversible) plans the block inputs too, as group STREAM; keep_z=False
+    counts the error a recomputed Z inherits from its input. inv_s: 1/|s| per (layer 2..L, group) as host
+    numbers (default: read from blocks now, one host sync); store: (layer, group)s already kept, so that
+    plan_stored_lanes(..., store=P) == P says plan P is safe for these betas."""
+    budget = rtol / torch.finfo(dtype).eps
+    inv_s = (1.0 / min_scales(blocks)).tolist() if inv_s is None else inv_s
+    ckpt = checkpoint_layers(len(blocks), every)
+    groups = range(5 if stream else 4)
+    store, b = set(store), [0.0] * 5  # b: round-off bounds (in eps) of layer l's lanes and input if rebuilt
+    for l in range(len(blocks) - 1, -1, -1):
+        if l in ckpt:
+            store |= {(l, g) for g in groups}
+            b = [0.0] * 5
+            continue
+        # layer l's lanes are rebuilt by inverting layer l + 1 (row l of inv_s) with its Z: kept, or recomputed
+        # from layer l + 1's inputs (x; attention of Y^qkv; x + drop(Y^o); act of Y^up), inheriting their error
+        inputs = [0.0] * 4 if keep_z else [b[STREAM], b[0], b[STREAM] + b[1], b[2]]
+        b[:4] = [(1.0 + e + bound) * s for e, bound, s in zip(inputs, b, inv_s[l])]
+        b[STREAM] += 1.0  # x_l = x_{l+1} - drop(Y^down_l) - drop(Y^o_l): one rounding, plus those lanes' errors
+        for g in groups:
+            b[STREAM] += b[g] if g in (1, 3) and (l, g) not in store and b[g] <= budget else 0.0
+            if b[g] > budget or (l, g) in store:
+                store.add((l, g))
+                b[g] = 0.0
+    return store
+
+
+class LanePlanner:
+    """stored_lanes before each training forward (recompute.py), without waiting on the GPU. On CUDA it plans from
+    the betas of the previous forward, copied to pinned host memory since, each |s| lowered by BETA_DRIFT; one step
+    later it checks that plan against those betas exactly, and warns if a beta moved further."""
+
+    def __init__(self, blocks, every, stream, rtol):
+        self.blocks, self.every, self.stream, self.rtol = blocks, every, stream, rtol
+        self.pending, self.last_plan = None, None
+
+    def inv_scales(self):
+        """(1/|s| per (layer 2..L, group) for the plan, 1/|s| of the previous forward exactly or None), as host
+        numbers."""
+        min_s = min_scales(self.blocks)
+        if min_s.device.type != "cuda":
+            return (1.0 / min_s).tolist(), None
+        with torch.cuda.device(min_s.device):  # the copy and its event on the betas' device's stream
+            host = torch.empty(min_s.shape, dtype=min_s.dtype, pin_memory=True).copy_(min_s, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        previous, self.pending = self.pending, (host, done)
+        if previous is None:  # the first forward: wait once, and use the betas exactly
+            done.synchronize()
+            return (1.0 / host).tolist(), None
+        previous[1].synchronize()  # recorded a whole step ago: long done
+        return (1.0 / (previous[0] - BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / previous[0]).tolist()
+
+    def __call__(self, dtype, keep_z):
+        inv_s, exact_before = self.inv_scales()
+        plan = lambda inv, kept=(): stored_lanes(self.blocks, self.every, dtype, self.stream, keep_z, self.rtol, inv, kept)
+        if exact_before is not None and self.last_plan is not None and plan(exact_before, self.last_plan) != self.last_plan:
+            warnings.warn(f"{'reversible' if self.stream else 'crnet'} recompute: a beta moved by more than BETA_DRIFT="
+                          f"{BETA_DRIFT} in one optimizer step, so the previous step's gradients may carry more "
+                          f"round-off than recompute_rtol={self.rtol:g}")
+        self.last_plan = plan(inv_s)
+        return self.last_plan
+
+    def __getstate__(self):  # copy.deepcopy, pickle: CUDA events stay behind
+        return {**self.__dict__, "pending": None, "last_plan": None}
 
 
 # ----------------------------------------------------------------------------- counted numbers
@@ -189,8 +303,7 @@ def activation_numbers(cfg, mode, bf16, every=8, keep_z=True):
 def plan(c, parallel, mode, gpus):
     """Bytes per GPU: dict of params, grads, optimizer, activations, backward, total."""
     bf16 = c["dtype"] in ("bfloat16", "auto")
-    cfg = ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()},
-                         "vocab_size": c["vocab_size"] or 50257})
+    cfg = model_config(c)
     with torch.device("meta"):
         m = Transformer(cfg)
     counts = m.num_params()
@@ -221,16 +334,16 @@ def auto_recompute(c, world, gpu_bytes):
     (CR-Net; each stores less and replays more than the one before) or none, block (other models). Returns the
     mode and a line that says why, with the plan's numbers; none fitting is an error naming each mode's need."""
     order = ("none", "crnet", "reversible") if c["param"] == "crnet" else ("none", "block")
-    cp = {**c, "vocab_size": c["vocab_size"] or 50257}
+
     need = []
     for mode in order:
-        total = plan({**cp, "recompute": mode}, c["parallel"], mode, world)[0]["total"]
+        total = plan({**c, "recompute": mode}, c["data_parallel"], mode, world)[0]["total"]
         need.append(f"{mode} {total / GiB:.1f}")
         if total <= 0.9 * gpu_bytes:
             return mode, (f"recompute auto -> {mode}: planned {total / GiB:.1f} GiB per GPU, fits 90% of "
-                          f"{gpu_bytes / GiB:.1f} GiB ({c['parallel']}, {world} process(es); GiB needed: {', '.join(need)})")
+                          f"{gpu_bytes / GiB:.1f} GiB ({c['data_parallel']}, {world} process(es); GiB needed: {', '.join(need)})")
     raise ValueError(f"recompute='auto': no mode fits 90% of {gpu_bytes / GiB:.1f} GiB per GPU (GiB needed: "
-                     f"{', '.join(need)}): lower batch_size or use parallel='fsdp'")
+                     f"{', '.join(need)}): lower batch_size or use data_parallel='fsdp'")
 
 
 def report(c, argv):
@@ -249,7 +362,7 @@ def report(c, argv):
             print(f"| {label} | {name} | {cells} | {'yes' if r['total'] <= 0.9 * gib * GiB else 'no'} |")
     for parallel, label in (("ddp", "DDP"), ("fsdp", f"FSDP x{n}")):
         try:
-            print(f"{label}: " + auto_recompute({**c, "parallel": parallel}, n if parallel == "fsdp" else 1, gib * GiB)[1])
+            print(f"{label}: " + auto_recompute({**c, "data_parallel": parallel}, n if parallel == "fsdp" else 1, gib * GiB)[1])
         except ValueError as e:
             print(f"{label}: {e}")
     print(f"{P / 1e6:.1f}M parameters")
@@ -267,7 +380,7 @@ def paper_table(c):
         for parallel, n in (("ddp", 1), ("fsdp", c["gpus"])):  # 'auto': what it picks (its last choice if none fits)
             try:
                 modes[parallel] = cc["recompute"] if cc["recompute"] != "auto" else \
-                    auto_recompute({**cc, "parallel": parallel}, n, c["gpu_gib"] * GiB)[0]
+                    auto_recompute({**cc, "data_parallel": parallel}, n, c["gpu_gib"] * GiB)[0]
             except ValueError:
                 modes[parallel] = "reversible" if cc["param"] == "crnet" else "block"
         d, P = plan(cc, "ddp", modes["ddp"], c["gpus"])
@@ -280,13 +393,17 @@ def paper_table(c):
     return rows
 
 
-def preflight(c, world, ckpt=None):
-    """Every check a launch at `world` processes makes before it costs GPU time, on any machine: the config,
-    the batch arithmetic, the data (where it is present here; against ckpt's tokenizer when fine-tuning) and the
-    memory plan. Prints a summary; errors raise."""
-    from prepare_data import check_data, find_data
-    from train import check_config, check_tokenizer  # train.py calls this: imported here, not at the top
-    grad_accum = check_config(c, world)
+def device_memory(device):
+    """Bytes of memory on `device`: the GPU's, else the machine's (the one place that reads it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def preflight(c, world, grad_accum, ckpt=None):
+    """train.py --preflight: every check a launch at `world` processes makes before it costs GPU time, on any
+    machine. train.py has checked the config and batch arithmetic; here the data (where it is present; against
+    ckpt's tokenizer when fine-tuning) and the memory plan, against this GPU's memory if there is one."""
     try:
         data_dir, meta = find_data(c)
     except FileNotFoundError as e:
@@ -296,26 +413,21 @@ def preflight(c, world, ckpt=None):
         if ckpt is not None:
             check_tokenizer(c, ckpt, meta)
         check_data(c, data_dir, meta)
-    vocab = c["vocab_size"] or (meta or {}).get("vocab_size") or (50257 if "gpt2" in c["data_dir"] else 256)
-    cp = {**c, "vocab_size": vocab}
-    gib = 2 ** 30
-    limit = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None  # this GPU's
+    cp, gib = {**c, "vocab_size": c["vocab_size"] or (meta or {}).get("vocab_size")}, 2 ** 30
+    limit = device_memory(torch.device("cuda", 0)) if torch.cuda.is_available() else None  # this GPU's
     if c["recompute"] == "auto":
-        memory = c["device_gib"] * gib or limit or 80 * gib
-        cp["recompute"], why = auto_recompute(cp, world, memory)
+        cp["recompute"], why = auto_recompute(cp, world, c["device_gib"] * gib or limit or 80 * gib)
         print(why + ("" if limit or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
-    r, P = plan(cp, c["parallel"], cp["recompute"], world)
-    where = "here"
-    if limit:
-        if r["total"] > 0.9 * limit:
-            raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute="
-                             f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's "
-                             f"{limit / gib:.1f} GiB: lower batch_size, use recompute or parallel='fsdp'")
-        where = f"of this GPU's {limit / gib:.1f} GiB"
+    r, P = plan(cp, c["data_parallel"], cp["recompute"], world)
+    if limit and r["total"] > 0.9 * limit:
+        raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute="
+                         f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's {limit / gib:.1f} "
+                         f"GiB: lower batch_size, use recompute or data_parallel='fsdp'")
+    fits = f", fits of this GPU's {limit / gib:.1f} GiB" if limit else ""
     print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
           f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
-          f"{r['total'] / gib:.1f} GiB per GPU ({c['parallel']}, recompute={cp['recompute']}, "
-          f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){'' if where == 'here' else ', fits ' + where}; "
+          f"{r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute={cp['recompute']}, "
+          f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){fits}; "
           f"data {'found in ' + str(data_dir) if meta else 'not here'}")
 
 
@@ -323,7 +435,6 @@ def main(argv):
     c, _ = configurator.load(argv, "plan.py", extends=("train.py",), doc=__doc__)
     meta = Path(c["data_dir"]) / "meta.json"
     if c["vocab_size"] is None and meta.is_file():  # the data's vocabulary, as train.py would use (else GPT-2's)
-        import json
         c["vocab_size"] = json.loads(meta.read_text())["vocab_size"]
     if c["paper"]:
         return paper_table(c)

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed
 
 import configurator
 
@@ -477,6 +479,45 @@ def check_data(c, data_dir, meta):
     if c["vocab_size"] is not None and c["vocab_size"] < max(vocab, meta.get("max_token_id", -1) + 1):
         raise configurator.ConfigError("vocab_size", c["vocab_size"], f"is smaller than the data's vocabulary ({vocab}, tokenizer "
                           f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
+
+
+def open_splits(c, proc=0, world=1, say=print):
+    """train.py's data: (data dir, meta, (train, val) as memory-mapped uint16 tokens). A bundled corpus's dir is
+    prepared on first use, by process 0 while the others wait."""
+    data_dir, meta = find_data(c)
+    if meta is None:
+        if proc == 0:
+            say(f"preparing {data_dir} from the bundled corpus")
+            prepare(data_dir, tokenizer=BUNDLED_DIRS[c["data_dir"]])
+        if world > 1:
+            torch.distributed.barrier()
+        meta = load_meta(data_dir)
+    return data_dir, meta, tuple(np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val"))
+
+
+def check_token_ids(c, data_dir, meta, splits, firsts, device):
+    """An id beyond the vocabulary (a meta.json that understates it) would fail inside F.embedding, on CUDA as a
+    device-side assert. Before the first step every process reads the ids of its first batches (firsts) and of the
+    evaluation windows (fixed, so every later eval is covered), and all agree on the largest."""
+    T = c["block_size"]
+    evals = [int(d[:min(c["eval_tokens"] // T, (len(d) - 1) // T) * T + 1].max()) for d in splits]
+    top = torch.tensor([max(int(t.max()) for xy in firsts for t in xy), *evals])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        top = top.to(device)
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    for split, m in zip(("train", "train", "val"), top.tolist()):
+        if m >= c["vocab_size"]:
+            raise ValueError(f"{data_dir / (split + '.bin')} holds token id {m}, beyond the model's vocabulary of "
+                             f"{c['vocab_size']} ({data_dir / 'meta.json'} says vocab_size {meta['vocab_size']}, "
+                             f"max_token_id {meta['max_token_id']}): prepare the data again, or start a run with "
+                             f"--vocab_size={m + 1}")
+
+
+def unigram_entropy(data, vocab_size):
+    """Entropy (nats) of the token distribution: the loss of the best model that ignores context."""
+    p = np.bincount(data, minlength=vocab_size).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def main(argv):

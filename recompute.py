@@ -1,138 +1,59 @@
 """
 Activation recomputation for training steps, applied from outside the model (as torchtitan applies activation
-checkpointing): recompute.apply(model, mode, every) changes what each block does in a training step; evaluation
-and no_grad calls run the plain forward and pay nothing.
+checkpointing): apply(model, mode, every) changes what each block does in a training step; evaluation and no_grad
+calls run the plain forward and pay nothing.
 
   "none":  autograd keeps every intermediate.
-  "block": torch.utils.checkpoint (non-reentrant) around every block; keeps each block's input and its input
-           lanes. What a user would reach for, and the paper's baseline.
-  "crnet": the paper's Algorithm 1 (arXiv 2509.18993), all of it in CRNetBlock below:
-             forward, block l:   run the block; keep x_l, every Z_l = X A, and the lanes Y_l if l is in the
-                                 checkpoint set (every k-th layer counted down from the last, never the first)
-                                 or the round-off guard below asks for them
-             backward, block l:  Y_l is kept, or was handed down by block l + 1
+  "block": torch.utils.checkpoint around every block: keeps each block's input and input lanes (the baseline).
+  "crnet": the paper's Algorithm 1 (arXiv 2509.18993), in CRNetBlock:
+             forward, block l:   run the block; keep x_l, every Z_l = X A, and the lanes Y_l where the plan stores
+                                 them (every k-th layer counted down from the last, plus the round-off guard's)
+             backward, block l:  Y_l is stored, or was handed down by block l + 1
                                  Y_{l-1} = (Y_l - Z_l B_l - b_l) / s_l      Eq. 6 inverted; handed to block l - 1
                                  replay block l from x_l, Y_{l-1}, Z_l and backpropagate through the replay
-           The replay redoes no matmul: X A is the kept Z and Z B the product the inversion just formed (both
-           enter through Known, whose backward is the matmul's); norms, RoPE, attention and SwiGLU/GELU are
-           recomputed. Every parameter is touched only inside its own block's forward and backward, so DDP hooks
-           fire as usual and FSDP2 can gather a block's parameters around its own backward.
-  "reversible": goes beyond the paper (apply(model, "reversible", every, keep_z)). Algorithm 1 still keeps one
-           x_l per layer, and that is most of what it keeps. But a block only *adds* to the residual stream, and
-           what it adds are its own lanes: x_l = x_{l+1} - drop(Y^down_l) - drop(Y^o_l) (biases are inside Y).
-           Block l's backward has Y_l anyway, so it takes x_{l+1} from the block above and subtracts: never a
-           division, so the stream's round-off is not amplified. Block inputs are then kept only where lanes are,
-           at the checkpoint set. Dropout masks are redrawn from the RNG states saved before each residual
-           dropout. keep_z=False also drops Z: given x_l and Y_l every projection input of block l is computable
-           without layer l - 1, so backward forms X A again first (recompute_z) and memory grows with L/k, not L.
-           A recomputed Z is only as exact as its input, which is itself rebuilt; the guard accounts for that, and
-           where Z is formed in a dtype coarser than the lanes (bf16) Z is kept whatever keep_z says.
+           The replay redoes no matmul: X A is the kept Z, Z B the product the inversion formed (both enter through
+           Known, whose backward is the matmul's). Each parameter is touched only in its own block's forward and
+           backward, so DDP's hooks fire as usual and FSDP2 gathers a block around its own backward.
+  "reversible": beyond the paper. A block only adds its own lanes to the residual stream, x_{l+1} = x_l +
+           drop(Y^o_l) + drop(Y^down_l), so backward subtracts them from x_{l+1} (no division: no amplified
+           round-off) and keeps x_l only at the stored layers. keep_z=False also drops Z: x_l and Y_l give every
+           projection input of block l, so backward forms X A again first (recompute_z).
 
-Lanes are float32 under "crnet" and "reversible" (apply sets Projection.lane_dtype): the inversion divides by s.
+Lanes are float32 under "crnet" and "reversible" (apply sets Projection.lane_dtype): inverting Eq. 6 divides by
+s, amplifying a lane's rounding by 1/|s| per layer. Before each training forward plan.LanePlanner (the round-off
+guard) stores a lane wherever that bound would pass rtol, without waiting on the GPU.
 
-Round-off guard. A rebuilt lane carries the forward's rounding amplified by 1/|s| at every inversion:
-relative error ~ eps * sum_{i=j+1..c} prod_{t=j+1..i} 1/|s_t| for layer j rebuilt from a stored layer c
-(assuming lane norms of similar size, which the init makes them). Before each forward we walk the layers
-top-down with the betas and store a lane whenever that bound would exceed the budget rtol / eps (84 in float32
-at rtol = LANE_RTOL: betas near 0.7 and k = 8 stay under it at 35; a |s| below ~0.012 stores the lane below it
-outright; in bf16 the budget is below 1, so every lane would be stored). "reversible" adds the stream as a fifth
-group with s = 1 (x_l inherits x_{l+1}'s error, one rounding, and the errors of the two lanes it subtracts); a
-recomputed Z adds its input's error; a stream formed below float32 (bf16 parameters) stores the block input. The
-bound assumes the worst case, yet it is not loose by much: at h=1024, L=16, k=8 (bench.py recompute),
-reversible keep_z=False storing the checkpoint set alone has 10-12x the gradient error of the guarded plan.
-On CUDA the walk uses the betas of the previous forward, each |s| lowered by BETA_DRIFT (more than an AdamW step
-moves a beta at lr <= 1e-2), read from a copy started a step earlier: no step waits on the GPU for the plan.
+Compiled (apply(..., compile=True)): CRNetBlock stays a thin eager autograd.Function (one that hands lanes between
+blocks through a Python stash cannot be traced) and its bodies are torch.compile'd: pure functions of a block and
+tensors, so one graph serves every layer of a kind (layer 1, layer 2, layers 3..L). The forward body runs under
+no_grad and saves nothing; the replay saves only what its own backward, run at once, needs. With dropout the
+bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
 
-Compiled (apply(..., compile=True), what train.py's compile=True does): CRNetBlock stays a thin eager
-autograd.Function (a Function that hands lanes between blocks through a Python stash cannot be traced), and its
-bodies forward_body, invert_lanes, recompute_z and replay are torch.compile'd: pure functions of the block and
-tensors, so one graph serves every layer of a kind (layer 1; layer 2, whose input lanes have layer 1's layout;
-layers 3..L). The forward body runs under no_grad,
-so its graph saves nothing for backward; the replay's graph saves what its own backward, run at once, needs. So
-the held bytes are those of the eager Function (tests/test_recompute.py counts them under inductor). With
-dropout the bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
-
-This file knows a block only through blocks[l].projections(), its class's forward(x, lanes, rope, project),
-.layer_idx, .cfg.dropout, .o, .down, and each projection's kind, lane_in, bias, weight/A/B, input_product,
-output_product, lane_add and scale. The stored-numbers formulas and the held-bytes counter live in plan.py.
+This file knows a block through its projections(), its class's forward(x, lanes, rope, project), layer_idx,
+cfg.dropout, o and down, and a projection through kind, lane_in, bias, weight/A/B, input_product, output_product,
+lane_add and scale.
 """
 import contextlib
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from configurator import ConfigError
+from plan import LANE_RTOL, STREAM, LanePlanner
+
 MODES = ("none", "block", "crnet", "reversible")
-LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane (or block input)
-BETA_DRIFT = 0.02  # CUDA: how far |s| may have moved since the betas the plan read (one optimizer step: AdamW
-                   # moves a parameter by at most ~1.2 lr at beta2 = 0.95; checked one step late, see new_stash)
-STREAM = 4         # the stash's group of the block input x_l ("reversible"), after the 4 lane groups
 
 
 class LaneStash:
-    """Lanes (and, reversible, block inputs as group STREAM) of one forward pass, keyed by (layer, group): kept in
-    forward (checkpoint set and guard), rebuilt in backward. A rebuilt one is dropped once the block below has
-    used it; stored ones live as long as the autograd graph (so a retain_graph backward can run again): drop the
-    loss after backward to free them."""
+    """Lanes (and, reversible, block inputs as group STREAM) of one forward, keyed by (layer, group): stored in
+    forward where the plan says (store), rebuilt in backward. A rebuilt one is dropped once the block below has
+    used it; stored ones live as long as the autograd graph (a retain_graph backward can run again)."""
 
     def __init__(self, store, stream=False, keep_z=True, eps=0.0):
-        self.store = store        # set of (layer, group) whose lanes (inputs) forward keeps
-        self.stream, self.keep_z, self.eps = stream, keep_z, eps  # eps: the precision the plan assumed
-        self.lanes = {}
-        self.dtypes = {}
-
-
-def checkpoint_layers(n_layer, every):
-    """0-based layers whose lanes are stored: the last, then every `every`-th below it, never the first."""
-    return {n_layer - 1} | set(range(n_layer - 1, 0, -every))
-
-
-def min_scales(blocks):
-    """min |s| per (layer 2..L, group) as one device tensor (L - 1, 4). Works on FSDP2-sharded betas: each process
-    takes the minimum over its own shard and one all-reduce finds the global one, so no block is gathered."""
-    betas = [p.beta for blk in blocks[1:] for p in blk.projections()]
-    if not betas:
-        return torch.zeros(0, 4, dtype=torch.float64)
-    local = [b.to_local() if hasattr(b, "to_local") else b for b in betas]  # DTensor shard, or the tensor
-    # an empty shard (FSDP2 on more processes than a beta has entries) gives inf, made on the device: new_tensor
-    # would copy from the host and wait
-    mins = [p.detach().abs().min().double() if p.numel() else p.new_full((), float("inf"), dtype=torch.float64)
-            for p in local]
-    min_s = torch.stack(mins) + blocks[1].qkv.beta_eps  # |s| = |beta| + eps
-    if hasattr(betas[0], "device_mesh"):
-        torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
-    return min_s.view(-1, 4)
-
-
-def plan_stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL, inv_s=None, store=()):
-    """The checkpoint set plus the round-off guard (module docstring), per (layer, group); dtype is the one the
-    lanes are formed in. stream=True (reversible) plans the block inputs too, as group STREAM; keep_z=False
-    counts the error a recomputed Z inherits from its input. inv_s: 1/|s| per (layer 2..L, group) as host
-    numbers (default: read from blocks now, one host sync); store: (layer, group)s already kept, so that
-    plan_stored_lanes(..., store=P) == P says plan P is safe for these betas."""
-    budget = rtol / torch.finfo(dtype).eps
-    inv_s = (1.0 / min_scales(blocks)).tolist() if inv_s is None else inv_s
-    ckpt = checkpoint_layers(len(blocks), every)
-    groups = range(5 if stream else 4)
-    store, b = set(store), [0.0] * 5  # b: round-off bounds (in eps) of layer l's lanes and input if rebuilt
-    for l in range(len(blocks) - 1, -1, -1):
-        if l in ckpt:
-            store |= {(l, g) for g in groups}
-            b = [0.0] * 5
-            continue
-        # layer l's lanes are rebuilt by inverting layer l + 1 (row l of inv_s) with its Z: kept, or recomputed
-        # from layer l + 1's inputs (x; attention of Y^qkv; x + drop(Y^o); act of Y^up), inheriting their error
-        inputs = [0.0] * 4 if keep_z else [b[STREAM], b[0], b[STREAM] + b[1], b[2]]
-        b[:4] = [(1.0 + e + bound) * s for e, bound, s in zip(inputs, b, inv_s[l])]
-        b[STREAM] += 1.0  # x_l = x_{l+1} - drop(Y^down_l) - drop(Y^o_l): one rounding, plus those lanes' errors
-        for g in groups:
-            b[STREAM] += b[g] if g in (1, 3) and (l, g) not in store and b[g] <= budget else 0.0
-            if b[g] > budget or (l, g) in store:
-                store.add((l, g))
-                b[g] = 0.0
-    return store
+        self.store, self.stream, self.keep_z, self.eps = store, stream, keep_z, eps  # eps: the plan's precision
+        self.lanes, self.dtypes = {}, {}
 
 
 class Known(torch.autograd.Function):
@@ -228,8 +149,7 @@ def replay(block, x, lanes, rope, zs, products):
     return type(block).forward(block, x, lanes, rope, project)
 
 
-def plain_forward(block, x, lanes, rope):
-    """Evaluation under compile: a code object of its own, so its graphs do not count against forward_body's."""
+def plain_forward(block, x, lanes, rope):  # evaluation under compile: graphs of its own, not forward_body's
     return type(block).forward(block, x, lanes, rope)
 
 
@@ -330,12 +250,12 @@ def invert_stream(ctx, x_above, own):
 
 
 class Recompute:
-    """What apply() installs: the mode, k, keep_z, rtol, the compiled bodies and (crnet, reversible) the lane
-    stash of the forward in flight."""
+    """What apply() installs: the settings, the compiled bodies, and the lane stash of the forward in flight."""
 
     def __init__(self, model, mode, every, keep_z=True, rtol=LANE_RTOL, compile=False):
         self.blocks, self.mode, self.every, self.keep_z, self.rtol = model.blocks, mode, every, keep_z, rtol
-        self.compile, self.compiled, self.stash, self.pending, self.last_plan = compile, {}, None, None, None
+        self.compile, self.compiled, self.stash = compile, {}, None
+        self.planner = LanePlanner(model.blocks, every, mode == "reversible", rtol)  # which lanes forward stores
 
     def body(self, name):
         """A body of Algorithm 1: compiled (once per process; dynamo keeps one graph per block kind), or eager."""
@@ -345,26 +265,8 @@ class Recompute:
             self.compiled[name] = torch.compile(BODIES[name])
         return self.compiled[name]
 
-    def inv_scales(self):
-        """(1/|s| per (layer 2..L, group) for the plan, 1/|s| of the previous forward exactly or None), as host
-        numbers. On CUDA without waiting for the GPU: the betas of the previous forward, copied to the host since,
-        each |s| lowered by BETA_DRIFT."""
-        min_s = min_scales(self.blocks)
-        if min_s.device.type != "cuda":
-            return (1.0 / min_s).tolist(), None
-        with torch.cuda.device(min_s.device):  # the copy and its event on the betas' device's stream
-            host = torch.empty(min_s.shape, dtype=min_s.dtype, pin_memory=True).copy_(min_s, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        previous, self.pending = self.pending, (host, done)
-        if previous is None:  # the first forward: wait once, and use the betas exactly
-            done.synchronize()
-            return (1.0 / host).tolist(), None
-        previous[1].synchronize()  # recorded a whole step ago: long done
-        return (1.0 / (previous[0] - BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / previous[0]).tolist()
-
-    def __getstate__(self):  # copy.deepcopy, pickle: CUDA events and compiled functions stay behind
-        return {**self.__dict__, "pending": None, "compiled": {}, "last_plan": None}
+    def __getstate__(self):  # copy.deepcopy, pickle: compiled functions stay behind
+        return {**self.__dict__, "compiled": {}}
 
     def new_stash(self, x):
         # Round-off enters where Y_l = s * Y_{l-1} + Z B is formed, in the lanes' dtype: float32 (apply sets
@@ -375,15 +277,7 @@ class Recompute:
         # a Z recomputed from a rebuilt input would not be the forward's, so keep it
         on, ac_dtype = autocast_state(x.device.type)
         keep_z = self.keep_z or torch.finfo(ac_dtype if on else x.dtype).eps > torch.finfo(dtype).eps
-        stream = self.mode == "reversible"
-        inv_s, exact_before = self.inv_scales()
-        plan = lambda inv, kept=(): plan_stored_lanes(self.blocks, self.every, dtype, stream, keep_z, self.rtol, inv, kept)
-        if exact_before is not None and self.last_plan is not None and plan(exact_before, self.last_plan) != self.last_plan:
-            warnings.warn(f"{self.mode} recompute: a beta moved by more than BETA_DRIFT={BETA_DRIFT} in one optimizer "
-                          f"step, so the previous step's gradients may carry more round-off than recompute_rtol="
-                          f"{self.rtol:g}")
-        self.last_plan = store = plan(inv_s)
-        return LaneStash(store, stream, keep_z, torch.finfo(dtype).eps)
+        return LaneStash(self.planner(dtype, keep_z), self.mode == "reversible", keep_z, torch.finfo(dtype).eps)
 
     def block_forward(self, block, layer, x, lanes, rope=None):
         """Replaces block.forward (inside block.__call__, so FSDP2's hooks gather the block around it)."""
@@ -409,24 +303,32 @@ class Recompute:
 eager_block_forward = torch.compiler.disable(Recompute.block_forward)
 
 
+def check(mode, param, every=8, keep_z=True, rtol=LANE_RTOL):
+    """The recompute settings against each other and the model's param: for apply() and for train.py's config
+    (whose recompute="auto" is resolved before apply)."""
+    if mode not in MODES and mode != "auto":
+        raise ConfigError("recompute", mode, f"must be one of {MODES} (or 'auto', in train.py)")
+    if mode in ("crnet", "reversible") and param != "crnet":
+        raise ConfigError("recompute", mode, f"inverts Eq. 6 and needs param='crnet' (got param={param!r}); use "
+                                             f"recompute='block'")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError("recompute_every", every, "must be a positive integer")
+    if not isinstance(keep_z, bool) or (not keep_z and mode not in ("reversible", "auto")):
+        raise ConfigError("keep_z", keep_z, f"applies to recompute='reversible' only, and must be True or False "
+                                            f"(got recompute={mode!r})")
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+        raise ConfigError("recompute_rtol", rtol, "must be a positive number")
+
+
 def apply(model, mode, every=8, keep_z=True, rtol=LANE_RTOL, compile=False):
     """Make model's training steps run with recomputation `mode` ("none" | "block" | "crnet" | "reversible"),
     keeping the lanes of every `every`-th layer (crnet, reversible) and, reversible with keep_z=False, no Z.
-    rtol is the round-off guard's budget (module docstring): larger stores fewer lanes beyond the checkpoint set.
+    rtol is the round-off guard's budget (plan.stored_lanes): larger stores fewer lanes beyond the checkpoint set.
     compile=True compiles Algorithm 1's bodies (module docstring); the caller still compiles the model.
-    Changes model in place and returns it; call it after building the model and before torch.compile or
-    sharding. Applying again replaces the earlier mode."""
-    if mode not in MODES:
-        raise ValueError(f"recompute={mode!r} must be one of {MODES}")
-    if mode in ("crnet", "reversible") and model.cfg.param != "crnet":
-        raise ValueError(f"recompute={mode!r} inverts Eq. 6 and needs param='crnet' (got param={model.cfg.param!r}); "
-                         f"use recompute='block'")
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"recompute_every={every!r} must be a positive integer")
-    if not isinstance(keep_z, bool) or (not keep_z and mode != "reversible"):
-        raise ValueError(f"keep_z={keep_z!r} must be True or False, and False only with recompute='reversible'")
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
-        raise ValueError(f"recompute_rtol={rtol!r} must be a positive number")
+    Changes model in place and returns it: call it before compiling or sharding. Applying again replaces the mode."""
+    if mode == "auto":
+        raise ValueError("recompute='auto' is train.py's: resolve it with plan.auto_recompute first")
+    check(mode, model.cfg.param, every, keep_z, rtol)
     inverts = mode in ("crnet", "reversible")
     for block in model.blocks:
         block.__dict__.pop("forward", None)  # back to the class's plain forward

@@ -1,20 +1,32 @@
 """
-What a training run writes for people to watch, besides its checkpoints (parallel.py): config.json, metrics.jsonl
+What a training run writes for people to watch, besides its checkpoints (checkpoint.py): config.json, metrics.jsonl
 (one JSON row per log line and per evaluation, appended and flushed as written) and, with log_to, TensorBoard
 and Weights & Biases, imported only when asked for (both optional).
 """
+import importlib.util
 import json
 import os
 import shutil
 import uuid
 
-import parallel as par
+import checkpoint as ck
+from configurator import ConfigError
 
 SINKS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # log_to name -> the package it needs (optional)
 
 
 def sinks(c):
     return [x.strip() for x in c["log_to"].split(",") if x.strip()]
+
+
+def check_sinks(c):
+    """log_to names known sinks whose (optional) packages are installed: checked before any work."""
+    for name in sinks(c):
+        if name not in SINKS:
+            raise ConfigError("log_to", c["log_to"], f"names {name!r}; choose from {', '.join(SINKS)}")
+        if importlib.util.find_spec(SINKS[name]) is None:
+            raise ConfigError("log_to", c["log_to"], f"needs the {SINKS[name]} package, which is optional: "
+                                                     f"pip install {SINKS[name]}")
 
 
 def start_logs(c, out, start_iter):
@@ -26,10 +38,10 @@ def start_logs(c, out, start_iter):
     wandb_sink = [open_sink("wandb", c, out, start_iter)] if "wandb" in sinks(c) else []
     (out / "diverged.json").unlink(missing_ok=True)
     if c["init_from"] != "resume":
-        par.remove_run(out)
+        ck.remove_run(out)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
     else:
-        par.recover_best(out)
+        ck.recover_best(out)
     write_atomic(out / "config.json", json.dumps(c, indent=2) + "\n")
     metrics = out / "metrics.jsonl"
     if metrics.exists():

@@ -8,11 +8,12 @@ Sample text from a checkpoint written by train.py.
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import configurator
-from parallel import load_for_inference
+from checkpoint import load_for_inference
+from parallel import check_device, pick_device
 from prepare_data import get_tokenizer
-from train import check_device, pick_device
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out"             # the run to sample from (its ckpt.pt or ckpt_dcp/)
@@ -25,6 +26,24 @@ seed = 1337                 # [>=0]
 device = "auto"             # "auto" = cuda, else mps, else cpu
 cpu_threads = 0             # 0 = torch's default; 1 is often faster on a machine busy with other work [>=0]
 # -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
+    """Sample max_new_tokens after idx (B, T); temperature 0 means greedy."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.cfg.block_size:])
+        logits = logits[:, -1, :].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        idx = torch.cat((idx, nxt), dim=1)
+    return idx
 
 
 def main(argv):
@@ -46,7 +65,7 @@ def main(argv):
     x = torch.tensor([ids], dtype=torch.long, device=device).repeat(c["num_samples"], 1)
     torch.manual_seed(c["seed"])
     top_k = c["top_k"] or None
-    y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=top_k)
+    y = generate(model, x, c["max_new_tokens"], temperature=c["temperature"], top_k=top_k)
     for row in y.tolist():
         print(tok.decode(row))
         print("-" * 60)

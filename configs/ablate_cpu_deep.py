@@ -1,6 +1,6 @@
-# ablate.py's deeper CPU default: 8 layers, so that 7 of them are CR-Net layers and depth effects can show.
-#   python ablate.py configs/ablate_cpu_deep.py                      # 4 variants x 3 lrs, one seed: ~90 min, 2 cores
-#   python ablate.py configs/ablate_cpu_deep.py --seeds=1337,1338    # and a second seed: ~3 h (--stop_iter=N splits it)
+# tools/ablate.py's deeper CPU default: 8 layers, so that 7 of them are CR-Net layers and depth effects can show.
+#   python tools/ablate.py configs/ablate_cpu_deep.py                      # 4 variants x 3 lrs, one seed: ~90 min, 2 cores
+#   python tools/ablate.py configs/ablate_cpu_deep.py --seeds=1337,1338    # and a second seed: ~3 h (--stop_iter=N splits it)
 # Dims: llama h 256, h_ff 688 (~8/3 h), 4 heads, 8 layers, CR-Net rank 64 = h/4 in layers 2..8.
 # Data: byte-level Shakespeare (vocab 257), because GPT-2 BPE's 50257-wide head costs 4/5 of every CPU step at
 #   this width (measured: 737 tok/s vs 3,175 tok/s byte-level for the full model); note that on bytes layer 1's

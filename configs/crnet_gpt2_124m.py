@@ -24,4 +24,4 @@ learning_rate = 1.8e-3
 weight_decay = 0.1
 eval_interval = 1000
 eval_tokens = 5_242_880
-compile = True
+torch_compile = True

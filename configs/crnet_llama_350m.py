@@ -28,4 +28,4 @@ weight_decay = 0.0  # GaLore protocol
 eval_interval = 1000
 eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens
 log_interval = 50
-compile = True
+torch_compile = True

@@ -28,5 +28,5 @@ weight_decay = 0.0  # GaLore protocol
 eval_interval = 1000
 eval_tokens = 10_000_000 // 256 * 256  # ~10M validation tokens
 log_interval = 50
-compile = True
+torch_compile = True
 recompute = "auto"  # the fastest mode whose memory plan fits the GPU: none, else crnet (the paper's Algorithm 1), else reversible

@@ -22,4 +22,4 @@ learning_rate = 6e-4
 weight_decay = 0.1
 eval_interval = 1000
 eval_tokens = 5_242_880
-compile = True
+torch_compile = True

@@ -1,13 +1,13 @@
-"""ablate.py: ranks against models counted one by one, the runner end to end (reuse, resume, refusals)."""
+"""tools/ablate.py: ranks against models counted one by one, the runner end to end (reuse, resume, refusals)."""
 import json
 
 import pytest
 import torch
 
-import ablate
+from tools import ablate
 import configurator
 import train
-from parallel import load_for_inference
+from checkpoint import load_for_inference
 from model import ModelConfig, Transformer
 
 
@@ -44,7 +44,7 @@ def test_middle_heavy_ranks_keep_crnet_count_and_peak_in_the_middle(n_layer, ran
 
 
 def test_variant_errors():
-    c = train.load_config([])
+    c = configurator.load([], "train.py")[0]
     with pytest.raises(ValueError, match="unknown variant 'crnet_fixed'"):
         ablate.variant_changes(c, "crnet_fixed")
     with pytest.raises(ValueError, match="needs one CR-Net rank"):

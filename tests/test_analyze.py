@@ -1,4 +1,4 @@
-"""analyze.py: the observation's arithmetic against constructions with known answers, and the CLI end to end."""
+"""tools/analyze.py: the observation's arithmetic against constructions with known answers, and the CLI end to end."""
 import importlib.util
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import analyze
+from tools import analyze
 import train
 from conftest import ROOT, TINY
 
@@ -135,7 +135,7 @@ def test_cli_on_a_trained_checkpoint(trained, tmp_path, capsys):
 
 def test_cli_rank_errors_name_the_rank(trained, monkeypatch):
     for r in (32, 1000):  # n_embd = 32
-        monkeypatch.setattr(sys, "argv", ["analyze.py", f"--out_dir={trained['full']}", "--tokens=256", f"--rank={r}"])
+        monkeypatch.setattr(sys, "argv", ["tools/analyze.py", f"--out_dir={trained['full']}", "--tokens=256", f"--rank={r}"])
         with pytest.raises(SystemExit, match=f"^error: rank={r}: must be 1 <= rank <= 31: below the narrowest projection width"):
             analyze.configurator.main_guard(analyze.main)
 
@@ -152,7 +152,7 @@ def test_crnet_checkpoint_says_the_structure_is_built_in(trained, capsys):
 
 
 def test_help_lists_the_keys_and_exits_zero():
-    p = subprocess.run([sys.executable, "analyze.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "tools/analyze.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "arXiv 2509.18993" in p.stdout and all(f"--{k}=" in p.stdout for k in ("out_dir", "rank", "tokens", "below", "plot"))
 

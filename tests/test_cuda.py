@@ -63,7 +63,7 @@ def test_bf16_autocast_error_is_no_worse_than_block_checkpointing_on_cuda():
 @pytest.mark.parametrize("mode", ["none", "block", "crnet", "reversible"])
 def test_inductor_compile_matches_eager_on_cuda(mode):
     """Compiled as train.py compiles (per region; Algorithm 1's bodies for crnet and reversible), 3 steps of
-    AdamW on both: also runs the plan from the previous step's betas (Recompute.inv_scales on CUDA)."""
+    AdamW on both: also runs the plan from the previous step's betas (plan.LanePlanner on CUDA)."""
     import parallel
     ref, rc = cuda_twins("none", recompute_every=2)
     recompute.apply(rc, mode, 2, compile=True)
@@ -124,7 +124,7 @@ def test_a_training_step_never_waits_for_the_gpu(mode):
     for step in range(3):
         if step:
             torch.cuda.synchronize()  # as the previous step's own loss read would have
-            assert rc.pending[1].query()  # the copy the next plan reads is done: its synchronize() will not wait
+            assert rc.planner.pending[1].query()  # the copy the next plan reads is done: its synchronize() will not wait
         torch.cuda.set_sync_debug_mode("error" if step else "default")
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):

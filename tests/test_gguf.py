@@ -15,7 +15,7 @@ gguf = pytest.importorskip("gguf")  # test dependencies (requirements-test.txt);
 tokenizers = pytest.importorskip("tokenizers")
 import transformers  # noqa: E402
 
-import hf  # noqa: E402
+from tools import hf  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from prepare_data import GGUFTokenizer, get_tokenizer, load_meta, prepare  # noqa: E402
 
@@ -156,7 +156,7 @@ def test_gguf_errors_are_one_line(bpe, tmp_path, monkeypatch):
 
 def test_cli_on_a_broken_gguf_is_one_error_line(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF" + bytes(40))
-    p = subprocess.run([sys.executable, "analyze.py", f"--hf={tmp_path / 'x.gguf'}"], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "tools/analyze.py", f"--hf={tmp_path / 'x.gguf'}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert "not a readable GGUF file" in p.stderr and list(tmp_path.iterdir()) == [tmp_path / "x.gguf"]
@@ -256,7 +256,7 @@ def test_smollm2_logits_perplexity_and_tokenizer(smollm2):
 
 
 def test_analyze_a_gguf_model_with_controls(bpe, tmp_path, capsys):
-    import analyze
+    from tools import analyze
     path = write_gguf(tmp_path / "m.gguf", bpe=bpe, layers=3)
     src = tmp_path / "small.txt"
     src.write_text((ROOT / "data" / "shakespeare.txt").read_text()[:30_000])

@@ -1,14 +1,14 @@
-"""hf.py against transformers itself: small random HF models saved with save_pretrained, loaded into our
+"""tools/hf.py against transformers itself: small random HF models saved with save_pretrained, loaded into our
 Transformer, the same logits; plus the loader's errors and the model fields it relies on."""
 import json
 
 import pytest
 import torch
-import transformers  # a test dependency (requirements-test.txt); hf.py itself does not use it
+import transformers  # a test dependency (requirements-test.txt); tools/hf.py itself does not use it
 from safetensors.torch import load_file, save_file  # installed with transformers
 
 import configurator
-import hf
+from tools import hf
 from model import ModelConfig, Transformer
 
 TOL = 1e-5  # max |ours - theirs| relative to max |theirs|, float32
@@ -169,7 +169,7 @@ def test_hub_names_fail_clearly_when_the_hub_is_unreachable(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_data, tmp_path):
-    """python hf.py --out_dir=RUN --export=DIR writes config.json + model.safetensors that transformers'
+    """python tools/hf.py --out_dir=RUN --export=DIR writes config.json + model.safetensors that transformers'
     AutoModelForCausalLM loads with our logits (gpt2: tied, biases; llama: untied); CR-Net runs are refused."""
     import train
     from conftest import TINY
@@ -192,7 +192,7 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"model_type": "bert"}, r"model_type='bert' .* is not supported: hf.py loads 'gpt2' and the LLaMA family"),
+    ({"model_type": "bert"}, r"model_type='bert' .* is not supported: tools/hf.py loads 'gpt2' and the LLaMA family"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"^config.json: rope_scaling=.*llama3.* only plain RoPE"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"^config.json: rope_parameters=.* only plain RoPE"),
     ({"attention_bias": True}, "^config.json: attention_bias=True is not supported"),
@@ -230,7 +230,7 @@ def test_unsupported_gpt2_configs(tmp_path):
     assert gelu.cfg.gelu_approx == "none"
 
 
-# ---------------------------------------------------------------- the model fields hf.py relies on
+# ---------------------------------------------------------------- the model fields tools/hf.py relies on
 def test_new_fields_keep_defaults_and_stay_out_of_training_configs():
     c = ModelConfig()
     assert (c.rope_theta, c.norm_eps_value, c.kv_heads, c.gelu_approx, c.tied) == (10000.0, 1e-6, 8, "none", False)
@@ -246,7 +246,7 @@ def test_new_fields_keep_defaults_and_stay_out_of_training_configs():
     (dict(n_kv_head=3), "^n_kv_head=3: must divide n_head=4"),
     (dict(n_kv_head=2, param="crnet"), r"^n_kv_head=2: grouped-query attention .* needs param='full' \(got param='crnet'\)"),
     (dict(n_kv_head=-1), "^n_kv_head=-1: must be a non-negative integer"),
-    (dict(gelu_approx="erf"), "^gelu_approx='erf': must be 'none' or 'tanh'"),
+    (dict(gelu_approx="erf"), r"^gelu_approx='erf': must be one of \('none', 'tanh'\)"),
     (dict(tie_embeddings=1), "^tie_embeddings=1: must be None"),
     (dict(rope_theta=0.0), "^rope_theta=0.0: must be a positive number"),
     (dict(norm_eps=-1e-5), r"^norm_eps=-1e-05: must be None \(the arch's default\) or a number in \[0, 1\)"),
@@ -270,7 +270,7 @@ def test_grouped_query_attention_counts_and_trains():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
-# ---------------------------------------------------------------- analyze.py --hf
+# ---------------------------------------------------------------- tools/analyze.py --hf
 @pytest.fixture(scope="module")
 def gpt2_tokens(tmp_path_factory):
     """A slice of the bundled corpus as GPT-2 BPE, as prepare_data.py writes it."""
@@ -283,7 +283,7 @@ def gpt2_tokens(tmp_path_factory):
 
 
 def test_analyze_a_pretrained_gpt2(gpt2_tokens, tmp_path, monkeypatch, capsys):
-    import analyze
+    from tools import analyze
     d = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64)).save_pretrained(d)
     monkeypatch.setattr(analyze, "GPT2_DATA", gpt2_tokens)  # what --data_dir="" uses for GPT-2's BPE
@@ -297,7 +297,7 @@ def test_analyze_a_pretrained_gpt2(gpt2_tokens, tmp_path, monkeypatch, capsys):
 
 
 def test_analyze_a_pretrained_llama_needs_its_tokens(small_llama, tiny_data, tmp_path, capsys):
-    import analyze
+    from tools import analyze
     with pytest.raises(configurator.ConfigError, match=r"^data_dir='': .* a llama model with a 96-token vocabulary, "
                                                        r"not GPT-2's BPE: pass --data_dir=DIR"):
         analyze.main([f"--hf={small_llama}"])

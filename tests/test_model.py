@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Projection, Transformer, estimate_mfu, peak_flops_for
+from model import ModelConfig, Projection, Transformer
+from parallel import estimate_mfu, peak_flops_for
+from sample import generate
 
 SIZES = {  # the LLaMA sizes arXiv 2509.18993 trains: (h, h_ff, heads, layers, full-rank params)
     "60M": (512, 1376, 8, 8, 58.1e6), "130M": (768, 2048, 12, 12, 134.1e6), "350M": (1024, 2736, 16, 24, 368.0e6),
@@ -318,6 +320,6 @@ def test_generate_shapes_and_greedy_determinism():
     torch.manual_seed(0)
     m = Transformer(cfg()).eval()
     idx = torch.randint(0, 50, (2, 5))
-    a, b = m.generate(idx, 20, temperature=0), m.generate(idx, 20, temperature=0)
+    a, b = generate(m, idx, 20, temperature=0), generate(m, idx, 20, temperature=0)
     assert a.shape == (2, 25) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
-    assert m.generate(idx, 3, temperature=1.0, top_k=1).equal(m.generate(idx, 3, temperature=0))
+    assert generate(m, idx, 3, temperature=1.0, top_k=1).equal(generate(m, idx, 3, temperature=0))

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
+import plan
+from plan import checkpoint_layers, held_activation_bytes, min_scales, stored_lanes, stored_numbers_per_token
 import recompute
 from model import ModelConfig, Transformer
-from plan import held_activation_bytes, stored_numbers_per_token
-from recompute import checkpoint_layers, plan_stored_lanes
+from sample import generate
 
 
 def make(recompute_mode="none", recompute_every=8, **kw):
@@ -103,8 +104,8 @@ def test_guard_stores_lanes_below_tiny_betas_and_is_needed():
     with torch.no_grad():  # layer 4's q, k, v scales ~1e-4: inverting them amplifies round-off 1e4 times
         for m in (ref, rc):
             m.blocks[3].qkv.beta.fill_(1e-4)
-    plan = plan_stored_lanes(rc.blocks, 8, torch.float32)
-    assert plan == {(5, g) for g in range(4)} | {(2, 0)}  # the last layer, plus the qkv lane of layer 3
+    store = stored_lanes(rc.blocks, 8, torch.float32)
+    assert store == {(5, g) for g in range(4)} | {(2, 0)}  # the last layer, plus the qkv lane of layer 3
     idx = torch.randint(0, 50, (2, 16))
     g_ref = loss_and_grads(ref, idx)[1]
     assert_grads_close(g_ref, loss_and_grads(rc, idx)[1])
@@ -114,10 +115,10 @@ def test_guard_stores_lanes_below_tiny_betas_and_is_needed():
         assert_grads_close(g_ref, loss_and_grads(rc, idx)[1])
 
 
-@pytest.mark.parametrize("margin", [recompute.BETA_DRIFT, 0.0])
+@pytest.mark.parametrize("margin", [plan.BETA_DRIFT, 0.0])
 def test_a_plan_from_the_previous_steps_betas_is_safe_after_they_move(margin):
     """On CUDA the plan reads the betas of the previous forward, each |s| lowered by BETA_DRIFT
-    (Recompute.inv_scales), so that no step waits for the GPU. For betas that then move by up to BETA_DRIFT (an
+    (plan.LanePlanner.inv_scales), so that no step waits for the GPU. For betas that then move by up to BETA_DRIFT (an
     optimizer step), that plan must be one the guard accepts at the new betas; without the margin it is not."""
     torch.manual_seed(0)
     m = make("crnet", n_layer=12)
@@ -127,19 +128,19 @@ def test_a_plan_from_the_previous_steps_betas_is_safe_after_they_move(margin):
         with torch.no_grad():
             for p in (p for b in m.blocks[1:] for p in b.projections()):
                 p.beta.mul_(torch.randint(0, 2, p.beta.shape) * 2 - 1)  # both signs
-        inv_old = (1.0 / (recompute.min_scales(m.blocks) - margin).clamp_min(0.0)).tolist()
-        plan = plan_stored_lanes(m.blocks, 4, torch.float32, inv_s=inv_old)
+        inv_old = (1.0 / (min_scales(m.blocks) - margin).clamp_min(0.0)).tolist()
+        store = stored_lanes(m.blocks, 4, torch.float32, inv_s=inv_old)
         with torch.no_grad():
             for p in (p for b in m.blocks[1:] for p in b.projections()):
-                p.beta.add_(torch.empty_like(p.beta).uniform_(-recompute.BETA_DRIFT, recompute.BETA_DRIFT))
-        unsafe += plan_stored_lanes(m.blocks, 4, torch.float32, store=plan) != plan
+                p.beta.add_(torch.empty_like(p.beta).uniform_(-plan.BETA_DRIFT, plan.BETA_DRIFT))
+        unsafe += stored_lanes(m.blocks, 4, torch.float32, store=store) != store
     assert unsafe == 0 if margin else unsafe > 0
 
 
 def test_low_precision_lanes_are_always_stored():
     m = make("crnet", n_layer=5)
-    assert plan_stored_lanes(m.blocks, 8, torch.bfloat16) == {(l, g) for l in range(5) for g in range(4)}
-    assert plan_stored_lanes(m.blocks, 8, torch.float32) == {(4, g) for g in range(4)}  # default betas: no guard
+    assert stored_lanes(m.blocks, 8, torch.bfloat16) == {(l, g) for l in range(5) for g in range(4)}
+    assert stored_lanes(m.blocks, 8, torch.float32) == {(4, g) for g in range(4)}  # default betas: no guard
 
 
 def test_float64_gradcheck():
@@ -228,8 +229,8 @@ def test_guard_lanes_are_counted():
         m.blocks[3].qkv.beta.fill_(1e-4)
     idx = torch.randint(0, 50, (2, 16))
     held, _ = held_activation_bytes(m, idx, idx)
-    plan = plan_stored_lanes(m.blocks, 8, torch.float32)
-    assert held == stored_numbers_per_token(m.cfg, "crnet", 8, plan) * 4 * idx.numel()
+    store = stored_lanes(m.blocks, 8, torch.float32)
+    assert held == stored_numbers_per_token(m.cfg, "crnet", 8, store) * 4 * idx.numel()
     assert held > stored_numbers_per_token(m.cfg, "crnet", 8) * 4 * idx.numel()
 
 
@@ -243,7 +244,7 @@ def test_evaluation_and_generation_do_not_recompute(monkeypatch):
         assert torch.equal(m(idx)[0], ref(idx)[0])
     m.eval()
     assert torch.equal(m(idx)[0], ref.eval()(idx)[0])  # eval with grad enabled: the plain forward too
-    assert m.generate(idx, 4, temperature=0).shape == (2, 12)
+    assert generate(m, idx, 4, temperature=0).shape == (2, 12)
 
 
 def test_apply_replaces_and_undoes(monkeypatch):
@@ -335,19 +336,19 @@ def test_compiled_algorithm_1_matches_plain_autograd_and_holds_what_it_plans(mod
 
 
 def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypatch):
-    """The CUDA plan (Recompute.inv_scales) reads last step's betas less BETA_DRIFT, and checks the plan it used
+    """The CUDA plan (plan.LanePlanner.inv_scales) reads last step's betas less BETA_DRIFT, and checks the plan it used
     against them exactly one step later: a jump larger than the margin is a warning, a small move is not."""
     m = make("crnet", n_layer=6, recompute_every=8)
     rc = m.blocks[0].forward.args[0]
     history = []
 
     def stale(self):  # what inv_scales returns on CUDA, emulated here from the betas of the previous forward
-        now = recompute.min_scales(self.blocks)
+        now = min_scales(self.blocks)
         before = history[-1] if history else now
         history.append(now)
-        return (1.0 / (before - recompute.BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / before).tolist()
+        return (1.0 / (before - plan.BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / before).tolist()
 
-    monkeypatch.setattr(recompute.Recompute, "inv_scales", stale)
+    monkeypatch.setattr(plan.LanePlanner, "inv_scales", stale)
     idx = torch.randint(0, 50, (2, 16))
     import warnings
     for jump, warned in ((0.01, False), (0.69, True)):
@@ -359,7 +360,7 @@ def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypa
             m(idx, idx)[1].backward()                  # planned from stale betas: unsafe after the big jump...
             m(idx, idx)[1].backward()                  # ...which the next forward finds out
         assert any("moved by more than BETA_DRIFT" in str(w.message) for w in caught) == warned, jump
-        assert rc.last_plan is not None
+        assert rc.planner.last_plan is not None
 
 
 def test_a_compiled_model_deep_copies_with_its_own_weights():

@@ -9,7 +9,7 @@ import torch
 
 import recompute
 from plan import held_activation_bytes, stored_numbers_per_token
-from recompute import STREAM as X, checkpoint_layers, plan_stored_lanes
+from plan import STREAM, checkpoint_layers, stored_lanes
 from test_recompute import assert_grads_close, loss_and_grads, make, randomize_betas
 
 KEEP_Z = pytest.mark.parametrize("keep_z", [True, False], ids=["keep_z", "recompute_z"])
@@ -68,7 +68,7 @@ def test_tiny_betas_are_guarded_in_lanes_and_stream(keep_z):
     with torch.no_grad():
         for m in (ref, rev):
             m.blocks[3].qkv.beta.fill_(1e-4)  # inverting it amplifies round-off 1e4 times
-    plan = plan_stored_lanes(rev.blocks, 8, torch.float32, stream=True, keep_z=keep_z)
+    plan = stored_lanes(rev.blocks, 8, torch.float32, stream=True, keep_z=keep_z)
     assert {(5, g) for g in range(5)} | {(2, 0)} <= plan
     assert_exact(ref, rev, torch.randint(0, 50, (2, 16)))
 
@@ -80,15 +80,15 @@ def test_guard_plans_the_stream_like_a_lane_with_unit_scale():
         for blk in m.blocks[1:]:
             for p in blk.projections():
                 p.beta.fill_(1.0)  # lanes do not amplify: b = 1, 2, .., 7 eps; x: sum of (1 + 2b) = 63 < 84
-    assert plan_stored_lanes(m.blocks, 8, torch.float32, stream=True) == {(l, g) for l in ckpt for g in range(5)}
+    assert stored_lanes(m.blocks, 8, torch.float32, stream=True) == {(l, g) for l in ckpt for g in range(5)}
     with torch.no_grad():
         for blk in m.blocks[1:]:
             for p in blk.projections():
                 p.beta.fill_(0.5 ** 0.5)  # the default: lanes 1.4 .. 35 eps, x's sum passes 84 six layers down
-    keys = plan_stored_lanes(m.blocks, 8, torch.float32, stream=True)
-    assert keys == {(l, g) for l in ckpt for g in range(5)} | {(c - 6, X) for c in ckpt}
-    assert plan_stored_lanes(m.blocks, 8, torch.float64, stream=True) == {(l, g) for l in ckpt for g in range(5)}
-    assert plan_stored_lanes(m.blocks, 8, torch.float32) == {(l, g) for l in ckpt for g in range(4)}  # crnet as before
+    keys = stored_lanes(m.blocks, 8, torch.float32, stream=True)
+    assert keys == {(l, g) for l in ckpt for g in range(5)} | {(c - 6, STREAM) for c in ckpt}
+    assert stored_lanes(m.blocks, 8, torch.float64, stream=True) == {(l, g) for l in ckpt for g in range(5)}
+    assert stored_lanes(m.blocks, 8, torch.float32) == {(l, g) for l in ckpt for g in range(4)}  # crnet as before
 
 
 @KEEP_Z
@@ -150,8 +150,8 @@ def test_a_bf16_stream_stores_the_inputs_it_cannot_invert():
     stash = seen[0]
     # layer 1 (full-rank, bf16 lanes) writes a bf16 stream: its input is stored. Layers 2.. write float32 lanes,
     # so their outputs are float32 (x_2 and up are exact to float32) and only the checkpoint set is stored.
-    assert {l for l, g in stash.store if g == X} == {0, 4}
-    assert stash.dtypes[(0, X)] == stash.dtypes[(1, X)] == torch.bfloat16 and stash.dtypes[(2, X)] == torch.float32
+    assert {l for l, g in stash.store if g == STREAM} == {0, 4}
+    assert stash.dtypes[(0, STREAM)] == stash.dtypes[(1, STREAM)] == torch.bfloat16 and stash.dtypes[(2, STREAM)] == torch.float32
     assert stash.keep_z  # Z in bf16: recomputed from a rebuilt input it would not be the forward's, so it is kept
 
 
@@ -167,7 +167,7 @@ def test_held_bytes_match_the_formula(arch):
     for mode, keep_z in (("block", True), ("crnet", True), ("reversible", True), ("reversible", False)):
         k = every[mode if mode != "reversible" else keep_z]
         m = recompute.apply(make("none", **kw), mode, k, keep_z)
-        store = plan_stored_lanes(m.blocks, k, torch.float32, mode == "reversible", keep_z)
+        store = stored_lanes(m.blocks, k, torch.float32, mode == "reversible", keep_z)
         default, _ = held_activation_bytes(m, idx, idx)  # default betas: the guard may add entries; counted too
         assert default == stored_numbers_per_token(m.cfg, mode, k, store, keep_z) * 4 * idx.numel()
         with torch.no_grad():  # betas of 1: nothing is amplified and the guard adds nothing: the formula's |C|
@@ -189,7 +189,7 @@ def test_guard_entries_are_counted():
         m.blocks[3].qkv.beta.fill_(1e-4)
     idx = torch.randint(0, 50, (2, 16))
     held, _ = held_activation_bytes(m, idx, idx)
-    plan = plan_stored_lanes(m.blocks, 8, torch.float32, stream=True)
+    plan = stored_lanes(m.blocks, 8, torch.float32, stream=True)
     assert held == stored_numbers_per_token(m.cfg, "reversible", 8, plan) * 4 * idx.numel()
     assert held > stored_numbers_per_token(m.cfg, "reversible", 8) * 4 * idx.numel()
 
@@ -200,7 +200,7 @@ def test_apply_arguments():
     assert recompute.apply(m, "reversible", 2).recompute == ("reversible", 2)
     with pytest.raises(ValueError, match="needs param='crnet'"):
         recompute.apply(make("none", param="full"), "reversible")
-    with pytest.raises(ValueError, match="only with recompute='reversible'"):
+    with pytest.raises(ValueError, match="keep_z=.*applies to recompute='reversible' only"):
         recompute.apply(m, "crnet", 8, False)
 
 
@@ -277,7 +277,7 @@ def test_recompute_rtol_trades_stored_lanes_for_round_off():
     checkpoint set, inf none; gradients then carry more round-off, still close to plain autograd's."""
     ref, rev = twins(False, 8, randomize=False, n_layer=16, n_embd=32, rank=8)
     ckpt = checkpoint_layers(16, 8)
-    extra = {t: {k for k in plan_stored_lanes(rev.blocks, 8, torch.float32, True, False, t) if k[0] not in ckpt}
+    extra = {t: {k for k in stored_lanes(rev.blocks, 8, torch.float32, True, False, t) if k[0] not in ckpt}
              for t in (1e-5, 1e-3, float("inf"))}
     assert len(extra[1e-5]) > len(extra[1e-3]) > 0 == len(extra[float("inf")])  # fewer as the budget grows
     recompute.apply(rev, "reversible", 8, False, float("inf"))

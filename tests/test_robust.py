@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 
+import checkpoint as ck
 import configurator
 import parallel as par
 import train
+from model import model_config
 from conftest import ROOT, TINY, read_metrics, train_losses
 
 
@@ -72,7 +74,7 @@ BATTERY = [
     (T, ["--learning_rate=0"], "learning_rate=0"),
     (T, ["--eval_tokens=10"], "eval_tokens=10: is less than one block"),
     (T, ["--device=tpu"], "device='tpu'"),
-    (T, ["--parallel=zero3"], "parallel='zero3'"),
+    (T, ["--data_parallel=zero3"], "data_parallel='zero3'"),
     (T, ["--recompute=crnet", "--param=full"], "recompute='crnet'"),
     (T, ["--rank=1000"], "rank"),
     (T, ["--n_head=5"], "n_head"),
@@ -108,23 +110,23 @@ BATTERY = [
     (["sample.py"], ["--out_dir={w}/run", "--start=FILE:{w}/prompt_dir"], "prompt_dir"),
     (["plan.py"], ["--gpus=0"], "gpus=0"),
     (["plan.py"], ["--batch_size=-4"], "batch_size=-4"),
-    (["analyze.py"], ["--out_dir={w}/run", "--rank=1000"], "rank=1000"),
-    (["analyze.py"], ["--out_dir={w}/foreign"], "not a train.py checkpoint"),
-    (["analyze.py"], ["--out_dir={w}/run", "--plot=False"], "plot='False': needs an image extension"),
+    (["tools/analyze.py"], ["--out_dir={w}/run", "--rank=1000"], "rank=1000"),
+    (["tools/analyze.py"], ["--out_dir={w}/foreign"], "not a train.py checkpoint"),
+    (["tools/analyze.py"], ["--out_dir={w}/run", "--plot=False"], "plot='False': needs an image extension"),
     (["prepare_data.py"], ["--files={w}/docs.jsonl", "--out_dir={w}/p1"], "docs.jsonl"),
     (["prepare_data.py"], ["--files={w}/binary.jsonl", "--out_dir={w}/p2"], "binary.jsonl"),
     (["prepare_data.py"], ["--files={w}/no_such_*.txt", "--out_dir={w}/p3"], "no_such_*.txt"),
     (["prepare_data.py"], ["--tokenizer=gpt5", "--out_dir={w}/p4"], "gpt5"),
     (["prepare_data.py"], ["--val_fraction=1.5", "--out_dir={w}/p5"], "val_fraction=1.5"),
-    (["bench.py"], ["--what=speed"], "what='speed'"),
-    (["ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
-    (["ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
-    (["ablate.py"], ["--seeds_at=first", "--ablate_dir={w}/ab"], "seeds_at='first'"),
-    (["ablate.py"], ["--seeds_at=best", "--ablate_dir={w}/ab"], "seeds_at='best': applies to a sweep"),
-    (["bench.py"], ["recompute", "--rtol=1e-4"], "rtol=0.0001: is set per row"),
-    (["plot.py"], ["{w}/run", "--out={w}/curves"], "needs an image extension"),
-    (["plot.py"], ["{w}/run", "--out={w}/no_dir/c.png"], "no_dir does not exist"),
-    (["plot.py"], ["--runs= {w}/run , {w}/nowhere"], "nowhere/metrics.jsonl not found"),
+    (["tools/bench.py"], ["--what=speed"], "what='speed'"),
+    (["tools/ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
+    (["tools/ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
+    (["tools/ablate.py"], ["--seeds_at=first", "--ablate_dir={w}/ab"], "seeds_at='first'"),
+    (["tools/ablate.py"], ["--seeds_at=best", "--ablate_dir={w}/ab"], "seeds_at='best': applies to a sweep"),
+    (["tools/bench.py"], ["recompute", "--rtol=1e-4"], "rtol=0.0001: is set per row"),
+    (["tools/plot.py"], ["{w}/run", "--out={w}/curves"], "needs an image extension"),
+    (["tools/plot.py"], ["{w}/run", "--out={w}/no_dir/c.png"], "no_dir does not exist"),
+    (["tools/plot.py"], ["--runs= {w}/run , {w}/nowhere"], "nowhere/metrics.jsonl not found"),
 ]
 
 
@@ -135,7 +137,7 @@ def test_malformed_input_is_one_line_and_changes_nothing(world, tiny_data, scrip
     if script == "train.py" and "--init_from=resume" not in args:
         args = [f"--data_dir={world / 'data'}", f"--out_dir={world / 'new'}", *args]  # unless args set them
     before = snapshot(world)
-    mod = importlib.import_module(script[:-3])
+    mod = importlib.import_module(script[:-3].replace("/", "."))
     monkeypatch.setattr(sys, "argv", [script, *TINY, *args] if script == "train.py" else [script, *args])
     with pytest.raises(SystemExit) as e:
         configurator.main_guard(mod.main)
@@ -159,12 +161,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_pat
     a, b = train_losses(tmp_path / "ref"), train_losses(tmp_path / "b")
     assert list(b) == list(range(1, 9)) and all(b[i] == pytest.approx(a[i], rel=1e-6) for i in range(5, 9))
     # the damaged file is set aside, not rotated in as the next save's fallback
-    assert (tmp_path / "b" / "ckpt.pt.damaged").is_file() and par.read_checkpoint("ddp", tmp_path / "b" / par.PREV_FILE)["iter"] == 6
+    assert (tmp_path / "b" / "ckpt.pt.damaged").is_file() and ck.read_checkpoint("ddp", tmp_path / "b" / ck.PREV_FILE)["iter"] == 6
     assert "note: moved the damaged" in out
 
 
 def test_damaged_sharded_checkpoint_falls_back(tiny_data, tmp_path, capsys):
-    args = ["--max_iters=6", "--eval_interval=2", "--parallel=fsdp"]
+    args = ["--max_iters=6", "--eval_interval=2", "--data_parallel=fsdp"]
     run(tiny_data, tmp_path / "ref", *args)
     run(tiny_data, tmp_path / "b", *args, "--stop_iter=4")
     shard = next((tmp_path / "b" / "ckpt_dcp" / "iter_0000004").glob("*.distcp"))
@@ -199,9 +201,9 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer(tiny_data, t
 def test_keep_best_links_the_best_val_checkpoint(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=8", "--eval_interval=2", "--keep_best", "--learning_rate=0.05", "--warmup_iters=1")
     evals = {r["iter"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
-    best = par.load_train_state(tmp_path / "best")
+    best = ck.load_train_state(tmp_path / "best")
     assert best["iter"] == min(evals, key=evals.get) and best["best_val_loss"] == min(evals.values())
-    assert par.load_train_state(tmp_path)["iter"] == 8
+    assert ck.load_train_state(tmp_path)["iter"] == 8
 
 
 def test_log_to_needs_its_package_and_says_so(tiny_data, tmp_path, monkeypatch):
@@ -329,13 +331,13 @@ def test_sigkill_anywhere_then_resume_loses_nothing(tiny_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     last = 0  # the iteration of ckpt.pt after the previous process
     for kind, n in [*KILLS, ("none", 0)]:
-        start = ["--init_from=resume"] if par.find_checkpoint(out)[0] else [*args, "--overwrite"]
+        start = ["--init_from=resume"] if ck.find_checkpoint(out)[0] else [*args, "--overwrite"]
         p = subprocess.run([sys.executable, "-c", KILLER, kind, str(n), *start, f"--out_dir={out}"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == (0 if kind == "none" else -9), (kind, n, p.stdout[-1500:], p.stderr[-1500:])
         # once a save has completed, ckpt.pt is there and readable whatever the kill interrupted (a job script
         # tests for it), and never older than a checkpoint that was there before
-        now = par.read_checkpoint("ddp", out / "ckpt.pt")["iter"] if last or (out / "ckpt.pt").exists() else 0
+        now = ck.read_checkpoint("ddp", out / "ckpt.pt")["iter"] if last or (out / "ckpt.pt").exists() else 0
         assert now >= last, (kind, n, now, last)
         last = now
     keys = ("iter", "loss", "lr", "grad_norm", "tokens", "val_loss", "train_loss")
@@ -367,7 +369,7 @@ def test_overwrite_removes_the_old_run_once_every_check_passed(tiny_data, tmp_pa
 def test_a_copy_with_new_mtimes_still_resumes_the_latest(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=6", "--eval_interval=2", "--stop_iter=4")
     os.utime(tmp_path / "ckpt.pt", (1, 1))  # as cp -r may leave it: the previous checkpoint looks newer
-    assert par.load_train_state(tmp_path)["iter"] == 4
+    assert ck.load_train_state(tmp_path)["iter"] == 4
 
 
 def test_an_old_format_checkpoint_resumes_exactly(tiny_data, tmp_path):
@@ -376,7 +378,7 @@ def test_an_old_format_checkpoint_resumes_exactly(tiny_data, tmp_path):
     args = ["--max_iters=6", "--eval_interval=2"]
     run(tiny_data, tmp_path / "ref", *args)
     run(tiny_data, tmp_path / "old", *args, "--stop_iter=4")
-    model, _ = par.load_for_inference(tmp_path / "old")
+    model, _ = ck.load_for_inference(tmp_path / "old")
     ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     names = {p: n for n, p in model.named_parameters()}
@@ -390,7 +392,7 @@ def test_an_old_format_checkpoint_resumes_exactly(tiny_data, tmp_path):
     (tmp_path / "old" / "ckpt.prev.pt").unlink()
     shutil.copytree(tmp_path / "old", tmp_path / "old_fsdp")
     train.main([f"--out_dir={tmp_path / 'old'}", "--init_from=resume"])
-    train.main([f"--out_dir={tmp_path / 'old_fsdp'}", "--init_from=resume", "--parallel=fsdp"])
+    train.main([f"--out_dir={tmp_path / 'old_fsdp'}", "--init_from=resume", "--data_parallel=fsdp"])
     a = train_losses(tmp_path / "ref")
     for d, tol in (("old", 1e-6), ("old_fsdp", 1e-5)):
         b = train_losses(tmp_path / d)
@@ -403,12 +405,12 @@ def test_keep_best_copies_where_hard_links_fail_and_survives_a_kill_between_rena
 
     def no_links(*a):
         raise OSError(1, "Operation not permitted")
-    monkeypatch.setattr(par.os, "link", no_links)
-    par.link_best(src, best)
+    monkeypatch.setattr(ck.os, "link", no_links)
+    ck.link_best(src, best)
     assert (best / "ckpt.pt").read_bytes() == src.read_bytes() and (best / "ckpt.pt").stat().st_ino != src.stat().st_ino
     os.replace(best, best.with_name("best.old"))  # as a kill between the two renames leaves it
     train.main([f"--out_dir={tmp_path / 'a'}", "--init_from=resume", "--max_iters=3", "--eval_interval=5"])
-    assert (best / "ckpt.pt").read_bytes() == src.with_name(par.PREV_FILE).read_bytes()  # the resumed run put it back
+    assert (best / "ckpt.pt").read_bytes() == src.with_name(ck.PREV_FILE).read_bytes()  # the resumed run put it back
     assert not best.with_name("best.old").exists()
 
 
@@ -426,7 +428,7 @@ def test_fine_tuning_checks_the_tokenizer_and_that_every_process_read_one_checkp
     monkeypatch.setattr(train.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), seen))
     with pytest.raises(ValueError, match="processes read different checkpoints \\(pre/ckpt.pt at iteration 4, "
                                          "pre/ckpt.pt at iteration 6\\): is a run still saving there"):
-        train.check_same_start({"init_from": "pre"}, {"world": 2}, {"path": "x", "iter": 2}, meta)
+        ck.check_same_start({"init_from": "pre"}, {"world": 2}, {"path": "x", "iter": 2}, meta)
 
 
 def test_a_new_run_asks_before_removing_best_and_never_removes_its_own_source(tiny_data, tmp_path):
@@ -449,19 +451,19 @@ def test_damaged_checkpoints_are_set_aside_only_once_every_check_passed(tiny_dat
     train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--preflight"])
     assert ckpt.is_file() and not (tmp_path / "ckpt.pt.damaged").exists()  # a failed check or a preflight moves nothing
     # unreadable for a reason that does not show damage (an OS error): fallen back past, but not moved aside
-    err = par.CheckpointError("cannot be read (OSError: [Errno 5] Input/output error)", damaged=False)
-    assert err.damaged is False and par.CheckpointError("x").damaged is True
+    err = ck.CheckpointError("cannot be read (OSError: [Errno 5] Input/output error)", damaged=False)
+    assert err.damaged is False and ck.CheckpointError("x").damaged is True
 
 
 def test_an_old_format_checkpoint_from_another_layout_is_refused(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
-    model, _ = par.load_for_inference(tmp_path)
+    model, _ = ck.load_for_inference(tmp_path)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     osd = opt.state_dict()
     moved = {**osd, "param_groups": [{**osd["param_groups"][0], "params": osd["param_groups"][0]["params"][:-1]},
                                      {**osd["param_groups"][1], "params": osd["param_groups"][0]["params"][-1:] + osd["param_groups"][1]["params"]}]}
-    with pytest.raises(par.CheckpointError, match="holds optimizer groups of .* parameters, the optimizer has"):
-        par.named_optimizer_state(model, opt, moved)
+    with pytest.raises(ck.CheckpointError, match="holds optimizer groups of .* parameters, the optimizer has"):
+        ck.named_optimizer_state(model, opt, moved)
 
 
 class Cut(BaseException):
@@ -477,9 +479,9 @@ def test_a_save_cut_at_any_step_leaves_the_newest_checkpoint_listed(tmp_path, mo
     if parallel == "fsdp":
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model, raw = par.build_model(train.model_config(train.load_config(TINY)), parallel, torch.device("cpu"), 0)
+        model, raw = par.build_model(model_config(configurator.load(TINY, "train.py")[0]), parallel, torch.device("cpu"), 0)
         opt = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-        save = lambda out, it: par.save_checkpoint(out, parallel, raw, opt, {"iter": it, "best_val_loss": 1.0,
+        save = lambda out, it: ck.save_checkpoint(out, parallel, raw, opt, {"iter": it, "best_val_loss": 1.0,
                                                     "config": {}, "model_config": {}, "rng": []}, 0)
         real = {name: getattr(os, name) for name in ("replace", "rename", "link", "unlink", "rmdir")}
         real_save = torch.save
@@ -517,13 +519,13 @@ def test_a_save_cut_at_any_step_leaves_the_newest_checkpoint_listed(tmp_path, mo
                     for name, fn in real.items():
                         monkeypatch.setattr(os, name, fn)
                     monkeypatch.setattr(torch, "save", real_save)
-                kind, path = par.find_checkpoint(out)
+                kind, path = ck.find_checkpoint(out)
                 if parallel == "ddp":
                     assert path == out / "ckpt.pt", (again, k)
-                assert par.read_checkpoint(kind, path)["iter"] in (4, 6), (again, k, path)
+                assert ck.read_checkpoint(kind, path)["iter"] in (4, 6), (again, k, path)
                 save(out, 8)  # and the next save cleans up after the cut one
-                assert [p.name for _, p in par.checkpoints(out)][:1] == ["ckpt.pt" if parallel == "ddp" else "iter_0000008"]
-                assert len(par.checkpoints(out)) == 2 and not list(out.rglob("*.tmp"))
+                assert [p.name for _, p in ck.checkpoints(out)][:1] == ["ckpt.pt" if parallel == "ddp" else "iter_0000008"]
+                assert len(ck.checkpoints(out)) == 2 and not list(out.rglob("*.tmp"))
                 if finished:
                     assert k > 2, "a save with fewer steps than this test cuts cannot be"
                     break
@@ -543,7 +545,7 @@ def test_init_from_auto_is_one_command_to_repeat_after_every_kill(tiny_data, tmp
         p = subprocess.run([sys.executable, "-c", KILLER, kind, str(n), *args, "--init_from=auto", f"--out_dir={out}"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == (0 if kind == "none" else -9), (kind, n, p.stdout[-1500:], p.stderr[-1500:])
-        assert (par.load_train_state(out)["iter"] if ckpt_iter else par.find_checkpoint(out)[0]) == ckpt_iter
+        assert (ck.load_train_state(out)["iter"] if ckpt_iter else ck.find_checkpoint(out)[0]) == ckpt_iter
     keys = ("iter", "loss", "lr", "grad_norm", "val_loss", "train_loss")
     ref, got = ([{k: r[k] for k in keys if k in r} for r in read_metrics(d)] for d in (tmp_path / "ref", out))
     assert [r["iter"] for r in got] == [r["iter"] for r in ref]

@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+import checkpoint as ck
+import configurator
 import parallel as par
 import sample
 import train
@@ -23,39 +25,39 @@ def run(tiny_data, out, *extra):
 def test_config_merging_and_type_checks(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("n_layer = 2\nlearning_rate = 1  # an int where a float is expected\nrank = [8, 4]\neval_tokens = 10 * 128\n")
-    c = train.load_config([str(f), "--n_layer=3", "--out_dir=somewhere", "--max_iters=1e3", "--compile"])
+    c = configurator.load([str(f), "--n_layer=3", "--out_dir=somewhere", "--max_iters=1e3", "--torch_compile"], "train.py")[0]
     assert (c["n_layer"], c["learning_rate"], c["rank"], c["out_dir"], c["max_iters"]) == (3, 1.0, [8, 4], "somewhere", 1000)
-    assert isinstance(c["learning_rate"], float) and c["compile"] is True and c["eval_tokens"] == 1280
+    assert isinstance(c["learning_rate"], float) and c["torch_compile"] is True and c["eval_tokens"] == 1280
     with pytest.raises(ValueError, match="unknown config key 'lerning_rate' on the command line \\(did you mean 'learning_rate'\\?\\); python train.py --help"):
-        train.load_config(["--lerning_rate=1e-3"])
+        configurator.load(["--lerning_rate=1e-3"], "train.py")[0]
     f.write_text("n_layers = 2\n")
     with pytest.raises(ValueError, match=f"unknown config key 'n_layers' in {f}"):
-        train.load_config([str(f)])
+        configurator.load([str(f)], "train.py")[0]
     for bad, words in [("n_layer: 1\n", ":1: `n_layer: 1` is not a plain `key = value` assignment"),
                        ("import math\n", ":1: `import math` is not a plain"), ("n_layer = (\n", ":1: not Python"),
-                       ("ablate_dir = 'x'\n", "'ablate_dir' .* is a key of ablate.py, not of train.py: .* is a config for ablate.py")]:
+                       ("ablate_dir = 'x'\n", "'ablate_dir' .* is a key of tools/ablate.py, not of train.py: .* is a config for tools/ablate.py")]:
         f.write_text(bad)
         with pytest.raises(ValueError, match=words):
-            train.load_config([str(f)])
-    for arg, words in [("--n_layer=three", "n_layer='three': expected int"), ("--compile=1", "compile=1: expected bool"),
+            configurator.load([str(f)], "train.py")[0]
+    for arg, words in [("--n_layer=three", "n_layer='three': expected int"), ("--torch_compile=1", "torch_compile=1: expected bool"),
                        ("--max_iters=2.5", "max_iters=2.5: expected int"), ("--n_layer", "n_layer=None: needs a value"),
                        ("--max_iters=-5", "max_iters=-5: must be >= 1"), ("--grad_clip=-1", "grad_clip=-1.0: must be >= 0"),
                        ("--weight_decay=-0.1", "weight_decay=-0.1: must be >= 0"), ("--dropout=1.0", r"dropout=1.0: must be in \[0,1\)"),
                        ("--dtype=fp16", "dtype='fp16': must be one of auto, float32, bfloat16"), ("--rank=[8, 0]", "rank=\\[8, 0\\]: must be >= 1"),
-                       ("--variants=full", "'variants' .* is a key of ablate.py")]:
+                       ("--variants=full", "'variants' .* is a key of tools/ablate.py")]:
         with pytest.raises(ValueError, match=words):
-            train.load_config([arg])
+            configurator.load([arg], "train.py")[0]
     with pytest.raises(FileNotFoundError, match="config file not found"):
-        train.load_config(["configs/nope.py"])
+        configurator.load(["configs/nope.py"], "train.py")[0]
 
 
 def test_every_shipped_config_loads_and_builds():
-    import ablate
+    from tools import ablate
     from model import ModelConfig
     configs = sorted((ROOT / "configs").glob("*.py"))
     assert len(configs) >= 13
-    for path in configs:  # ablate_*.py may also set ablate.py's keys
-        c = ablate.load_config([str(path)])[1] if path.name.startswith("ablate_") else train.load_config([str(path)])
+    for path in configs:  # ablate_*.py may also set tools/ablate.py's keys
+        c = ablate.load_config([str(path)])[1] if path.name.startswith("ablate_") else configurator.load([str(path)], "train.py")[0]
         ModelConfig(**{k: (c[k] if c[k] is not None else 50257) for k in ModelConfig.field_names()})
 
 
@@ -77,11 +79,11 @@ def test_short_run_learns(tiny_data, tmp_path):
 
 
 def test_compiled_crnet_recompute_trains_like_eager(tiny_data, tmp_path):
-    """train.py --compile with the paper's recomputation (compiled bodies, embedding and head as regions,
+    """train.py --torch_compile with the paper's recomputation (compiled bodies, embedding and head as regions,
     evaluation through the compiled forward) logs the eager run's losses."""
     args = ["--max_iters=6", "--eval_interval=3", "--recompute=crnet", "--recompute_every=2"]
     run(tiny_data, tmp_path / "eager", *args)
-    run(tiny_data, tmp_path / "compiled", *args, "--compile")
+    run(tiny_data, tmp_path / "compiled", *args, "--torch_compile")
     assert_same_losses(tmp_path / "eager", tmp_path / "compiled", rel=1e-4)  # fused kernels round differently
 
 
@@ -138,17 +140,17 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny_data, tmp_path, mo
     with pytest.raises(SystemExit, match="iteration 3: non-finite loss .* stopped before the optimizer step"):
         run(tiny_data, tmp_path, "--init_from=resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
-    assert json.loads((tmp_path / "diverged.json").read_text())["iter"] == 3  # the mark ablate.py reads
+    assert json.loads((tmp_path / "diverged.json").read_text())["iter"] == 3  # the mark tools/ablate.py reads
 
 
 @pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda:1"), (False, True, "mps"), (False, False, "cpu")])
 def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(train.torch.backends.mps, "is_available", lambda: mps)
-    assert str(train.pick_device("auto", 1)) == want
-    assert str(train.pick_device("cpu", 1)) == "cpu" and str(train.pick_device("cuda:3", 0)) == "cuda:3"
+    assert str(par.pick_device("auto", 1)) == want
+    assert str(par.pick_device("cpu", 1)) == "cpu" and str(par.pick_device("cuda:3", 0)) == "cuda:3"
     with pytest.raises(ValueError, match="device='tpu': must be auto, cpu, cuda, cuda:N or mps"):
-        train.check_config({**train.load_config([]), "device": "tpu"}, 1)
+        train.check_config({**configurator.load([], "train.py")[0], "device": "tpu"}, 1)
 
 
 def test_a_checkpoint_from_a_cuda_machine_resumes_on_the_cpu(tiny_data, tmp_path, monkeypatch, capsys):
@@ -272,7 +274,7 @@ def test_fsdp_two_processes_match_one(tiny_data, tmp_path, extra):
     # bf16: FSDP gathers bf16 parameters (MixedPrecisionPolicy), the oracle autocasts fp32 ones. Measured apart:
     # losses by <= 1e-4, gradient norms by <= 0.3% (relative)
     rel = 1e-2 if "--dtype=bfloat16" in extra else 1e-5
-    ddp_matches_single_process(tiny_data, tmp_path, *extra, two_procs=["--parallel=fsdp"], rel=rel)
+    ddp_matches_single_process(tiny_data, tmp_path, *extra, two_procs=["--data_parallel=fsdp"], rel=rel)
     assert (tmp_path / "two" / "ckpt_dcp" / "iter_0000006" / "train_state.pt").is_file()
     assert [p.name for p in (tmp_path / "two" / "ckpt_dcp").iterdir()] == ["iter_0000006"]
 
@@ -281,7 +283,7 @@ def test_fsdp_with_compiled_crnet_recompute_matches_one_eager_process(tiny_data,
     """FSDP2's gathers around Algorithm 1's compiled bodies (and the compiled embedding and head), 2 processes,
     against one eager process: the same losses, gradient norms and evals."""
     ddp_matches_single_process(tiny_data, tmp_path, "--recompute=crnet", "--recompute_every=2",
-                               two_procs=["--parallel=fsdp", "--compile"], rel=1e-4)
+                               two_procs=["--data_parallel=fsdp", "--torch_compile"], rel=1e-4)
 
 
 def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
@@ -290,12 +292,12 @@ def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
     args = ["--max_iters=12", "--eval_interval=4", "--total_batch_tokens=256", "--recompute=crnet", "--recompute_every=2"]
     run(tiny_data, tmp_path / "ref", *args)  # uninterrupted, one plain process
     b = tmp_path / "b"
-    torchrun(2, tiny_data, b, *args, "--parallel=fsdp", "--stop_iter=4")
+    torchrun(2, tiny_data, b, *args, "--data_parallel=fsdp", "--stop_iter=4")
     (b / "ckpt_dcp" / "iter_0000005.tmp").mkdir()  # an interrupted later save: must be ignored
-    train.main([f"--out_dir={b}", "--init_from=resume", "--parallel=ddp", "--stop_iter=8"])  # DCP -> one DDP process
+    train.main([f"--out_dir={b}", "--init_from=resume", "--data_parallel=ddp", "--stop_iter=8"])  # DCP -> one DDP process
     # the new checkpoint and the one before it (the fallback) stay, whatever their format; the rest goes
     assert (b / "ckpt.pt").is_file() and [p.name for p in (b / "ckpt_dcp").iterdir()] == ["iter_0000004"]
-    train.main([f"--out_dir={b}", "--init_from=resume", "--parallel=fsdp"])  # ckpt.pt -> FSDP
+    train.main([f"--out_dir={b}", "--init_from=resume", "--data_parallel=fsdp"])  # ckpt.pt -> FSDP
     assert_same_losses(tmp_path / "ref", b, iters=range(5, 13))
     assert [p.name for p in (b / "ckpt_dcp").iterdir()] == ["iter_0000012"] and (b / "ckpt.pt").is_file()
     assert not (b / "ckpt.prev.pt").exists()
@@ -304,14 +306,14 @@ def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("script,key", [("train.py", "--recompute_every=8"), ("sample.py", "--top_k=200"),
-                                        ("plan.py", "--gpu_gib=80.0"), ("ablate.py", "--variants="),
-                                        ("analyze.py", "--rank=0"), ("bench.py", "--what='recompute'"),
-                                        ("prepare_data.py", "--tokenizer='byte'"), ("plot.py", "--x='iter'"),
-                                        ("hf.py", "--export=''")])
+                                        ("plan.py", "--gpu_gib=80.0"), ("tools/ablate.py", "--variants="),
+                                        ("tools/analyze.py", "--rank=0"), ("tools/bench.py", "--what='recompute'"),
+                                        ("prepare_data.py", "--tokenizer='byte'"), ("tools/plot.py", "--x='iter'"),
+                                        ("tools/hf.py", "--export=''")])
 def test_every_script_answers_help(script, key):
     p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and key in p.stdout and p.stderr == "", (p.stdout[-500:], p.stderr[-500:])
-    if script in ("plan.py", "ablate.py"):  # they also take every train.py key
+    if script in ("plan.py", "tools/ablate.py"):  # they also take every train.py key
         assert "--learning_rate=0.003" in p.stdout
 
 
@@ -355,12 +357,12 @@ def test_config_file_errors_name_the_line_and_strings_stay_strings(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("n_layer = 2\nbatch_size = 0\n")
     with pytest.raises(ValueError, match=f"^{f}:2: batch_size=0: must be >= 1$"):
-        train.load_config([str(f)])
+        configurator.load([str(f)], "train.py")[0]
     f.write_text("n_layer = 2\nn_layer = 3\n")
     with pytest.raises(ValueError, match=f"{f}:2: n_layer is assigned twice \\(first at line 1\\)"):
-        train.load_config([str(f)])
+        configurator.load([str(f)], "train.py")[0]
     f.write_text("max_iters = int(1e4)\neval_tokens = max(256, 10 * 128)\n")
-    c = train.load_config([str(f), "--out_dir=123", "--data_dir='data/x'"])
+    c = configurator.load([str(f), "--out_dir=123", "--data_dir='data/x'"], "train.py")[0]
     assert (c["max_iters"], c["eval_tokens"], c["out_dir"], c["data_dir"]) == (10000, 1280, "123", "data/x")
 
 
@@ -378,7 +380,7 @@ def test_devices_and_out_dirs_that_cannot_work_are_one_line_errors(tmp_path, mon
 
 def test_plot_draws_the_curves_of_several_runs(tiny_data, tmp_path):
     pytest.importorskip("matplotlib")
-    import plot
+    from tools import plot
     run(tiny_data, tmp_path / "a", "--max_iters=4", "--eval_interval=2")
     run(tiny_data, tmp_path / "b", "--max_iters=4", "--eval_interval=2", "--param=full")
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
@@ -410,7 +412,7 @@ def test_a_signal_finishes_the_step_saves_and_the_resumed_run_continues_exactly(
     run(tiny_data, tmp_path / "b", *args)  # returns: exit status 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == f"stopped at iteration 7; resume with: python train.py --init_from=resume --out_dir={tmp_path / 'b'}"
-    assert max(train_losses(tmp_path / "b")) == 7 and par.load_train_state(tmp_path / "b")["iter"] == 7
+    assert max(train_losses(tmp_path / "b")) == 7 and ck.load_train_state(tmp_path / "b")["iter"] == 7
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone
     monkeypatch.undo()
     train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
@@ -435,7 +437,7 @@ def test_the_command_line_stops_on_a_signal_with_one_line(tiny_data, tmp_path, s
     assert p.returncode == status and "Traceback" not in err, (p.returncode, err[-2000:])
     n = int(last.split()[3][:-1])
     assert last == f"stopped at iteration {n}; resume with: python train.py --init_from=resume --out_dir={tmp_path}"
-    assert n >= 3 and par.load_train_state(tmp_path)["iter"] == n
+    assert n >= 3 and ck.load_train_state(tmp_path)["iter"] == n
 
 
 SIGNALLED = """
@@ -451,11 +453,11 @@ configurator.main_guard(train.main)
 def test_two_processes_stop_together_on_one_signal_and_resume_exactly(tiny_data, tmp_path):
     """Under torchrun (FSDP: every rank writes its shard) a signal to one process stops both after the same step;
     rank 0 prints the resume line, and the resumed run continues the uninterrupted 2-process run's losses."""
-    args = ["--max_iters=8", "--eval_interval=4", "--parallel=fsdp", "--total_batch_tokens=256"]
+    args = ["--max_iters=8", "--eval_interval=4", "--data_parallel=fsdp", "--total_batch_tokens=256"]
     torchrun(2, tiny_data, tmp_path / "ref", *args)
     (tmp_path / "signalled.py").write_text(SIGNALLED)
     p = torchrun(2, tiny_data, tmp_path / "b", *args, script=tmp_path / "signalled.py")
     assert f"stopped at iteration 5; resume with: python train.py --init_from=resume --out_dir={tmp_path / 'b'}" in p.stdout
-    assert par.load_train_state(tmp_path / "b")["iter"] == 5
+    assert ck.load_train_state(tmp_path / "b")["iter"] == 5
     torchrun(2, tiny_data, tmp_path / "b", *args, "--init_from=resume")
     same_metrics(tmp_path / "ref", tmp_path / "b", rel=1e-6)

@@ -6,11 +6,11 @@ as "something of low rank" alone. In symbols, with Y_l the (tokens x h_out) outp
 best_r the best rank-r approximation (truncated SVD): some beta makes
     ||R - best_r(R)||_F  <  ||Y_l - best_r(Y_l)||_F,      R = R(beta) = Y_l - beta Y_{l-1}.
 
-    python analyze.py --out_dir=out_full                   # any param type; rank defaults to n_embd / 4
-    python analyze.py --out_dir=out_full --rank=32 --tokens=8192 --plot=observation.png
-    python analyze.py --hf=openai-community/gpt2             # a pretrained Hugging Face model (hf.py), full-rank
-    python analyze.py --hf=path/to/llama --data_dir=data/mine  # val.bin tokenized with that model's tokenizer
-    python analyze.py --hf=model.gguf --data_dir=data/shakespeare_model --rank=144 --controls   # a GGUF model
+    python tools/analyze.py --out_dir=out_full                   # any param type; rank defaults to n_embd / 4
+    python tools/analyze.py --out_dir=out_full --rank=32 --tokens=8192 --plot=observation.png
+    python tools/analyze.py --hf=openai-community/gpt2             # a pretrained Hugging Face model (tools/hf.py), full-rank
+    python tools/analyze.py --hf=path/to/llama --data_dir=data/mine  # val.bin tokenized with that model's tokenizer
+    python tools/analyze.py --hf=model.gguf --data_dir=data/shakespeare_model --rank=144 --controls   # a GGUF model
 
 For every layer l >= 2 and position P, on `tokens` validation tokens, all relative to ||Y_l||_F:
     direct        ||Y_l - best_r(Y_l)||_F
@@ -51,12 +51,15 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python tools/x.py: the core modules are one folder up
+
 import numpy as np
 import torch
 
 import configurator
-from parallel import load_for_inference
-from plot import image_path, save_figure
+from checkpoint import load_for_inference
+from tools.hf import load_gguf, load_pretrained
+from tools.plot import image_path, save_figure
 from prepare_data import ROOT, load_meta, prepare
 
 # ----------------------------------------------------------------------------- config
@@ -391,7 +394,6 @@ def gguf_noise(path, seed=0):
     element, d the scale stored with each block of 32 (Q8_0, Q4_0, Q4_1 round to the nearest multiple of d, so
     this is the distribution of their rounding error); zero for F32/F16/BF16 tensors."""
     import gguf
-    from hf import load_gguf
     rng = np.random.default_rng(seed)
 
     def values(t):
@@ -468,7 +470,6 @@ def hf_data_dir(c, cfg):
 def load(c):
     """(model, directory of the val.bin to run, the name to print)."""
     if c["hf"]:
-        from hf import load_pretrained
         model = load_pretrained(c["hf"])
         data_dir = hf_data_dir(c, model.cfg)
     else:
@@ -484,7 +485,7 @@ def load(c):
 
 
 def main(argv):
-    c, _ = configurator.load(argv, "analyze.py", doc=__doc__)
+    c, _ = configurator.load(argv, "tools/analyze.py", doc=__doc__)
     if c["plot"]:
         image_path("plot", c["plot"])
     model, data_dir, name = load(c)

@@ -2,14 +2,17 @@
 Training curves of one or more runs, from their metrics.jsonl: train loss (every log_interval), val loss (every
 eval) and the learning rate. Needs matplotlib (optional: pip install matplotlib).
 
-    python plot.py out                                  # writes out/curves.png
-    python plot.py out/ablate/crnet out/ablate/full --out=crnet_vs_full.png --x=tokens
+    python tools/plot.py out                                  # writes out/curves.png
+    python tools/plot.py out/ablate/crnet out/ablate/full --out=crnet_vs_full.png --x=tokens
 
 Run directories are given as bare arguments (or --runs=a,b); a run may still be training: its rows so far are drawn.
 """
 import json
+import sys
 import os
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python tools/x.py: the core modules are one folder up
 
 import configurator
 
@@ -63,7 +66,7 @@ def draw(curves, path, x="iter"):
 
 def save_figure(fig, path):
     """fig written whole to a temporary name beside path, then renamed (a kill leaves the old image or the new);
-    the figure is closed either way. analyze.py saves through this too."""
+    the figure is closed either way. tools/analyze.py saves through this too."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
@@ -89,14 +92,14 @@ def image_path(key, value):
 
 def main(argv):
     dirs = [a for a in argv if not a.startswith("-") and not a.endswith(".py")]
-    c, _ = configurator.load([a for a in argv if a not in dirs], "plot.py", doc=__doc__)
+    c, _ = configurator.load([a for a in argv if a not in dirs], "tools/plot.py", doc=__doc__)
     runs = dirs + [r.strip() for r in c["runs"].split(",") if r.strip()]
     if not runs:
-        raise ValueError("no runs given: python plot.py <run dir> [<run dir> ...]")
+        raise ValueError("no runs given: python tools/plot.py <run dir> [<run dir> ...]")
     path = image_path("out", c["out"]) if c["out"] else Path(runs[0]) / "curves.png"
     curves = [(str(r).rstrip("/"), read_rows(r)) for r in runs]
     if not draw(curves, path, c["x"]):
-        raise ValueError("plot.py needs matplotlib, which is optional: pip install matplotlib")
+        raise ValueError("tools/plot.py needs matplotlib, which is optional: pip install matplotlib")
     print(f"wrote {path}")
 
 

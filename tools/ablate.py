@@ -3,12 +3,12 @@ Ablations side by side: full-rank, CR-Net, vanilla low-rank and CoLA (and the pa
 trained on the same data, tokens, seed and schedule, each in a fresh train.py process; then one table
 (parameters, final validation loss, tokens/s, peak memory) and a loss-curve plot from the runs' metrics.
 
-    python ablate.py                                  # CPU default (train.py's defaults, byte Shakespeare): ~14 min, 2 cores
-    python ablate.py --variants=crnet,crnet_fixed_beta,crnet_lowrank_first,crnet_middle_heavy
-    python ablate.py configs/ablate_llama_60m.py       # the paper's 60M dimensions, for a GPU
-    python ablate.py --lrs=1e-3,3e-3,1e-2 --seeds=1337,1338   # each variant at its best lr, mean and spread
-    python ablate.py --lrs=1e-3,3e-3,1e-2 --seeds=1337,1338 --seeds_at=best   # 2nd seed at the best lr only
-    python ablate.py configs/ablate_llama_60m.py --nproc=8 --total_batch_tokens=131072   # torchrun, 8 GPUs
+    python tools/ablate.py                                  # CPU default (train.py's defaults, byte Shakespeare): ~14 min, 2 cores
+    python tools/ablate.py --variants=crnet,crnet_fixed_beta,crnet_lowrank_first,crnet_middle_heavy
+    python tools/ablate.py configs/ablate_llama_60m.py       # the paper's 60M dimensions, for a GPU
+    python tools/ablate.py --lrs=1e-3,3e-3,1e-2 --seeds=1337,1338   # each variant at its best lr, mean and spread
+    python tools/ablate.py --lrs=1e-3,3e-3,1e-2 --seeds=1337,1338 --seeds_at=best   # 2nd seed at the best lr only
+    python tools/ablate.py configs/ablate_llama_60m.py --nproc=8 --total_batch_tokens=131072   # torchrun, 8 GPUs
 
 Ranks. The config's `rank` is CR-Net's (layers 2..L). lowrank and cola get the rank whose non-embedding
 parameter count is nearest CR-Net's (an error if none is within 2%); crnet_middle_heavy spreads the same
@@ -18,7 +18,7 @@ Each run writes to ablate_dir/<variant>/ (its train.log, metrics.jsonl, checkpoi
 again reuses finished runs, resumes interrupted ones from their checkpoint, and refuses (naming the variant) a
 directory trained with other arguments unless --overwrite=True. --stop_iter=N stops every run at N, to split an
 ablation across several sittings. Config files and --key=value set train.py's keys (shared by every run) and
-ablate.py's own keys below; each run is launched with the merged config spelled out as --key=value.
+tools/ablate.py's own keys below; each run is launched with the merged config spelled out as --key=value.
 """
 import json
 import math
@@ -28,16 +28,18 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python tools/x.py: the core modules are one folder up
+
 import torch
 
 import configurator
-import parallel as par
-from model import ModelConfig, Transformer
-from plot import draw
+import checkpoint as ck
+from model import Transformer, model_config
+from tools.plot import draw
 from runlog import write_atomic
 
 # ----------------------------------------------------------------------------- config
-# ablate.py also takes every train.py key: they set the base config shared by every variant
+# tools/ablate.py also takes every train.py key: they set the base config shared by every variant
 ablate_dir = "out/ablate"                # each variant trains in ablate_dir/<variant>/
 variants = "full,crnet,lowrank,cola"     # comma-separated names from VARIANTS below
 nproc = 1                                # processes per run: > 1 launches each run under torchrun [>=1]
@@ -47,7 +49,7 @@ seeds = ""                               # e.g. "1337,1338": every run at every 
 seeds_at = "all"                         # "best": seeds after the first run only at each variant's best lr on the first {all|best}
 # -----------------------------------------------------------------------------
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root, where train.py is
 VARIANTS = {  # name -> what it changes in the base config ("matched" / "middle_heavy": ranks computed below)
     "full": dict(param="full"),
     "crnet": dict(param="crnet"),
@@ -59,11 +61,6 @@ VARIANTS = {  # name -> what it changes in the base config ("matched" / "middle_
     "crnet_middle_heavy": dict(param="crnet", rank="middle_heavy"),     # paper: larger ranks in the middle work best
 }
 MATCH_TOL = 0.02
-
-
-def model_config(c, **changes):
-    """The ModelConfig of a train.py config (validated); before the data is read the vocabulary is a stand-in."""
-    return ModelConfig(**{**{k: c[k] for k in ModelConfig.field_names()}, "vocab_size": c["vocab_size"] or 256, **changes})
 
 
 def param_counts(c, **changes):
@@ -107,7 +104,7 @@ def variant_changes(c, name):
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     if not isinstance(c["rank"], int):
-        raise ValueError(f"rank={c['rank']!r}: ablate.py needs one CR-Net rank (an int) to derive the others from")
+        raise ValueError(f"rank={c['rank']!r}: tools/ablate.py needs one CR-Net rank (an int) to derive the others from")
     v = {"beta_learnable": True, "first_layer": "full", "rank": c["rank"], **VARIANTS[name]}
     if v["rank"] == "matched":
         v["rank"] = matched_rank(c, v["param"], non_embedding_params(c, param="crnet", rank=c["rank"]))
@@ -140,14 +137,14 @@ def run_variant(name, args, run, a, max_iters):
     if old is not None and old["args"] != args and not a["overwrite"]:
         raise ValueError(f"{run} holds variant {name!r} trained with other arguments ({' '.join(old['args'])}); "
                          f"pass --overwrite=True or another --ablate_dir")
-    if old is None and par.find_checkpoint(run)[0] and not a["overwrite"]:
-        raise FileExistsError(f"{run} holds a checkpoint that ablate.py did not write; pass --overwrite=True or another "
+    if old is None and ck.find_checkpoint(run)[0] and not a["overwrite"]:
+        raise FileExistsError(f"{run} holds a checkpoint that tools/ablate.py did not write; pass --overwrite=True or another "
                               f"--ablate_dir")
     same = old is not None and old["args"] == args
     if same and finished(run, max_iters):
         print(f"== {name}: finished earlier in {run}, reused")
         return old["seconds"]
-    resume = same and par.find_checkpoint(run)[0] is not None
+    resume = same and ck.find_checkpoint(run)[0] is not None
     extra = ["--init_from='resume'"] if resume else ["--overwrite=True"]
     launch = [sys.executable] if a["nproc"] == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        f"--nproc_per_node={a['nproc']}"]
@@ -210,9 +207,9 @@ def table(results, c, device):
 
 
 def load_config(argv):
-    """(ablate.py's keys, train.py's keys): config files and --key=value may set both."""
-    merged, _ = configurator.load(argv, "ablate.py", extends=("train.py",), doc=__doc__)
-    own = [*configurator.defaults("ablate.py"), "overwrite"]  # overwrite: train.py's key, read here for the run dirs
+    """(tools/ablate.py's keys, train.py's keys): config files and --key=value may set both."""
+    merged, _ = configurator.load(argv, "tools/ablate.py", extends=("train.py",), doc=__doc__)
+    own = [*configurator.defaults("tools/ablate.py"), "overwrite"]  # overwrite: train.py's key, read here for the run dirs
     return {k: merged[k] for k in own}, {k: merged[k] for k in configurator.defaults("train.py")}
 
 

@@ -2,10 +2,10 @@
 Hugging Face GPT-2 and LLaMA-family checkpoints loaded into our full-rank Transformer (param="full"), exactly:
 the same logits as transformers' own model, to float round-off (tests/test_hf.py compares them).
 
-    from hf import load_pretrained
+    from tools.hf import load_pretrained
     model = load_pretrained("path/to/dir")            # config.json + model.safetensors (or shards, or pytorch_model.bin)
     model = load_pretrained("openai-community/gpt2")  # a hub name, where the network allows (needs huggingface_hub)
-    python hf.py --out_dir=out --export=out_hf          # a full-rank train.py run as a Hugging Face directory
+    python tools/hf.py --out_dir=out --export=out_hf          # a full-rank train.py run as a Hugging Face directory
 
 Supported: model_type "gpt2" and the LLaMA family ("llama", "mistral"): grouped-query attention, tied or untied
 embeddings, any rope_theta, plain RoPE only (rope_scaling must be None). transformers is not needed: config.json
@@ -25,17 +25,23 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import sys
+import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python tools/x.py: the core modules are one folder up
 
 import torch
 
+import checkpoint
 import configurator
 from model import ModelConfig, Transformer
+from prepare_data import gguf_value, open_gguf
 
 # ----------------------------------------------------------------------------- config
-# python hf.py exports a run (the rest of this file is the library above)
+# python tools/hf.py exports a run (the rest of this file is the library above)
 out_dir = "out"             # the train.py run whose latest checkpoint is exported
 export = ""                 # write it here as a Hugging Face directory (config.json + model.safetensors); must not exist
 # -----------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def model_config(hf, block_size=None):
     if kind in ("llama", "mistral"):
         return llama_config(hf, block_size)
     raise ValueError(f"config.json: model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: "
-                     f"hf.py loads 'gpt2' and the LLaMA family ('llama', 'mistral')")
+                     f"tools/hf.py loads 'gpt2' and the LLaMA family ('llama', 'mistral')")
 
 
 # ----------------------------------------------------------------------------- HF names -> our parameters
@@ -272,10 +278,9 @@ GGUF_TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "n
 
 def gguf_config(reader, path, block_size=None):
     """The HF config.json dict a LLaMA-architecture GGUF file's metadata describes (then llama_config checks it)."""
-    from prepare_data import gguf_value
     arch = gguf_value(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: general.architecture={arch!r} is not supported: hf.py reads LLaMA-architecture "
+        raise ValueError(f"{path}: general.architecture={arch!r} is not supported: tools/hf.py reads LLaMA-architecture "
                          f"GGUF files ('llama')")
     get = lambda key, default=None: gguf_value(reader, f"llama.{key}", default)
     h, nh = get("embedding_length"), get("attention.head_count")
@@ -329,7 +334,6 @@ def gguf_tensors(reader, path, hf, values=gguf_dequantize):
 
 def load_gguf(path, dtype=torch.float32, block_size=None, values=gguf_dequantize):
     """Our full-rank Transformer with the weights of a LLaMA-architecture .gguf file, dequantized to float32."""
-    from prepare_data import open_gguf
     path = Path(path)
     reader = open_gguf(path)
     hf = gguf_config(reader, path)
@@ -445,20 +449,17 @@ def write_safetensors(path, tensors):
 def export(run_dir, dest):
     """Write a full-rank run's latest checkpoint to dest as a Hugging Face directory, built beside it and renamed
     into place. CR-Net and the other low-rank parameterizations are refused: no standard architecture has them."""
-    import shutil
-    import tempfile
-    import parallel
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"export={dest}: exists; choose a new directory")
-    ckpt = parallel.load_train_state(run_dir)
+    ckpt = checkpoint.load_train_state(run_dir)
     cfg = ModelConfig(**ckpt["model_config"])
     if cfg.param != "full":
         raise ValueError(f"{ckpt['path']} holds a param={cfg.param!r} model: no standard Hugging Face architecture "
                          f"has {'the lanes of Eq. 6' if cfg.param == 'crnet' else 'low-rank factors'}, so only "
                          f"param='full' runs export")
     model = Transformer(cfg)
-    parallel.load_weights(ckpt, model)
+    checkpoint.load_weights(ckpt, model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
@@ -471,9 +472,9 @@ def export(run_dir, dest):
 
 
 def main(argv):
-    c, _ = configurator.load(argv, "hf.py", doc=__doc__)
+    c, _ = configurator.load(argv, "tools/hf.py", doc=__doc__)
     if not c["export"]:
-        raise configurator.ConfigError("export", "", "name the directory to write (python hf.py --out_dir=RUN --export=DIR)")
+        raise configurator.ConfigError("export", "", "name the directory to write (python tools/hf.py --out_dir=RUN --export=DIR)")
     ckpt = export(c["out_dir"], c["export"])
     print(f"wrote {c['export']}: {ckpt['path']} (iteration {ckpt['iter']}) as a Hugging Face {ckpt['model_config']['arch']} "
           f"model; load it with transformers' AutoModelForCausalLM.from_pretrained({c['export']!r})")

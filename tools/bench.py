@@ -1,15 +1,15 @@
 """
 Benchmarks that print tables (never assertions; tests/ holds those).
 
-    python bench.py recompute            # none / block / crnet / reversible (keep_z True, False) side by side,
+    python tools/bench.py recompute            # none / block / crnet / reversible (keep_z True, False) side by side,
                                          # one fresh process each
-    python bench.py recompute --profile  # plus where crnet's and reversible's step time goes
-    python bench.py init                 # per-layer output std at init, CR-Net vs full-rank (results/init.md)
-    python bench.py bytes                # bytes allocated and ops run in one bf16 training step (torch.profiler)
-    python bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
+    python tools/bench.py recompute --profile  # plus where crnet's and reversible's step time goes
+    python tools/bench.py init                 # per-layer output std at init, CR-Net vs full-rank (results/init.md)
+    python tools/bench.py bytes                # bytes allocated and ops run in one bf16 training step (torch.profiler)
+    python tools/bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
-    python bench.py sizes --sizes=60m,130m --batch=8 --steps=5
-    python bench.py gpu                  # one GPU: full vs CR-Net at 350M (micro-batch 64) and 1B (32), recompute
+    python tools/bench.py sizes --sizes=60m,130m --batch=8 --steps=5
+    python tools/bench.py gpu                  # one GPU: full vs CR-Net at 350M (micro-batch 64) and 1B (32), recompute
                                          # none / crnet / reversible, eager and compiled, as train.py builds them
 
 recompute and init use a 7B-like CR-Net LLaMA shape scaled to a CPU: h 1024, 16 layers, r 256, h_ff 2736,
@@ -27,15 +27,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python tools/x.py: the core modules are one folder up
+
 import torch
 
 import configurator
 import recompute
-import train
-from model import ModelConfig, Projection, Transformer
+import parallel as par
+import plan
+from model import ModelConfig, Projection, Transformer, model_config
 
 # ----------------------------------------------------------------------------- config
-what = "recompute"          # which table (also as a bare word: python bench.py sizes) {recompute|init|sizes|gpu|bytes}
+what = "recompute"          # which table (also as a bare word: python tools/bench.py sizes) {recompute|init|sizes|gpu|bytes}
 n_embd = 1024               # recompute, init: the model's width [>=1]
 n_layer = 16                # [>=1]
 n_head = 16                 # [>=1]
@@ -47,7 +50,7 @@ every = 8                   # crnet recompute: keep the lanes of every k-th laye
 steps = 3                   # timed steps (the median is reported) after the warm-up steps (gpu: 6 when left at 3) [>=1]
 profile = False             # recompute: also print where crnet's and reversible's step time goes (torch.profiler)
 sizes = "60m,130m,350m,1b,7b"  # sizes: which paper sizes to try (each if the planner says it fits); gpu: 350m,1b unless set
-compile = False             # sizes: torch.compile the model (per region, as train.py does)
+torch_compile = False             # sizes: torch.compile the model (per region, as train.py does)
 mode = "crnet"              # one row's recompute mode (set by the table for each fresh process) {none|block|crnet|reversible}
 keep_z = True               # one row's keep_z (reversible; set by the table)
 rtol = 1e-5                 # one row's recompute_rtol, the round-off guard's budget (set by the table) [>0]
@@ -64,8 +67,6 @@ def rss_bytes():
 
 def one_mode(a):
     """Runs in a fresh process: held bytes, resident memory growth over the forward, step times."""
-    from plan import held_activation_bytes, stored_numbers_per_token
-    from recompute import plan_stored_lanes
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
@@ -74,7 +75,7 @@ def one_mode(a):
     idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
     tokens = idx.numel()
     before = rss_bytes()
-    held, loss = held_activation_bytes(m, idx, idx)  # counted, inside the layer loop
+    held, loss = plan.held_activation_bytes(m, idx, idx)  # counted, inside the layer loop
     rss_first = rss_bytes() - before  # resident growth over the first forward of this fresh process
     loss.backward()
     m.zero_grad(set_to_none=True)
@@ -82,8 +83,8 @@ def one_mode(a):
     formula = None
     if a.mode != "none":
         stream = a.mode == "reversible"
-        store = plan_stored_lanes(m.blocks, a.every, torch.float32, stream, a.keep_z or not stream, a.rtol) if a.mode != "block" else None
-        formula = stored_numbers_per_token(cfg, a.mode, a.every, store, a.keep_z or not stream) * 4 * tokens
+        store = plan.stored_lanes(m.blocks, a.every, torch.float32, stream, a.keep_z or not stream, a.rtol) if a.mode != "block" else None
+        formula = plan.stored_numbers_per_token(cfg, a.mode, a.every, store, a.keep_z or not stream) * 4 * tokens
     times, cuda_peak = [], None
     for i in range(a.steps + 1):
         if dev.type == "cuda":
@@ -127,7 +128,7 @@ def grad_error(m, cfg, idx):
 
 
 def fresh_process(*args):
-    """Run `bench.py *args --one` in a new process (clean allocator, its own peak RSS); its last stdout line is JSON."""
+    """Run `tools/bench.py *args --one` in a new process (clean allocator, its own peak RSS); its last stdout line is JSON."""
     p = subprocess.run([sys.executable, __file__, *args, "--one"], capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(p.stderr)
@@ -211,7 +212,7 @@ SIZES = ("60m", "130m", "350m", "1b", "7b")
 def size_config(a, size, param, mode, dev):
     """train.py config of configs/{param}_llama_{size}.py at the bench's batch, the paper's vocabulary (32000),
     the given recompute mode and the device's dtype (bf16 autocast on CUDA, float32 on the CPU)."""
-    return configurator.load([str(Path(__file__).resolve().parent / f"configs/{param}_llama_{size}.py"),
+    return configurator.load([str(Path(__file__).resolve().parents[1] / f"configs/{param}_llama_{size}.py"),
                               f"--batch_size={a.batch}", "--vocab_size=32000", f"--recompute={mode!r}",
                               f"--dtype={'bfloat16' if dev == 'cuda' else 'float32'!r}"], "train.py")[0]
 
@@ -219,13 +220,11 @@ def size_config(a, size, param, mode, dev):
 def size_one(a):
     """Runs in a fresh process: full training steps (forward, backward, AdamW) of one size/param/recompute, the
     model built as train.py builds it (parallel.build_model: recompute, then compile per region)."""
-    from model import estimate_mfu, peak_flops_for
-    from parallel import build_model
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     c = size_config(a, a.size, a.param, a.mode, dev.type)
-    m, raw = build_model(train.model_config(c), "ddp", dev, 0, False, a.compile, (a.mode, c["recompute_every"]))
+    m, raw = par.build_model(model_config(c), "ddp", dev, 0, False, a.torch_compile, (a.mode, c["recompute_every"]))
     opt = raw.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.type)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     torch.manual_seed(0)
@@ -242,28 +241,20 @@ def size_one(a):
         times.append(time.perf_counter() - t0)
     step = statistics.median(times[warm:])
     tps = idx.numel() / step
-    peak = train.peak_memory_mb(dev) * 2 ** 20  # max_memory_allocated, or the CPU process's peak RSS
-    mfu = estimate_mfu(raw.flops_per_token(), tps, peak_flops_for(torch.cuda.get_device_name() if dev.type == "cuda" else ""))
+    peak = par.peak_memory_mb(dev) * 2 ** 20  # max_memory_allocated, or the CPU process's peak RSS
+    mfu = par.estimate_mfu(raw.flops_per_token(), tps, par.peak_flops_for(torch.cuda.get_device_name() if dev.type == "cuda" else ""))
     return {"params": raw.num_params()["total"], "step_s": step, "tps": tps, "peak": peak, "mfu": mfu, "loss": loss,
             "first_s": times[0]}
 
 
-def memory_limit(dev):
-    if dev == "cuda":
-        return torch.cuda.mem_get_info()[1]
-    with open("/proc/meminfo") as f:
-        return int(next(l for l in f if l.startswith("MemAvailable")).split()[1]) * 1024
-
-
 def sizes_table(a):
     """Full and CR-Net LLaMA at each paper size whose planned memory fits 90% of this machine, side by side."""
-    import plan
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    limit, gib = memory_limit(dev), 2 ** 30
+    limit, gib = plan.device_memory(torch.device(dev)), 2 ** 30
     name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"LLaMA paper sizes, vocab 32000, batch {a.batch} x 256 tokens, {a.steps} timed steps (median) after one warm-up; "
           f"{'bf16 autocast' if dev == 'cuda' else 'float32'}; device {name}; memory limit 90% of {limit / gib:.1f} GiB "
-          f"{'(GPU)' if dev == 'cuda' else '(MemAvailable)'}")
+          f"{'(GPU)' if dev == 'cuda' else '(RAM)'}")
     print("| size | param | params | recompute | step | tokens/s | vs full | peak memory | planned | MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in a.sizes.split(","):
@@ -279,7 +270,7 @@ def sizes_table(a):
                     print(f"{head} - | - | - | - | {planned['total'] / gib:.1f} GiB | does not fit |", flush=True)
                     continue
                 r = fresh_process("sizes", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={a.batch}",
-                                  f"--steps={a.steps}", f"--compile={a.compile}")
+                                  f"--steps={a.steps}", f"--torch_compile={a.torch_compile}")
                 base = base or (r if param == "full" else None)  # full with no recompute, or block if none does not fit
                 vs = f"{r['tps'] / base['tps']:.3f}x" if base else "-"
                 mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -293,7 +284,6 @@ def sizes_table(a):
 def bytes_table(a):
     """Memory traffic's first proxy, countable on any device: bytes allocated and aten ops run in one training step
     under bf16 autocast (torch.profiler with profile_memory), full rank against CR-Net, eager and compiled."""
-    from parallel import build_model
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"one bf16-autocast training step, LLaMA h {a.n_embd}, {a.n_layer} layers, h_ff {a.ff}, r {a.rank}, "
           f"{a.batch} x {a.seq} tokens, vocab 256; device {dev}")
@@ -304,7 +294,7 @@ def bytes_table(a):
         torch.manual_seed(0)
         cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
                           vocab_size=256, block_size=a.seq, param=param)
-        m, _ = build_model(cfg, "ddp", dev, 0, False, compiled, (mode, a.every))
+        m, _ = par.build_model(cfg, "ddp", dev, 0, False, compiled, (mode, a.every))
         idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
         for profiled in (False, True):  # the first step warms up (and compiles)
             m.zero_grad(set_to_none=True)  # as train.py: each step allocates its gradients
@@ -326,7 +316,6 @@ GPU_ROWS = [("1b", 32, "full", "none", False), ("1b", 32, "crnet", "none", False
 
 def gpu_table(a, given):
     """GPU_ROWS side by side, each in a fresh process, bf16 autocast (float32 on the CPU), fused AdamW on CUDA."""
-    import plan
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     steps = a.steps if "steps" in given else 6
@@ -344,7 +333,7 @@ def gpu_table(a, given):
         batch = a.batch if "batch" in given else batch
         try:
             r = fresh_process("gpu", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={batch}",
-                              f"--steps={steps}", f"--compile={compiled}")
+                              f"--steps={steps}", f"--torch_compile={compiled}")
         except SystemExit as e:  # e.g. out of memory: say so in the row, and go on with the others
             print(f"| {size} | {param} | {mode} | {'yes' if compiled else 'no'} | {batch} x 256 | failed: "
                   f"{str(e).strip().splitlines()[-1][:120]} |", flush=True)
@@ -359,12 +348,12 @@ def gpu_table(a, given):
               f"{r['first_s']:.0f} s |", flush=True)
     print(f"vs full, compiled: tokens/s against full rank with no recompute, compiled, at the same size (rows above it "
           f"are against a later row: compare by hand). MFU: model.flops_per_token (6 x matmul parameters + attention) "
-          f"against model.PEAK_FLOPS. peak: torch.cuda.max_memory_allocated (the CPU: peak RSS). planned: plan.py's "
+          f"against parallel.PEAK_FLOPS. peak: torch.cuda.max_memory_allocated (the CPU: peak RSS). planned: plan.py's "
           f"DDP total. first step: includes compilation. Total {time.perf_counter() - t_start:.0f} s.")
 
 
 def main(argv):
-    c, given = configurator.load(argv, "bench.py", positional="what", doc=__doc__)
+    c, given = configurator.load(argv, "tools/bench.py", positional="what", doc=__doc__)
     a = SimpleNamespace(**c)
     if a.what == "init":
         return init_table(a)
@@ -379,7 +368,7 @@ def main(argv):
     else:
         for key in ("mode", "keep_z", "rtol"):  # each row sets these itself
             if any(x.startswith(f"--{key}=") for x in argv):
-                raise configurator.ConfigError(key, c[key], "is set per row by the recompute table (see ROWS in bench.py)")
+                raise configurator.ConfigError(key, c[key], "is set per row by the recompute table (see ROWS in tools/bench.py)")
         recompute_table(a, [x for x in argv if not x.startswith(("--mode", "--keep_z", "--rtol", "--what")) and x != "recompute"])
 
 
