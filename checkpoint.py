@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from configurator import ConfigError
+from configurator import RENAMED, ConfigError
 from model import ModelConfig, Transformer
 
 CKPT_FILE, PREV_FILE, DCP_DIR = "ckpt.pt", "ckpt.prev.pt", "ckpt_dcp"
@@ -64,7 +64,7 @@ def checkpoints(out):
 
 
 def find_checkpoint(out):
-    """The newest (kind, path), or (None, None); not opened (see open_checkpoint)."""
+    """The newest (kind, path), or (None, None); not opened (see read_checkpoint)."""
     return next(iter(checkpoints(out)), (None, None))
 
 
@@ -299,9 +299,9 @@ def load_for_inference(out, **overrides):
 # ----------------------------------------------------------------------------- train.py's side
 # what a resumed run may change; everything else defines the model, the data stream or the optimization
 FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "checkpoint_interval", "eval_only", "eval_tokens",
-                  "log_interval", "recompute", "device_gib", "recompute_every", "keep_z", "recompute_rtol", "batch_size",
-                  "max_iters", "stop_iter", "device", "dtype", "torch_compile", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe", "data_parallel", "keep_best",
-                  "log_to", "wandb_project"}
+                  "log_interval", "keep_best", "log_to", "wandb_project", "recompute", "device_gib", "recompute_every",
+                  "keep_z", "recompute_rtol", "batch_size", "max_iters", "stop_iter", "device", "dtype", "torch_compile",
+                  "data_parallel", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe"}
 
 
 
@@ -339,7 +339,8 @@ def say0(*a):
 def resume_config(c, given):
     """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them."""
     ckpt = load_train_state(c["out_dir"], say=say0)
-    saved = {k: v for k, v in ckpt["config"].items() if k in c}  # keys this version no longer has are dropped
+    saved = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}  # a run saved before a key was renamed
+    saved = {k: v for k, v in saved.items() if k in c}  # keys this version no longer has are dropped
     for k in sorted(given - FREE_ON_RESUME - ({"data_dir"} if c["eval_only"] else set())):  # eval_only: any data
         same_dir = k == "data_dir" and Path(c[k]).resolve() == Path(saved[k]).resolve()
         if c[k] != saved.get(k, c[k]) and not same_dir:

@@ -35,9 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import configurator
-from checkpoint import check_tokenizer
 from model import Transformer, model_config
-from prepare_data import check_data, find_data
 
 # ----------------------------------------------------------------------------- config
 # plan.py also takes every train.py key (config files, --batch_size=..., --recompute_every=...)
@@ -93,7 +91,7 @@ def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL
     lanes are formed in. stream=True (reversible) plans the block inputs too, as group STREAM; keep_z=False
     counts the error a recomputed Z inherits from its input. inv_s: 1/|s| per (layer 2..L, group) as host
     numbers (default: read from blocks now, one host sync); store: (layer, group)s already kept, so that
-    plan_stored_lanes(..., store=P) == P says plan P is safe for these betas."""
+    stored_lanes(..., store=P) == P says plan P is safe for these betas."""
     budget = rtol / torch.finfo(dtype).eps
     inv_s = (1.0 / min_scales(blocks)).tolist() if inv_s is None else inv_s
     ckpt = checkpoint_layers(len(blocks), every)
@@ -169,9 +167,9 @@ def stored_numbers_per_token(cfg, mode, every=8, store=None, keep_z=True):
     Z 3r + r + 2r + r = 7r. GPT-2's lanes are 3h + h + 4h + h = 9h and its Z 3r + r + r + r = 6r, so reversible
     keeps 6 (L-1) r + |C| (h + 9h) = 6 (L-1) r + 10 h |C|, or 10 h |C| with keep_z=False (C never holds layer 1,
     so every stored input is counted). `store` replaces the checkpoint set by an actual (layer, group) plan,
-    e.g. one the round-off guard extended (group 4 = recompute.STREAM: a block input)."""
+    e.g. one the round-off guard extended (group 4 = STREAM: a block input)."""
     L, h = cfg.n_layer, cfg.n_embd
-    group = lane_numbers(cfg) + [h]  # the 4 lane groups, then the block input (recompute.STREAM)
+    group = lane_numbers(cfg) + [h]  # the 4 lane groups, then the block input (STREAM)
     if mode == "block":
         return (L - 1) * sum(group)
     if mode not in ("crnet", "reversible"):
@@ -393,10 +391,14 @@ def paper_table(c):
     return rows
 
 
-def device_memory(device):
-    """Bytes of memory on `device`: the GPU's, else the machine's (the one place that reads it)."""
+def device_memory(device, available=False):
+    """Bytes of memory on `device` (the one place that reads it): the GPU's, else the machine's, or with available=True
+    what the machine has free now (MemAvailable: tools/bench.py sizes, on a machine other work shares)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
+    if available:
+        with open("/proc/meminfo") as f:
+            return int(next(l for l in f if l.startswith("MemAvailable")).split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -404,6 +406,9 @@ def preflight(c, world, grad_accum, ckpt=None):
     """train.py --preflight: every check a launch at `world` processes makes before it costs GPU time, on any
     machine. train.py has checked the config and batch arithmetic; here the data (where it is present; against
     ckpt's tokenizer when fine-tuning) and the memory plan, against this GPU's memory if there is one."""
+    # imported here, so that recompute.py's import of this module (the guard above) does not pull them in
+    from checkpoint import check_tokenizer
+    from prepare_data import check_data, find_data
     try:
         data_dir, meta = find_data(c)
     except FileNotFoundError as e:
@@ -428,7 +433,8 @@ def preflight(c, world, grad_accum, ckpt=None):
           f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
           f"{r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute={cp['recompute']}, "
           f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){fits}; "
-          f"data {'found in ' + str(data_dir) if meta else 'not here'}")
+          f"data {'found in ' + str(data_dir) if meta else 'not here'}"
+          f"{'' if cp['vocab_size'] else ' (vocab 50257 assumed: set --vocab_size for a closer plan)'}")
 
 
 def main(argv):

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed
 
 import configurator
 
@@ -481,24 +479,32 @@ def check_data(c, data_dir, meta):
                           f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
 
 
-def open_splits(c, proc=0, world=1, say=print):
-    """train.py's data: (data dir, meta, (train, val) as memory-mapped uint16 tokens). A bundled corpus's dir is
-    prepared on first use, by process 0 while the others wait."""
+def ready_data(c, proc=0, world=1, say=print):
+    """train.py's data dir and meta. A bundled corpus's dir is prepared on first use, by process 0 while the
+    others wait."""
     data_dir, meta = find_data(c)
     if meta is None:
         if proc == 0:
             say(f"preparing {data_dir} from the bundled corpus")
             prepare(data_dir, tokenizer=BUNDLED_DIRS[c["data_dir"]])
         if world > 1:
+            import torch.distributed  # here, not at the top: tokenizing data needs no torch
             torch.distributed.barrier()
         meta = load_meta(data_dir)
-    return data_dir, meta, tuple(np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val"))
+    return data_dir, meta
+
+
+def open_splits(c, data_dir, meta):
+    """(train, val) as memory-mapped uint16 tokens, once check_data has passed."""
+    check_data(c, data_dir, meta)
+    return tuple(np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val"))
 
 
 def check_token_ids(c, data_dir, meta, splits, firsts, device):
     """An id beyond the vocabulary (a meta.json that understates it) would fail inside F.embedding, on CUDA as a
     device-side assert. Before the first step every process reads the ids of its first batches (firsts) and of the
     evaluation windows (fixed, so every later eval is covered), and all agree on the largest."""
+    import torch  # here, not at the top: tokenizing data needs no torch
     T = c["block_size"]
     evals = [int(d[:min(c["eval_tokens"] // T, (len(d) - 1) // T) * T + 1].max()) for d in splits]
     top = torch.tensor([max(int(t.max()) for xy in firsts for t in xy), *evals])

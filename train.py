@@ -31,7 +31,7 @@ import plan
 import recompute as rc  # not `recompute`: the config key below of that name is a module global
 from configurator import ConfigError
 from model import model_config
-from prepare_data import check_data, check_token_ids, open_splits, unigram_entropy
+from prepare_data import check_token_ids, open_splits, ready_data, unigram_entropy
 from runlog import check_sinks, fmt_time, start_logs, write_atomic
 
 # ----------------------------------------------------------------------------- config
@@ -113,10 +113,10 @@ def main(argv):
     proc, world, device, autocast, say = rt["proc"], rt["world"], rt["device"], rt["autocast"], rt["say"]
 
     # ---- data: memory-mapped uint16 token files, checked against the config and the checkpoint (prepare_data.py)
-    data_dir, meta, (train_data, val_data) = open_splits(c, proc, world, say)
+    data_dir, meta = ready_data(c, proc, world, say)
     if ckpt is not None:
         ck.check_same_start(c, rt, ckpt, meta)
-    check_data(c, data_dir, meta)
+    train_data, val_data = open_splits(c, data_dir, meta)
     c["vocab_size"] = c["vocab_size"] or meta["vocab_size"]
     resuming, bsz, T = c["init_from"] == "resume", c["batch_size"], c["block_size"]
     firsts = [train_batch(train_data, ckpt["iter"] if resuming else 0, micro, proc, world, bsz, T, c["seed"],

@@ -309,7 +309,7 @@ def block_held_bytes(loss):
 
 @pytest.mark.parametrize("mode", ["crnet", "reversible"])
 def test_compiled_algorithm_1_matches_plain_autograd_and_holds_what_it_plans(mode):
-    """Compiled as train.py's compile=True compiles it (recompute.apply(compile=True) and parallel.compile_regions):
+    """Compiled as train.py's torch_compile=True compiles it (recompute.apply(compile=True) and parallel.compile_regions):
     two steps equal plain autograd; the bodies really compiled, one dynamo graph per block kind (6 layers: at most 3
     forward graphs, for layer 1, layer 2 and the rest); and the autograd graph holds exactly the formula's bytes for
     the blocks, so no compiled region saved a tensor the Function meant to drop."""

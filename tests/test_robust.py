@@ -75,6 +75,8 @@ BATTERY = [
     (T, ["--eval_tokens=10"], "eval_tokens=10: is less than one block"),
     (T, ["--device=tpu"], "device='tpu'"),
     (T, ["--data_parallel=zero3"], "data_parallel='zero3'"),
+    (T, ["--compile"], "'compile' on the command line is now called 'torch_compile'"),
+    (T, ["--parallel=fsdp"], "'parallel' on the command line is now called 'data_parallel'"),
     (T, ["--recompute=crnet", "--param=full"], "recompute='crnet'"),
     (T, ["--rank=1000"], "rank"),
     (T, ["--n_head=5"], "n_head"),
@@ -374,7 +376,8 @@ def test_a_copy_with_new_mtimes_still_resumes_the_latest(tiny_data, tmp_path):
 
 def test_an_old_format_checkpoint_resumes_exactly(tiny_data, tmp_path):
     """ckpt.pt files written before both formats shared one layout hold model.state_dict() and a numbered
-    optimizer.state_dict(); they resume in either mode, continuing the uninterrupted run's losses."""
+    optimizer.state_dict(), and configs with the keys' old names (parallel, compile); they resume in either mode,
+    in the mode they were saved in, continuing the uninterrupted run's losses."""
     args = ["--max_iters=6", "--eval_interval=2"]
     run(tiny_data, tmp_path / "ref", *args)
     run(tiny_data, tmp_path / "old", *args, "--stop_iter=4")
@@ -388,11 +391,16 @@ def test_an_old_format_checkpoint_resumes_exactly(tiny_data, tmp_path):
     ckpt["optimizer"] = {"state": {number[n]: v for n, v in osd["state"].items()},
                          "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in osd["param_groups"]]}
     ckpt["model"] = model.state_dict()
+    cfg = {k: v for k, v in ckpt["config"].items() if k not in ("data_parallel", "torch_compile")}
+    ckpt["config"] = {**cfg, "parallel": "ddp", "compile": False}  # the keys' names then
     torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
     (tmp_path / "old" / "ckpt.prev.pt").unlink()
     shutil.copytree(tmp_path / "old", tmp_path / "old_fsdp")
+    torch.save({**ckpt, "config": {**cfg, "parallel": "fsdp", "compile": False}}, tmp_path / "old_fsdp" / "ckpt.pt")
     train.main([f"--out_dir={tmp_path / 'old'}", "--init_from=resume"])
-    train.main([f"--out_dir={tmp_path / 'old_fsdp'}", "--init_from=resume", "--data_parallel=fsdp"])
+    train.main([f"--out_dir={tmp_path / 'old_fsdp'}", "--init_from=resume"])  # resumes as the FSDP run it was
+    assert ck.load_train_state(tmp_path / "old_fsdp")["config"]["data_parallel"] == "fsdp"
+    assert (tmp_path / "old_fsdp" / "ckpt_dcp").is_dir()
     a = train_losses(tmp_path / "ref")
     for d, tol in (("old", 1e-6), ("old_fsdp", 1e-5)):
         b = train_losses(tmp_path / d)

@@ -134,6 +134,8 @@ def run_variant(name, args, run, a, max_iters):
     """Train one variant into `run` (or reuse/resume it); returns the wall seconds of its training so far."""
     stamp = run / "ablate.json"
     old = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if old is not None:  # a stamp written before configurator.RENAMED's keys were renamed
+        old["args"] = [f"--{configurator.RENAMED.get(k[2:], k[2:])}{eq}{v}" for k, eq, v in (s.partition("=") for s in old["args"])]
     if old is not None and old["args"] != args and not a["overwrite"]:
         raise ValueError(f"{run} holds variant {name!r} trained with other arguments ({' '.join(old['args'])}); "
                          f"pass --overwrite=True or another --ablate_dir")

@@ -250,11 +250,11 @@ def size_one(a):
 def sizes_table(a):
     """Full and CR-Net LLaMA at each paper size whose planned memory fits 90% of this machine, side by side."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    limit, gib = plan.device_memory(torch.device(dev)), 2 ** 30
+    limit, gib = plan.device_memory(torch.device(dev), available=True), 2 ** 30
     name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"LLaMA paper sizes, vocab 32000, batch {a.batch} x 256 tokens, {a.steps} timed steps (median) after one warm-up; "
           f"{'bf16 autocast' if dev == 'cuda' else 'float32'}; device {name}; memory limit 90% of {limit / gib:.1f} GiB "
-          f"{'(GPU)' if dev == 'cuda' else '(RAM)'}")
+          f"{'(GPU)' if dev == 'cuda' else '(MemAvailable)'}")
     print("| size | param | params | recompute | step | tokens/s | vs full | peak memory | planned | MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in a.sizes.split(","):
