@@ -312,13 +312,14 @@ def start(c, given):
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ConfigError("out_dir", c["out_dir"], f"{blocker} is a file, not a directory")
-    if c["init_from"] == "auto":
+    auto = c["init_from"] == "auto"
+    if auto:
         c["init_from"] = "resume" if find_checkpoint(c["out_dir"])[0] else "scratch"
     if c["eval_only"] and c["init_from"] not in ("scratch", "resume"):
         raise ConfigError("init_from", c["init_from"], "eval_only evaluates out_dir's checkpoint: pass --out_dir=<run dir>")
     c["init_from"] = "resume" if c["eval_only"] else c["init_from"]
     if c["init_from"] == "resume":
-        return resume_config(c, given)
+        return resume_config(c, given, auto)
     return (c, None) if c["init_from"] == "scratch" else finetune_config(c, given)
 
 
@@ -336,8 +337,9 @@ def say0(*a):
         print(*a)
 
 
-def resume_config(c, given):
-    """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them."""
+def resume_config(c, given, auto=False):
+    """init_from='resume': the run's saved config, with the keys given now where a resumed run may change them.
+    Under init_from=auto a finished run exits 0, so that a job script repeated after its last preemption ends."""
     ckpt = load_train_state(c["out_dir"], say=say0)
     saved = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}  # a run saved before a key was renamed
     saved = {k: v for k, v in saved.items() if k in c}  # keys this version no longer has are dropped
@@ -349,6 +351,10 @@ def resume_config(c, given):
     c = {**c, **saved, **{k: c[k] for k in given}, "init_from": "resume"}  # also under init_from=auto, eval_only
     if "stop_iter" not in given:
         c["stop_iter"] = 0  # the earlier process's stop: this one runs to max_iters unless told otherwise
+    if c["max_iters"] <= ckpt["iter"] and not c["eval_only"] and auto:
+        say0(f"{c['out_dir']}: the run is complete (checkpoint at iteration {ckpt['iter']}, max_iters={c['max_iters']}); "
+             f"nothing to do")
+        raise SystemExit(0)
     if c["max_iters"] <= ckpt["iter"] and not c["eval_only"]:
         raise ConfigError("max_iters", c["max_iters"], f"the checkpoint is at iteration {ckpt['iter']}: nothing to train "
                                                        f"(raise max_iters to continue)")

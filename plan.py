@@ -4,7 +4,7 @@ mode, and whether that fits a GPU.
 
     python plan.py configs/crnet_llama_7b.py                  # 8 GPUs of 80 GiB, the config's micro-batch
     python plan.py configs/crnet_llama_7b.py --gpus=64 --gpu_gib=141 --batch_size=16
-    python plan.py --paper                                    # every paper config at a glance (README table)
+    python plan.py --paper                                    # every paper config at a glance (results/plan.md)
 
 P parameters, N GPUs, A = bytes per activation number (4 float32, 2 bfloat16, the config's dtype; 'auto' is
 bfloat16, the GPU default):

@@ -80,3 +80,16 @@ def test_the_readme_file_map_names_every_file():
     mapped = set(re.findall(r"`((?:tools/)?\w+\.py)`", readme))
     files = {p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *(ROOT / "tools").glob("*.py")]}
     assert files - {"tools/__init__.py"} <= mapped, f"not in the README: {sorted(files - mapped - {'tools/__init__.py'})}"
+
+
+def test_the_readme_imports_column_is_the_import_graph():
+    """The file map's "imports (of ours)" column is what the walk finds, configurator aside (every module but
+    model.py imports it; the README says so once)."""
+    rows = re.findall(r"^\| `((?:tools/)?\w+)\.py` \|([^|]*)\|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 15
+    graph = import_graph()
+    for name, column in rows:
+        said = {d.strip().replace("/", ".") for d in column.split(",") if d.strip()}
+        module = name.replace("/", ".")
+        assert said == graph[module] - {"configurator"}, f"README row {name}.py says {sorted(said)}"
+    assert [m for m, deps in graph.items() if "configurator" not in deps and m != "configurator"] == ["model"]

@@ -115,6 +115,9 @@ def test_scratch_run_does_not_clobber_a_checkpoint(tiny_data, tmp_path):
         with pytest.raises(ValueError, match=words):
             train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4", bad])
     assert (tmp_path / "ckpt.pt").read_bytes() == before and (tmp_path / "config.json").read_bytes() == config
+    with pytest.raises(SystemExit) as done:  # a job script repeating init_from=auto after the run has ended
+        train.main([f"--out_dir={tmp_path}", "--init_from=auto"])
+    assert done.value.code == 0 and (tmp_path / "ckpt.pt").read_bytes() == before
 
 
 def test_resume_reads_the_saved_config_and_may_change_the_recompute_mode(tiny_data, tmp_path):
