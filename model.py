@@ -11,14 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHS = ("llama", "gpt2")
+ARCHS = ("llama", "gpt2", "qwen3")
 PARAMS = ("full", "crnet", "lowrank", "cola", "cola_mlp")
 SILU_SECOND_MOMENT = 0.3557  # E[silu(z)^2] for z ~ N(0, 1): CoLA's bottleneck shrinks variance by this
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"            # "llama" (RMSNorm, RoPE, SwiGLU, untied) or "gpt2" (LayerNorm, learned pos, GELU, tied)
+    arch: str = "llama"            # "llama" (RMSNorm, RoPE, SwiGLU, untied), "gpt2" (LayerNorm, learned pos, GELU, tied),
+                                   # "qwen3" (LLaMA with QK-norm: an RMSNorm on every query and key head before RoPE)
     n_layer: int = 8
     n_head: int = 8
     n_embd: int = 512
@@ -36,12 +37,13 @@ class ModelConfig:
     beta_learnable: bool = True    # False: every beta stays at beta_init (the paper's fixed-beta ablation)
     first_layer: str = "full"      # CR-Net's layer 1: "full" (paper) or "lowrank" (the paper's ablation: X A B, no lane in)
     init_std: float = 0.02         # std of a full-rank projection; the low-rank factors are scaled to match it
+    n_kv_head: int = 0             # key/value heads; 0 = n_head; fewer = grouped-query attention
+    head_dim: int = 0              # 0 = n_embd // n_head; q is n_head * head_dim wide, k and v n_kv_head * head_dim
+    tie_embeddings: bool | None = None  # lm_head shares wte; None = the arch's default: tied gpt2, untied llama, qwen3
     # Set by pretrained checkpoints (tools/hf.py); training configs keep the defaults, so they are not train.py keys.
-    rope_theta: float = 10000.0    # LLaMA: RoPE base
+    rope_theta: float | None = None  # RoPE base; None = the arch's: 1e4 (llama), 1e6 (qwen3)
     norm_eps: float | None = None  # None = the arch's default: 1e-6 (RMSNorm, llama), 1e-5 (LayerNorm, gpt2)
-    n_kv_head: int = 0             # key/value heads; 0 = n_head; fewer = grouped-query attention (param='full' only)
     gelu_approx: str = "none"      # GPT-2's GELU: "none" (exact erf) or "tanh" (OpenAI / HF GPT-2's gelu_new)
-    tie_embeddings: bool | None = None  # lm_head shares wte; None = the arch's default: tied gpt2, untied llama
 
     def __post_init__(self):
         def bad(name, why):
@@ -55,16 +57,22 @@ class ModelConfig:
         if self.param != "crnet" and (self.first_layer != "full" or not self.beta_learnable):
             bad("first_layer" if self.first_layer != "full" else "beta_learnable",
                 f"is a CR-Net ablation and needs param='crnet' (got param={self.param!r})")
-        for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                bad(name, "must be a positive integer")
-        if not is_int(self.n_kv_head) or self.n_kv_head < 0:
-            bad("n_kv_head", "must be a non-negative integer (0 = n_head)")
+        for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size", "n_kv_head", "head_dim"):
+            low = 0 if name in ("n_kv_head", "head_dim") else 1  # 0: n_head heads, n_embd // n_head wide
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
+                bad(name, "must be a positive integer" if low else "must be a non-negative integer (0 = the default)")
+        # derived sizes and defaults: attributes, not fields, so checkpoints (asdict) keep the fields as given
+        self.rope_theta = (1e6 if self.arch == "qwen3" else 1e4) if self.rope_theta is None else self.rope_theta
+        self.kv_heads, self.hd = self.n_kv_head or self.n_head, self.head_dim or self.n_embd // self.n_head
+        self.q_dim, self.kv_dim = self.n_head * self.hd, self.kv_heads * self.hd  # q, and each of k and v, this wide
+        self.ff_dim = 4 * self.n_embd if self.arch == "gpt2" else self.intermediate_size
+        self.tied = self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+        self.norm_eps_value = self.norm_eps if self.norm_eps is not None else 1e-5 if self.arch == "gpt2" else 1e-6
         checks = [  # (broken, key, why)
-            (self.n_embd % self.n_head, "n_embd", f"must be divisible by n_head={self.n_head}"),
-            (self.arch == "llama" and (self.n_embd // self.n_head) % 2, "n_head",
-             f"RoPE needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}"),
-            (self.arch == "llama" and self.bias, "bias", "the LLaMA architecture has no biases"),
+            (not self.head_dim and self.n_embd % self.n_head, "n_embd", f"must be divisible by n_head={self.n_head}"),
+            (self.arch != "gpt2" and self.hd % 2, "head_dim" if self.head_dim else "n_head",
+             f"RoPE needs an even head dim, got {self.hd}"),
+            (self.arch != "gpt2" and self.bias, "bias", f"the {self.arch} architecture has no biases"),
             (not 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)"),
             (not 0.0 < abs(self.beta_init) <= 1.0, "beta_init",
              "must satisfy 0 < |beta_init| <= 1 (the rest of the variance goes to X A B)"),
@@ -74,9 +82,6 @@ class ModelConfig:
             (self.norm_eps is not None and not (is_num(self.norm_eps) and 0.0 <= self.norm_eps < 1.0), "norm_eps",
              "must be None (the arch's default) or a number in [0, 1)"),
             (self.n_head % self.kv_heads, "n_kv_head", f"must divide n_head={self.n_head}"),
-            (self.kv_heads != self.n_head and self.param != "full", "n_kv_head",
-             f"grouped-query attention (n_kv_head < n_head={self.n_head}) needs param='full' (got param="
-             f"{self.param!r}): the low-rank and CR-Net q/k/v share one width"),
             (self.tie_embeddings not in (None, True, False) or is_int(self.tie_embeddings), "tie_embeddings",
              "must be None (the arch's default), True or False"),
         ]
@@ -88,32 +93,12 @@ class ModelConfig:
         ranks = self.rank if isinstance(self.rank, (list, tuple)) else [self.rank] * self.n_layer
         if len(ranks) != self.n_layer:
             bad("rank", f"a rank list needs n_layer={self.n_layer} entries, got {len(ranks)}")
-        limit = min(self.n_embd, self.ff_dim)  # every projection has h_in, h_out in {n_embd, ff_dim}
+        limit = min(self.n_embd, self.ff_dim, self.q_dim, self.kv_dim)  # every projection's h_in and h_out
         for l, r in enumerate(ranks):
             if self.layer_kind(l) != "full" and not (is_int(r) and 1 <= r < limit):  # CR-Net's full layer 1: unused
-                bad("rank", f"layer {l + 1} rank {r!r} must be an integer with 1 <= r < min(n_embd, ff_dim) = {limit}")
+                bad("rank", f"layer {l + 1} rank {r!r} must be an integer with 1 <= r < min(n_embd, ff_dim, q, k/v "
+                            f"widths) = {limit}")
         self.rank = list(ranks) if isinstance(self.rank, (list, tuple)) else self.rank
-
-    @property
-    def kv_heads(self):
-        return self.n_kv_head or self.n_head
-
-    @property
-    def kv_dim(self):
-        """Width of k and of v: n_embd, or less under grouped-query attention."""
-        return self.kv_heads * (self.n_embd // self.n_head)
-
-    @property
-    def tied(self):
-        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
-
-    @property
-    def norm_eps_value(self):
-        return self.norm_eps if self.norm_eps is not None else (1e-6 if self.arch == "llama" else 1e-5)
-
-    @property
-    def ff_dim(self):
-        return self.intermediate_size if self.arch == "llama" else 4 * self.n_embd
 
     def layer_rank(self, l):
         return self.rank[l] if isinstance(self.rank, list) else self.rank
@@ -126,7 +111,7 @@ class ModelConfig:
     @classmethod
     def field_names(cls, pretrained=False):
         """The fields a training config sets (train.py's keys); pretrained=True adds those only pretrained
-        checkpoints change (rope_theta .. tie_embeddings), which training keeps at their defaults."""
+        checkpoints change (rope_theta .. gelu_approx), which training keeps at their defaults."""
         names = [f.name for f in fields(cls)]
         return names if pretrained else names[:names.index("rope_theta")]
 
@@ -139,9 +124,11 @@ def model_config(c, **changes):
 
 
 class Projection(nn.Module):
-    """n projections that share one input X (B, T, h_in), each h_in -> h_out; output Y (B, T, n, h_out).
+    """n projections that share one input X (B, T, h_in), of output widths `widths`; output Y (B, T, n, w) when
+    the widths are equal, else Y (B, T, 1, sum w), "packed" (q, k, v under grouped-query attention or a head_dim).
 
-    Sharing the input lets q/k/v (and gate/up) use one fused input-side matmul X @ [A_q A_k A_v].
+    Sharing the input lets q/k/v (and gate/up) use one fused input-side matmul X @ [A_q A_k A_v]; each projection
+    keeps its own B and beta, so Eq. 6 holds per projection at its own width.
         full:    Y = X W
         lowrank: Y = (X A) B
         cola:    Y = silu(X A) B
@@ -151,18 +138,21 @@ class Projection(nn.Module):
     """
     lane_dtype = None
 
-    def __init__(self, h_in, h_out, n, kind, rank, bias, std, cfg, lane_in=False):
+    def __init__(self, h_in, widths, kind, rank, bias, std, cfg, lane_in=False):
         super().__init__()
-        self.h_out, self.n, self.kind, self.rank, self.std = h_out, n, kind, rank, std
+        self.widths, self.n, self.kind, self.rank, self.std = tuple(widths), len(widths), kind, rank, std
         self.lane_in, self.beta_eps, self.beta_init = lane_in, cfg.beta_eps, cfg.beta_init
+        self.packed = len(set(widths)) > 1
+        self.slots, self.h_out = (1, sum(widths)) if self.packed else (self.n, widths[0])  # Y is (B, T, slots, h_out)
         if kind == "full":
-            self.weight = nn.Parameter(torch.empty(h_in, n * h_out))
+            self.weight = nn.Parameter(torch.empty(h_in, sum(widths)))
         else:
-            self.A = nn.Parameter(torch.empty(h_in, n * rank))   # fused over the n projections
-            self.B = nn.Parameter(torch.empty(n, rank, h_out))   # one r x h_out factor per projection
+            self.A = nn.Parameter(torch.empty(h_in, self.n * rank))  # fused over the n projections
+            # one r x w factor per projection: (n, r, w), or side by side (r, sum w) when packed
+            self.B = nn.Parameter(torch.empty(rank, sum(widths)) if self.packed else torch.empty(self.n, rank, self.h_out))
         if lane_in:
-            self.beta = nn.Parameter(torch.empty(n), requires_grad=cfg.beta_learnable)  # one per layer and position
-        self.bias = nn.Parameter(torch.empty(n, h_out)) if bias else None
+            self.beta = nn.Parameter(torch.empty(self.n), requires_grad=cfg.beta_learnable)  # one per layer and position
+        self.bias = nn.Parameter(torch.empty(self.slots, self.h_out)) if bias else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -187,12 +177,25 @@ class Projection(nn.Module):
         beta = self.beta.to(torch.promote_types(self.beta.dtype, torch.float32))
         return torch.sign(beta) * (beta.abs() + self.beta_eps)
 
+    def lane_scale(self):
+        """s shaped to multiply Y: (n, 1), or (1, sum w) with each projection's s repeated over its columns."""
+        s = self.scale()
+        return torch.cat([s[i:i + 1].expand(w) for i, w in enumerate(self.widths)])[None] if self.packed else s[:, None]
+
+    def pieces(self, y):  # the n projections' outputs (B, T, w) in Y
+        return y[:, :, 0].split(self.widths, -1) if self.packed else y.unbind(2)
+
+    def split_input(self, xa):  # (B, T, n * r) -> Z (B, T, n, r); (B, T, sum w) -> X W (B, T, slots, h_out)
+        return xa.unflatten(-1, (self.slots if self.kind == "full" else self.n, -1))
+
     def input_product(self, x):
-        """X A (B, T, n, r), or X W (B, T, n, h_out): the input-side matmul, which recompute.py keeps (Z) or knows."""
-        return (x @ (self.weight if self.kind == "full" else self.A)).unflatten(-1, (self.n, -1))
+        """X A (B, T, n, r), or X W (B, T, slots, h_out): the input-side matmul, which recompute.py keeps (Z) or knows."""
+        return self.split_input(x @ (self.weight if self.kind == "full" else self.A))
 
     def output_product(self, z):
-        """Z B (B, T, n, h_out) from Z (B, T, n, r): one r x h_out factor per projection."""
+        """Z B (B, T, slots, h_out) from Z (B, T, n, r): one r x w factor per projection."""
+        if self.packed:
+            return torch.cat([z[:, :, i] @ b for i, b in enumerate(self.B.split(self.widths, -1))], -1)[:, :, None]
         # n = 1 (o, down) as a plain matmul: einsum's gradient for a (1, r, h) factor comes out with strides
         # that differ from DDP's bucket view in the size-1 dim (a warning and a copy on every step)
         return (z[:, :, 0] @ self.B[0]).unsqueeze(2) if self.n == 1 else torch.einsum("btnr,nrh->btnh", z, self.B)
@@ -213,7 +216,7 @@ class Projection(nn.Module):
         layer: exact in float32 for k layers (the round-off guard), not in bf16. So recompute.apply sets
         lane_dtype = float32 for "crnet" and "reversible"; then s stays float32 and addcmul promotes to it."""
         dtype = d.dtype if self.lane_dtype is None else torch.promote_types(d.dtype, self.lane_dtype)
-        return torch.addcmul(d, self.scale().view(self.n, 1).to(dtype), lane)
+        return torch.addcmul(d, self.lane_scale().to(dtype), lane)
 
     def forward(self, x, lane=None, xa=None):
         d = self.delta(x, xa)
@@ -237,49 +240,47 @@ def apply_rope(x, cos, sin):
 class Block(nn.Module):
     """One transformer layer. CR-Net lanes go in and come out explicitly: no hidden state on modules.
 
-    lanes: tuple (Y^qkv (B,T,3,h), Y^o (B,T,1,h), Y^up (B,T,2|1,ff), Y^down (B,T,1,h)) of the layer
-    below, or None for layer 1 / non-CR-Net models.
+    lanes: tuple (Y^qkv (B,T,3,q) or packed (B,T,1,q+2kv), Y^o (B,T,1,h), Y^up (B,T,2|1,ff), Y^down (B,T,1,h)) of
+    the layer below, or None for layer 1 / non-CR-Net models.
     """
 
     def __init__(self, cfg, l):
         super().__init__()
         h, ff, L = cfg.n_embd, cfg.ff_dim, cfg.n_layer
-        kind, r = cfg.layer_kind(l), cfg.layer_rank(l)
-        lane_in = cfg.param == "crnet" and l > 0
+        kind, r, lane_in = cfg.layer_kind(l), cfg.layer_rank(l), cfg.param == "crnet" and l > 0
         self.layer_idx, self.emits_lanes, self.cfg = l, cfg.param == "crnet", cfg
-        llama = cfg.arch == "llama"
+        llama = cfg.arch != "gpt2"  # llama and qwen3
         resid_std = cfg.init_std / math.sqrt(2 * L)  # GPT-2: scale the projections that write to the residual stream
         eps = cfg.norm_eps_value
         Norm = (lambda d: nn.RMSNorm(d, eps)) if llama else (lambda d: nn.LayerNorm(d, eps, bias=cfg.bias))
         attn_kind, mlp_kind = ("lowrank", "cola") if kind == "cola_mlp" else (kind, kind)
-        P = lambda h_in, h_out, n, std, kind: Projection(h_in, h_out, n, kind, r, cfg.bias, std, cfg, lane_in)
+        P = lambda h_in, widths, std, kind: Projection(h_in, widths, kind, r, cfg.bias, std, cfg, lane_in)
         self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
-        # q, k, v: three h-wide outputs; under grouped-query attention (full-rank only) one h + 2 kv_dim output
-        qkv = (h, h, 3) if cfg.kv_dim == h else (h, h + 2 * cfg.kv_dim, 1)
-        self.qkv = P(*qkv, cfg.init_std, attn_kind)
-        self.o = P(h, h, 1, resid_std, attn_kind)
-        self.up = P(h, ff, 2 if llama else 1, cfg.init_std, mlp_kind)  # LLaMA: gate and up share the input
-        self.down = P(ff, h, 1, resid_std, mlp_kind)
+        self.qkv = P(h, (cfg.q_dim, cfg.kv_dim, cfg.kv_dim), cfg.init_std, attn_kind)
+        self.o = P(cfg.q_dim, (h,), resid_std, attn_kind)
+        self.up = P(h, (ff, ff) if llama else (ff,), cfg.init_std, mlp_kind)  # LLaMA: gate and up share the input
+        self.down = P(ff, (h,), resid_std, mlp_kind)
+        if cfg.arch == "qwen3":  # QK-norm: one RMSNorm over head_dim for every query head, one for every key head
+            self.q_norm, self.k_norm = Norm(cfg.hd), Norm(cfg.hd)
 
     def attention(self, y_qkv, rope):
-        """y_qkv (B, T, 3, h), or (B, T, 1, h + 2 kv_dim) under grouped-query attention -> attention output
-        (B, T, h), before the o projection."""
+        """Y^qkv -> attention output (B, T, q_dim), before the o projection."""
         cfg = self.cfg
-        bsz, T, h = y_qkv.shape[0], y_qkv.shape[1], cfg.n_embd  # bsz, not B: B is the low-rank factor
-        nh, nkv, hd = cfg.n_head, cfg.kv_heads, h // cfg.n_head
-        parts = y_qkv.unbind(2) if y_qkv.shape[2] == 3 else y_qkv[:, :, 0].split((h, cfg.kv_dim, cfg.kv_dim), -1)
-        q, k, v = (t.view(bsz, T, n, hd) for t, n in zip(parts, (nh, nkv, nkv)))  # (B, T, heads, hd)
+        bsz, T = y_qkv.shape[:2]  # bsz, not B: B is the low-rank factor
+        q, k, v = (t.view(bsz, T, -1, cfg.hd) for t in self.qkv.pieces(y_qkv))  # (B, T, heads, hd)
+        if cfg.arch == "qwen3":  # QK-norm; weights in q's dtype (bf16 under autocast) let the fused kernel run
+            q, k = (F.rms_norm(t, (cfg.hd,), n.weight.to(t.dtype), n.eps) for t, n in ((q, self.q_norm), (k, self.k_norm)))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # (B, nh, T, hd) as views: SDPA's output keeps the (B, T, nh, hd) layout, so the reshape below is a view
         # too, not one more (B, T, h) copy kept for the o projection's backward
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         p = self.cfg.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=nkv != nh)
-        return a.transpose(1, 2).reshape(bsz, T, h)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_head)
+        return a.transpose(1, 2).reshape(bsz, T, cfg.q_dim)
 
     def mlp_act(self, y_up):
-        if self.cfg.arch == "llama":
+        if self.cfg.arch != "gpt2":
             return F.silu(y_up[:, :, 0]) * y_up[:, :, 1]  # SwiGLU
         return F.gelu(y_up[:, :, 0], approximate=self.cfg.gelu_approx)
 
@@ -311,10 +312,10 @@ class Transformer(nn.Module):
     | wte (token embedding)          | N(0, init_std)                          | GPT-2 / LLaMA convention |
     | wpe (GPT-2 positions)          | N(0, init_std)                          | GPT-2 |
     | lm_head (untied, as in LLaMA)  | N(0, init_std)                          | as wte |
-    | full W of q,k,v,gate,up,fc     | N(0, init_std) (also GQA's h+2kv wide)  | GPT-2 |
+    | full W of q,k,v,gate,up,fc     | N(0, init_std)                          | GPT-2 |
     | full W of o, down, mlp-out     | N(0, init_std / sqrt(2 n_layer))        | GPT-2: residual writes grow with depth |
     | low-rank A (h_in x n*r)        | N(0, 1 / sqrt(h_in))                    | Z = X A keeps the variance of X (what recompute stores) |
-    | low-rank B (n x r x h_out)     | N(0, std_W * sqrt(h_in / r * gain))     | Var(X A B) = gain * Var(X W_full) |
+    | low-rank B (n x r x w, packed r x sum w) | N(0, std_W * sqrt(h_in / r * gain))     | Var(X A B) = gain * Var(X W_full) |
     |   gain, crnet layers 2..L      | 1 - beta_init^2                         | Var(Y_l) = b^2 Var(Y_{l-1}) + (1-b^2) Var(full) = Var(full) at every depth |
     |   gain, lowrank / cola         | 1 / 1 / E[silu(z)^2] = 1 / 0.3557       | same output variance as full-rank (so is a low-rank CR-Net layer 1) |
     | beta (crnet, layers 2..L)      | beta_init (default 1/sqrt(2))           | results/init.md: measured per-layer output std ratio |
@@ -333,13 +334,12 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, h) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
         eps = cfg.norm_eps_value
-        self.norm_f = nn.RMSNorm(h, eps) if cfg.arch == "llama" else nn.LayerNorm(h, eps, bias=cfg.bias)
+        self.norm_f = nn.LayerNorm(h, eps, bias=cfg.bias) if cfg.arch == "gpt2" else nn.RMSNorm(h, eps)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
         self.tie_weights()
-        if cfg.arch == "llama":
-            cos, sin = rope_tables(h // cfg.n_head, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.arch != "gpt2":  # the RoPE tables, filled by reset_buffers
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -373,12 +373,12 @@ class Transformer(nn.Module):
 
     def reset_buffers(self):
         """The RoPE tables: computed, not stored, so that a meta-device model can be materialized."""
-        if self.cfg.arch == "llama":
-            cos, sin = rope_tables(self.cfg.n_embd // self.cfg.n_head, self.cfg.block_size, self.cfg.rope_theta)
+        if self.cfg.arch != "gpt2":
+            cos, sin = rope_tables(self.cfg.hd, self.cfg.block_size, self.cfg.rope_theta)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def rope(self):
-        return (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
+        return None if self.cfg.arch == "gpt2" else (self.rope_cos, self.rope_sin)
 
     def forward(self, idx, targets=None):
         if idx.shape[1] > self.cfg.block_size:
@@ -423,12 +423,11 @@ class Transformer(nn.Module):
         return counts
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 * (matmul parameters, low-rank factors and the LM head included)
-        plus attention 12 * L * h * T (QK^T and AV, counted as full T x T like PaLM and nanoGPT do).
-        The lane scale-and-add (2 * n * h_out per projection) and elementwise ops are not counted."""
+        """Training FLOPs per token: 6 * (matmul parameters, low-rank factors and the LM head included) plus attention
+        12 * L * q_dim * T (QK^T and AV, as full T x T like PaLM and nanoGPT); lane adds and elementwise ops not counted."""
         c = self.num_params()
         n_matmul = c["full_rank"] + c["low_rank"] + self.lm_head.weight.numel()
-        return 6 * n_matmul + 12 * self.cfg.n_layer * self.cfg.n_embd * self.cfg.block_size
+        return 6 * n_matmul + 12 * self.cfg.n_layer * self.cfg.q_dim * self.cfg.block_size
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; decay on weight matrices and low-rank factors, none on norms, biases, betas."""

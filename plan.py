@@ -184,12 +184,12 @@ def stored_numbers_per_token(cfg, mode, every=8, store=None, keep_z=True):
 def lane_numbers(cfg):
     """Lane numbers per token of one layer, per group (qkv, o, up, down)."""
     h = cfg.n_embd
-    return [3 * h, h, (2 if cfg.arch == "llama" else 1) * cfg.ff_dim, h]
+    return [cfg.q_dim + 2 * cfg.kv_dim, h, (1 if cfg.arch == "gpt2" else 2) * cfg.ff_dim, h]
 
 
 def z_numbers(cfg):
     """Numbers per token of every Z = X A that crnet recompute keeps (layers 2..L, and 1 if it is low-rank)."""
-    n_up = 2 if cfg.arch == "llama" else 1
+    n_up = 1 if cfg.arch == "gpt2" else 2
     return sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(cfg.n_layer) if cfg.layer_kind(l) != "full")
 
 
@@ -253,22 +253,27 @@ def layer_numbers(cfg, l, bf16, lanes_f32=False):
     lanes_f32: Eq. 6's outputs are float32 (recompute crnet/reversible set Projection.lane_dtype; their replay of a
     layer is what this counts then); else every projection output is in the compute dtype."""
     h, ff, nh, L = cfg.n_embd, cfg.ff_dim, cfg.n_head, cfg.n_layer
-    llama, n_up, kind = cfg.arch == "llama", (2 if cfg.arch == "llama" else 1), cfg.layer_kind(l)
+    llama, n_up, kind = cfg.arch != "gpt2", (1 if cfg.arch == "gpt2" else 2), cfg.layer_kind(l)
+    q, qkv = cfg.q_dim, cfg.q_dim + 2 * cfg.kv_dim
     lanes_f32 = lanes_f32 and kind == "crnet"
     cast = bf16 and lanes_f32    # SDPA and the next matmul then keep bf16 copies of their inputs
     # the layer above keeps our lanes for dL/dbeta (not for a fixed beta: autograd saves only what it will use)
     kept_above = l + 1 < L and cfg.layer_kind(l + 1) == "crnet" and cfg.beta_learnable
     f32 = 2 * ((1 + h) if llama else 2) + 2 * h  # 2 norms' statistics (+ RMSNorm's normalized x); residual x twice
     act = 2 * h                                  # the 2 norms' outputs, as the next matmul keeps them
+    # QK-norm, float32 inside: statistics, output and a bf16 input's float32 copy as counted on the CPU, where rms_norm
+    # is composite (CUDA's fused kernel keeps the statistics only: the plan errs high there)
+    if cfg.arch == "qwen3":
+        f32 += cfg.n_head + cfg.kv_heads + (qkv - cfg.kv_dim) * (1 + (bf16 and not cast))
     if kind != "full":
         silu = {"cola": 3 + 1 + n_up + 1, "cola_mlp": n_up + 1}.get(kind, 0)  # projections that also keep silu(Z)
         act += (3 + 1 + n_up + 1 + silu) * cfg.layer_rank(l)  # Z
     y = lambda n: (n, 0) if lanes_f32 else (0, n)  # numbers of a projection output, by its dtype
-    parts = [(nh, 0), (0, h)]                      # SDPA: logsumexp; its output (o's input is a view of it)
+    parts = [(nh, 0), (0, q)]                      # SDPA: logsumexp; its output (o's input is a view of it)
     if cast:
-        parts += [(0, 3 * h)] + [y(3 * h)] * kept_above        # bf16 q, k, v; the fp32 lane if kept above
+        parts += [(0, qkv)] + [y(qkv)] * kept_above            # bf16 q, k, v; the fp32 lane if kept above
     else:
-        parts += [y(3 * h)] + [y(2 * h)] * llama               # q, k, v (views of Y^qkv); rotated q, k
+        parts += [y(qkv)] + [y(qkv - cfg.kv_dim)] * llama      # q, k, v (views of Y^qkv); rotated q, k
     parts += [y(h)] * kept_above + [y(h)] * kept_above         # Y^o and Y^down, lanes kept above
     parts += [y(n_up * ff), (0, ff)] + [y(ff)] * llama         # Y^up (act's input); down's input; silu(gate)
     return f32 + sum(p[0] for p in parts), act + sum(p[1] for p in parts)
@@ -276,7 +281,7 @@ def layer_numbers(cfg, l, bf16, lanes_f32=False):
 
 def activation_numbers(cfg, mode, bf16, every=8, keep_z=True):
     """(float32, compute-dtype) numbers per token held at the end of a training forward (logits dropped)."""
-    h, L, llama = cfg.n_embd, cfg.n_layer, cfg.arch == "llama"
+    h, L, llama = cfg.n_embd, cfg.n_layer, cfg.arch != "gpt2"
     f32 = h + h + cfg.vocab_size + ((1 + h) if llama else 2)  # x_0, x_L, log-softmax, final norm statistics
     act = h                                                   # final norm output, kept by the head
     if mode == "none":

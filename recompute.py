@@ -29,9 +29,8 @@ tensors, so one graph serves every layer of a kind (layer 1, layer 2, layers 3..
 no_grad and saves nothing; the replay saves only what its own backward, run at once, needs. With dropout the
 bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
 
-This file knows a block through its projections(), its class's forward(x, lanes, rope, project), layer_idx,
-cfg.dropout, o and down, and a projection through kind, lane_in, bias, weight/A/B, input_product, output_product,
-lane_add and scale.
+What it uses of model.py: a block's projections(), forward(x, lanes, rope, project), layer_idx, cfg.dropout, o,
+down; a Projection's kind, lane_in, bias, weight/A/B, widths, packed and the methods that form its products.
 """
 import contextlib
 import functools
@@ -59,7 +58,7 @@ class LaneStash:
 class Known(torch.autograd.Function):
     """a @ b where the product ab is already known: returns it without the matmul; the backward is the matmul's
     (da = g b^T, db = a^T g), in the product's dtype, as autocast ran it in forward. a (..., k) @ b (k, m), or
-    Z (B, T, n, r) @ B (n, r, h_out) per projection (n = 1 through the 2-D path, which keeps DDP's strides)."""
+    Z (B, T, n, r) @ B (n, r, h_out) per projection (n = 1 and packed pieces: the 2-D path, which keeps DDP's strides)."""
 
     @staticmethod
     def forward(ctx, a, b, ab):
@@ -126,7 +125,7 @@ def invert_lanes(block, zs, own, dtypes):
         p = proj.output_product(z)
         d = p if proj.bias is None else p + proj.bias.to(p.dtype)  # as Projection.delta formed it
         products.append(p)
-        below.append(None if dtype is None else torch.sub(y, d).div_(proj.scale().view(proj.n, 1)).to(dtype))
+        below.append(None if dtype is None else torch.sub(y, d).div_(proj.lane_scale()).to(dtype))
     return products, below
 
 
@@ -137,9 +136,14 @@ def replay(block, x, lanes, rope, zs, products):
 
     def project(proj, inp, lane):
         w = proj.weight if proj.kind == "full" else proj.A
-        xa = Known.apply(inp, w, (next(products) if proj.kind == "full" else next(zs)).flatten(-2))
-        xa = xa.unflatten(-1, (proj.n, -1))
-        d = xa if proj.kind == "full" else Known.apply(xa, proj.B, next(products))
+        xa = proj.split_input(Known.apply(inp, w, (next(products) if proj.kind == "full" else next(zs)).flatten(-2)))
+        if proj.kind == "full":
+            d = xa
+        elif proj.packed:  # a known product per projection, each of its own width: (Z_i, B_i, Z_i B_i)
+            known = zip(xa.unbind(2), proj.B.split(proj.widths, -1), proj.pieces(next(products)))
+            d = torch.cat([Known.apply(*t) for t in known], -1)[:, :, None]
+        else:
+            d = Known.apply(xa, proj.B, next(products))
         if proj.bias is not None:
             d = d + proj.bias.to(d.dtype)
         elif not proj.lane_in and torch.compiler.is_compiling():  # layer 1's output, a view of an input (the known

@@ -51,7 +51,7 @@ log_to = ""                         # also log to "tensorboard" (out_dir/tensorb
 wandb_project = "crnet"             # the wandb project, with log_to="wandb"
 seed = 1337                         # weights, batches and dropout all derive from it [>=0]
 # model: every ModelConfig field (model.py documents them); vocab_size None = the data's
-arch = "llama"                      # LLaMA (RMSNorm, RoPE, SwiGLU) or GPT-2 (LayerNorm, learned positions, GELU) {llama|gpt2}
+arch = "llama"                      # LLaMA (RMSNorm, RoPE, SwiGLU), GPT-2 (LayerNorm, learned positions, GELU), Qwen-3 (LLaMA + QK-norm) {llama|gpt2|qwen3}
 n_layer = 4                         # [>=1]
 n_head = 4                          # [>=1]
 n_embd = 192                        # [>=1]
@@ -67,6 +67,9 @@ beta_eps = 1e-6                     # Eq. 6: s = sign(beta) (|beta| + eps) [>=0]
 beta_learnable = True               # False: the paper's fixed-beta ablation
 first_layer = "full"                # "lowrank": the paper's low-rank-first-layer ablation {full|lowrank}
 init_std = 0.02                     # std of a full-rank projection [>0]
+n_kv_head = 0                       # key/value heads: 0 = n_head; fewer = grouped-query attention [>=0]
+head_dim = 0                        # 0 = n_embd / n_head; q is n_head * head_dim wide, k and v n_kv_head * head_dim [>=0]
+tie_embeddings = None               # the LM head shares the token embedding; None = the arch's: GPT-2 tied, LLaMA and Qwen-3 untied
 # activation recomputation (recompute.py): not part of the model, so a run may resume with another mode
 recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1; "reversible": also inverts the residual stream; "auto": the fastest that the memory plan fits {none|block|crnet|reversible|auto}
 device_gib = 0.0                    # recompute="auto", --preflight: memory per device to plan for; 0 = this device's [>=0]
@@ -94,7 +97,7 @@ cpu_threads = 0                     # 0 = torch's default, divided among local p
 peak_flops = 0.0                    # 0 = look the device up in parallel.PEAK_FLOPS; MFU is n/a when unknown [>=0]
 preflight = False                   # run every check a launch makes (config, batch, data, memory plan), then exit
 world_size = 0                      # preflight: the number of processes to check for; 0 = this launch's [>=0]
-TYPES = {"rank": (int, list), "vocab_size": (int, None)}
+TYPES = {"rank": (int, list), "vocab_size": (int, None), "tie_embeddings": (bool, None)}
 # -----------------------------------------------------------------------------
 
 

@@ -21,28 +21,35 @@ def cfg(**kw):
 
 
 # ---------------------------------------------------------------- the projection formulas, by hand
+@pytest.mark.parametrize("widths", [(10, 10, 10), (10, 6, 6)])  # equal (B, T, n, w); q, k, v packed (B, T, 1, 22)
 @pytest.mark.parametrize("kind", ["full", "lowrank", "cola", "crnet"])
-def test_projection_matches_formula(kind):
+def test_projection_matches_formula(kind, widths):
     torch.manual_seed(0)
     c = cfg()
-    h_in, h_out, n, r = 12, 10, 3, 4
-    p = Projection(h_in, h_out, n, "full" if kind == "full" else ("lowrank" if kind == "crnet" else kind), r,
+    h_in, n, r = 12, 3, 4
+    p = Projection(h_in, widths, "full" if kind == "full" else ("lowrank" if kind == "crnet" else kind), r,
                    bias=False, std=0.5, cfg=c, lane_in=kind == "crnet")
-    x, lane = torch.randn(2, 5, h_in), torch.randn(2, 5, n, h_out)
+    x = torch.randn(2, 5, h_in)
+    lanes = [torch.randn(2, 5, w) for w in widths]  # Y_{l-1} of each projection
+    lane = torch.cat(lanes, -1)[:, :, None] if len(set(widths)) > 1 else torch.stack(lanes, 2)
     if kind == "crnet":
         with torch.no_grad():
             p.beta.copy_(torch.tensor([-0.7, 0.3, -2e-7]))  # negative, positive, tinier than eps
     y = p(x, lane if kind == "crnet" else None)
+    assert y.shape == lane.shape
+    got = y[:, :, 0].split(widths, -1) if len(set(widths)) > 1 else y.unbind(2)
+    col = [sum(widths[:j]) for j in range(n + 1)]
     for j in range(n):  # each of the n projections on its own, with plain matmuls
         if kind == "full":
-            want = x @ p.weight[:, j * h_out:(j + 1) * h_out]
+            want = x @ p.weight[:, col[j]:col[j + 1]]
         else:
             z = x @ p.A[:, j * r:(j + 1) * r]
-            want = (F.silu(z) if kind == "cola" else z) @ p.B[j]
+            b = p.B[:, col[j]:col[j + 1]] if len(set(widths)) > 1 else p.B[j]
+            want = (F.silu(z) if kind == "cola" else z) @ b
         if kind == "crnet":
             b = p.beta[j].item()
-            want = math.copysign(abs(b) + 1e-6, b) * lane[:, :, j] + want  # Eq. 6
-        torch.testing.assert_close(y[:, :, j], want, rtol=1e-5, atol=1e-6)
+            want = math.copysign(abs(b) + 1e-6, b) * lanes[j] + want  # Eq. 6
+        torch.testing.assert_close(got[j], want, rtol=1e-5, atol=1e-6)
 
 
 def test_crnet_first_layer_is_full_rank_and_the_rest_low_rank():
@@ -323,3 +330,23 @@ def test_generate_shapes_and_greedy_determinism():
     a, b = generate(m, idx, 20, temperature=0), generate(m, idx, 20, temperature=0)
     assert a.shape == (2, 25) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
     assert generate(m, idx, 3, temperature=1.0, top_k=1).equal(generate(m, idx, 3, temperature=0))
+
+
+@pytest.mark.parametrize("param", ["full", "crnet", "lowrank"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_grouped_query_attention_and_head_dim_counts_match_closed_form(arch, param):
+    """Qwen-3-0.6B's shape (h 1024, 16 heads of 128, 8 kv heads, 28 layers, ff 3072, vocab 151936, tied): q is
+    2048 wide, k and v 1024 each, o reads 2048. A low-rank layer: X [A_q A_k A_v] is h x 3r, [B_q B_k B_v] is
+    r x (q + 2 kv); o: q x r, r x h; gate/up: h x 2r, r x 2ff; down: ff x r, r x h. QK-norm: 2 x head_dim per layer."""
+    h, nh, hd, nkv, L, ff, V, r = 1024, 16, 128, 8, 28, 3072, 151936, 256
+    q, kv = nh * hd, nkv * hd
+    full_layer = h * (q + 2 * kv) + q * h + 3 * h * ff
+    lr_layer = r * (3 * h + q + 2 * kv) + r * (q + h) + r * (2 * h + 2 * ff) + r * (ff + h)
+    layers = {"full": L * full_layer, "lowrank": L * lr_layer, "crnet": full_layer + (L - 1) * (lr_layer + 7)}[param]
+    norms = 2 * h * L + h + (2 * hd * L if arch == "qwen3" else 0)
+    with torch.device("meta"):
+        m = Transformer(ModelConfig(arch=arch, param=param, n_embd=h, n_head=nh, head_dim=hd, n_kv_head=nkv, n_layer=L,
+                                    intermediate_size=ff, vocab_size=V, rank=r, tie_embeddings=True))
+    assert m.num_params()["total"] == V * h + norms + layers
+    if param == "crnet":
+        assert m.blocks[1].qkv.packed and m.blocks[1].qkv.B.shape == (r, q + 2 * kv) and m.blocks[1].o.A.shape == (q, r)

@@ -15,6 +15,10 @@ ABLATIONS = {"lowrank-first": dict(first_layer="lowrank"), "fixed-beta": dict(be
 CASES += [("llama", f"crnet:{a}", mode) for a in ABLATIONS for mode in ("none", "block", "crnet")]
 CASES += [(arch, param, f"reversible:{keep_z}") for arch in ("llama", "gpt2") for param in ("crnet", "crnet:lowrank-first")
           for keep_z in (True, False)]
+# grouped-query attention with a head_dim of its own (q 96, k and v 24 wide: packed lanes), and Qwen-3's QK-norm
+ARCHS = {"llama-gqa": dict(arch="llama", n_kv_head=1, head_dim=24), "qwen3": dict(arch="qwen3", n_kv_head=1, head_dim=24)}
+CASES += [(arch, param, mode) for arch in ARCHS for param, mode in (("full", "none"), ("full", "block"), ("crnet", "none"),
+                                                                   ("crnet", "crnet"), ("crnet", "reversible:False"))]
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
@@ -26,7 +30,7 @@ def test_activation_figures_match_counted_bytes(arch, param, mode, dtype):
     param, _, ablation = param.partition(":")
     mode, _, keep_z = mode.partition(":")
     keep_z = keep_z != "False"
-    cfg = ModelConfig(arch=arch, n_layer=5, n_head=4, n_embd=64, intermediate_size=160, vocab_size=97, block_size=32,
+    cfg = ModelConfig(**ARCHS.get(arch, dict(arch=arch)), n_layer=5, n_head=4, n_embd=64, intermediate_size=160, vocab_size=97, block_size=32,
                       param=param, rank=[16, 12, 16, 8, 16], **ABLATIONS.get(ablation, {}))
     torch.manual_seed(0)
     m = recompute.apply(Transformer(cfg), mode, 2, keep_z)

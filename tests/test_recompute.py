@@ -76,6 +76,28 @@ def test_crnet_recompute_matches_plain_autograd_in_the_ablations(kw):
     assert held == stored_numbers_per_token(m.cfg, "crnet", 2) * 4 * idx.numel()
 
 
+GQA = {"llama-gqa": dict(n_kv_head=1), "gpt2-gqa-bias": dict(arch="gpt2", n_kv_head=1, bias=True),
+       "qwen3-gqa": dict(arch="qwen3", n_kv_head=1, head_dim=12), "qwen3-head-dim": dict(arch="qwen3", head_dim=24)}
+
+
+@pytest.mark.parametrize("mode", ["crnet", "reversible"])
+@pytest.mark.parametrize("kw", GQA.values(), ids=list(GQA))
+def test_recompute_matches_plain_autograd_with_grouped_query_attention_and_qk_norm(kw, mode):
+    """q, k, v of different widths (one packed lane, a beta each: Eq. 6 inverted per projection at its own width),
+    a head_dim of its own, QK-norm; the held bytes are the formula's (q + 2 kv lane numbers)."""
+    ref, rc = twins(mode, n_layer=5, recompute_every=2, rank=[5, 4, 6, 5, 7], **kw)
+    assert ref.blocks[1].qkv.packed == ("n_kv_head" in kw) and ref.blocks[1].qkv.beta.shape == (3,)
+    idx = torch.randint(0, 50, (3, 16))
+    l_ref, g_ref = loss_and_grads(ref, idx)
+    l_rc, g_rc = loss_and_grads(rc, idx)
+    assert torch.equal(l_ref, l_rc)
+    assert_grads_close(g_ref, g_rc)
+    m = make(mode, n_layer=5, recompute_every=2, rank=[5, 4, 6, 5, 7], **kw)
+    store = stored_lanes(m.blocks, 2, torch.float32, mode == "reversible")  # with the guard's entries, if any
+    held, _ = held_activation_bytes(m, idx, idx)
+    assert held == stored_numbers_per_token(m.cfg, mode, 2, store) * 4 * idx.numel()
+
+
 def test_dropout_is_replayed_exactly():
     ref, rc = twins("crnet", dropout=0.2, n_layer=5, recompute_every=2)
     idx = torch.randint(0, 50, (2, 16))

@@ -42,7 +42,8 @@ With --hf the model is loaded by hf.load_pretrained (a local directory or a hub 
 own tokenizer: --data_dir, or for GPT-2 models (OpenAI's 50257-token BPE) the bundled corpus as GPT-2 BPE
 (data/shakespeare_gpt2, prepared on first use). A .gguf model's tokens: prepare_data.py --tokenizer=<the file>.
 For another LLaMA tokenizer write val.bin (uint16 ids, so at most 65536 of them: not LLaMA 3's) and meta.json in
-its format yourself. Under grouped-query attention k and v are kv_dim wide, and r must be below that too.
+its format yourself. Under grouped-query attention k and v are kv_dim wide (Qwen-3: q is n_head * head_dim), and r
+must be below every width.
 
 The plot needs matplotlib (optional).
 """
@@ -66,7 +67,7 @@ from prepare_data import ROOT, load_meta, prepare
 out_dir = "out"    # checkpoint directory written by train.py: ckpt.pt or ckpt_dcp/iter_*
 hf = ""            # a Hugging Face model name or local directory: analyze a pretrained model instead of out_dir
 data_dir = ""      # prepared tokens (val.bin) to run; "" = the checkpoint's, or with hf the bundled corpus (GPT-2 only)
-rank = 0           # r of the rank-r approximations; 0 = min(n_embd, kv_dim) // 4; else below every width and the tokens [>=0]
+rank = 0           # r of the rank-r approximations; 0 = min(n_embd, q, k/v widths) // 4; else below every width and the tokens [>=0]
 tokens = 8192      # validation tokens run through the model, in whole blocks of block_size [>=1]
 rank2 = 0          # a second rank, measured beside rank; 0 = rank // 2 (h/8 by default), -1 = none [>=-1]
 below = 0.95       # the summary counts the best-beta ratios under this [>0]
@@ -309,12 +310,10 @@ NAMES = {"qkv": ["q", "k", "v"], "o": ["o"], "down": ["down"]}  # + up: gate, up
 INPUTS = {"qkv": "attn_in", "o": "o_in", "up": "mlp_in", "down": "down_in"}  # what each projection reads
 
 
-def split_output(y, names, h, kv):
-    """A projection's (B, T, n, h_out) output as {name: (N, h_out)}; under grouped-query attention qkv is one
-    (B, T, 1, h + 2 kv_dim) output, cut into q, k, v."""
-    gqa = y.shape[2] != len(names)
-    parts = y[:, :, 0].split((h, kv, kv), -1) if gqa else y.unbind(2)
-    return {name: t.reshape(-1, t.shape[-1]) for name, t in zip(names, parts, strict=True)}
+def split_output(proj, y, names):
+    """A projection's output Y as {name: (N, width)}: Projection.pieces cuts it (the n projections of equal widths
+    side by side in Y's dim 2, or q, k, v of different widths packed in its last dim)."""
+    return {name: t.reshape(-1, t.shape[-1]) for name, t in zip(names, proj.pieces(y), strict=True)}
 
 
 class Measure:
@@ -325,8 +324,8 @@ class Measure:
 
     def __init__(self, model, ranks, controls, noise=None, bar=None):
         cfg = model.cfg
-        self.names = dict(NAMES, up=["gate", "up"] if cfg.arch == "llama" else ["fc"])
-        self.h, self.kv, self.ranks, self.controls, self.noise, self.bar = cfg.n_embd, cfg.kv_dim, ranks, controls, noise, bar
+        self.names = dict(NAMES, up=["fc"] if cfg.arch == "gpt2" else ["gate", "up"])
+        self.ranks, self.controls, self.noise, self.bar = ranks, controls, noise, bar
         self.prev, self.cur, self.rows, self.hooks = {}, {}, [], []
         self.workers = max(1, torch.get_num_threads())
         for l, blk in enumerate(model.blocks):
@@ -334,17 +333,17 @@ class Measure:
                 self.hooks.append(blk.register_forward_pre_hook(lambda m, inp: self.cur.update(resid=inp[0])))
             for group in self.names:
                 proj = getattr(blk, group)
-                self.hooks.append(proj.register_forward_hook(lambda m, inp, y, l=l, g=group: self.output(l, g, inp[0], y)))
+                self.hooks.append(proj.register_forward_hook(lambda m, inp, y, l=l, g=group: self.output(l, g, m, inp[0], y)))
             self.hooks.append(blk.register_forward_hook(lambda m, inp, out, l=l: self.layer(l)))
 
-    def output(self, l, group, x, y):
-        for name, t in split_output(y, self.names[group], self.h, self.kv).items():
+    def output(self, l, group, proj, x, y):
+        for name, t in split_output(proj, y, self.names[group]).items():
             self.cur[name] = t
         if self.controls:
             self.cur[INPUTS[group]] = x
             if self.noise is not None:  # Y + X E: the same quantization noise once more, on this projection
                 e = x @ getattr(self.noise.blocks[l], group).weight
-                for name, t in split_output(e.unflatten(-1, (y.shape[2], -1)), self.names[group], self.h, self.kv).items():
+                for name, t in split_output(proj, proj.split_input(e), self.names[group]).items():
                     self.cur[f"{name}+noise"] = self.cur[name] + t
                     self.cur[f"{name}:noise"] = t
 
@@ -410,14 +409,13 @@ def gguf_noise(path, seed=0):
 def collect_outputs(model, idx):
     """{(layer, position name): (N, h_out) float32 output} for every projection, via forward hooks (for the
     reference estimator on small models)."""
-    names = {"qkv": ["q", "k", "v"], "o": ["o"], "up": ["gate", "up"] if model.cfg.arch == "llama" else ["fc"],
+    names = {"qkv": ["q", "k", "v"], "o": ["o"], "up": ["fc"] if model.cfg.arch == "gpt2" else ["gate", "up"],
              "down": ["down"]}
     out, hooks = {}, []
-    h, kv = model.cfg.n_embd, model.cfg.kv_dim
     for l, blk in enumerate(model.blocks):
         for group in names:
             def hook(mod, inp, y, l=l, group=group):
-                for name, t in split_output(y, names[group], h, kv).items():
+                for name, t in split_output(mod, y, names[group]).items():
                     out.setdefault((l, name), []).append(t.float())
             hooks.append(getattr(blk, group).register_forward_hook(hook))
     for i in range(0, len(idx), 8):
@@ -490,7 +488,7 @@ def main(argv):
         image_path("plot", c["plot"])
     model, data_dir, name = load(c)
     cfg = model.cfg
-    r = c["rank"] or min(cfg.n_embd, cfg.kv_dim) // 4
+    r = c["rank"] or min(cfg.n_embd, cfg.q_dim, cfg.kv_dim) // 4
     ranks = [r] + ([c["rank2"] or r // 2] if c["rank2"] >= 0 and (c["rank2"] or r // 2) not in (0, r) else [])
     val = np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r")
     T = cfg.block_size
@@ -498,7 +496,7 @@ def main(argv):
     if n < 1:
         raise configurator.ConfigError("tokens", c["tokens"], f"is less than one block of {T}")
     for rk in ranks:
-        check_rank(rk, (cfg.n_embd, cfg.ff_dim, cfg.kv_dim), n * T)
+        check_rank(rk, (cfg.n_embd, cfg.ff_dim, cfg.q_dim, cfg.kv_dim), n * T)
     ids = torch.from_numpy(val[:n * T + 1].astype(np.int64))
     noise = gguf_noise(c["hf"]) if c["controls"] and str(c["hf"]).endswith(".gguf") else None
     print(f"{name}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, ranks r={', '.join(map(str, ranks))}, "
