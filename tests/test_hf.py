@@ -36,11 +36,22 @@ def llama(**kw):
     return randomize(transformers.LlamaForCausalLM(c), 1)
 
 
+def qwen3(**kw):
+    c = transformers.Qwen3Config(**{**dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position_embeddings=24, bos_token_id=0,
+                                           eos_token_id=0), **kw})
+    return randomize(transformers.Qwen3ForCausalLM(c), 3)
+
+
 CASES = {
     "gpt2": lambda: gpt2(layer_norm_epsilon=1e-3),  # an eps far from the default: a dropped one would show
     "llama_gqa_tied_theta": lambda: llama(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True,
                                           rms_norm_eps=1e-3),
     "llama_mha_untied": lambda: llama(num_key_value_heads=4, tie_word_embeddings=False),
+    # Qwen-3: QK-norm (random weights, so a norm applied to the wrong head or skipped shows), head_dim 16 != 32 / 4
+    "qwen3_gqa_head_dim_tied": lambda: qwen3(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                                             rms_norm_eps=1e-3),
+    "qwen3_mha_untied": lambda: qwen3(num_key_value_heads=4, head_dim=8, tie_word_embeddings=False),
 }
 
 
@@ -70,8 +81,9 @@ def test_logits_match_transformers(saved):
     c = theirs.config
     assert not ours.training and ours.cfg.param == "full" and ours.cfg.vocab_size == c.vocab_size
     assert ours.cfg.tied == c.tie_word_embeddings and (ours.lm_head.weight is ours.wte.weight) == c.tie_word_embeddings
-    if c.model_type == "llama":
+    if c.model_type in ("llama", "qwen3"):
         assert ours.cfg.kv_heads == c.num_key_value_heads and ours.cfg.rope_theta == c.rope_parameters["rope_theta"]
+        assert ours.cfg.arch == c.model_type and ours.cfg.hd == c.head_dim
     else:
         assert ours.cfg.gelu_approx == "tanh" and ours.cfg.norm_eps == c.layer_norm_epsilon
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
@@ -167,15 +179,17 @@ def test_hub_names_fail_clearly_when_the_hub_is_unreachable(monkeypatch):
         hf.load_pretrained("some-org/some-model")  # FileNotFoundError: scripts print it as one error: line
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
 def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_data, tmp_path):
     """python tools/hf.py --out_dir=RUN --export=DIR writes config.json + model.safetensors that transformers'
-    AutoModelForCausalLM loads with our logits (gpt2: tied, biases; llama: untied); CR-Net runs are refused."""
+    AutoModelForCausalLM loads with our logits (gpt2: tied, biases; llama: untied; qwen3: GQA, a head_dim of
+    its own); CR-Net runs are refused."""
     import train
     from conftest import TINY
     run = tmp_path / "run"
     train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={run}", "--param=full", f"--arch={arch}",
-                       "--max_iters=3", "--eval_interval=3"] + (["--bias"] if arch == "gpt2" else []))
+                       "--max_iters=3", "--eval_interval=3"] + (["--bias"] if arch == "gpt2" else [])
+               + (["--n_kv_head=1", "--head_dim=12"] if arch == "qwen3" else []))
     hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
@@ -192,7 +206,8 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"model_type": "bert"}, r"model_type='bert' .* is not supported: tools/hf.py loads 'gpt2' and the LLaMA family"),
+    ({"model_type": "bert"}, r"model_type='bert' .* is not supported: tools/hf.py loads 'gpt2', the LLaMA family .* "
+                             r"and 'qwen3'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"^config.json: rope_scaling=.*llama3.* only plain RoPE"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"^config.json: rope_parameters=.* only plain RoPE"),
     ({"attention_bias": True}, "^config.json: attention_bias=True is not supported"),
@@ -236,16 +251,21 @@ def test_new_fields_keep_defaults_and_stay_out_of_training_configs():
     assert (c.rope_theta, c.norm_eps_value, c.kv_heads, c.gelu_approx, c.tied) == (10000.0, 1e-6, 8, "none", False)
     g = ModelConfig(arch="gpt2")
     assert (g.norm_eps_value, g.tied) == (1e-5, True)
+    q = ModelConfig(arch="qwen3")
+    assert (q.rope_theta, q.norm_eps_value, q.tied, q.hd, q.q_dim) == (1e6, 1e-6, False, 64, 512)
     train_keys = configurator.defaults("train.py")
     assert set(ModelConfig.field_names()) <= set(train_keys)
     extra = set(ModelConfig.field_names(pretrained=True)) - set(ModelConfig.field_names())
-    assert extra == {"rope_theta", "norm_eps", "n_kv_head", "gelu_approx", "tie_embeddings"} and not extra & set(train_keys)
+    assert extra == {"rope_theta", "norm_eps", "gelu_approx"} and not extra & set(train_keys)
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(n_kv_head=3), "^n_kv_head=3: must divide n_head=4"),
-    (dict(n_kv_head=2, param="crnet"), r"^n_kv_head=2: grouped-query attention .* needs param='full' \(got param='crnet'\)"),
     (dict(n_kv_head=-1), "^n_kv_head=-1: must be a non-negative integer"),
+    (dict(head_dim=-8), r"^head_dim=-8: must be a non-negative integer \(0 = the default\)"),
+    (dict(head_dim=7), "^head_dim=7: RoPE needs an even head dim, got 7"),
+    (dict(n_kv_head=1, param="crnet"), r"^rank=8: layer 2 rank 8 must be .* < min\(n_embd, ff_dim, q, k/v widths\) = 8"),
+    (dict(arch="qwen3", bias=True), "^bias=True: the qwen3 architecture has no biases"),
     (dict(gelu_approx="erf"), r"^gelu_approx='erf': must be one of \('none', 'tanh'\)"),
     (dict(tie_embeddings=1), "^tie_embeddings=1: must be None"),
     (dict(rope_theta=0.0), "^rope_theta=0.0: must be a positive number"),

@@ -1,5 +1,5 @@
 """
-Hugging Face GPT-2 and LLaMA-family checkpoints loaded into our full-rank Transformer (param="full"), exactly:
+Hugging Face GPT-2, LLaMA-family and Qwen-3 checkpoints loaded into our full-rank Transformer (param="full"), exactly:
 the same logits as transformers' own model, to float round-off (tests/test_hf.py compares them).
 
     from tools.hf import load_pretrained
@@ -7,19 +7,20 @@ the same logits as transformers' own model, to float round-off (tests/test_hf.py
     model = load_pretrained("openai-community/gpt2")  # a hub name, where the network allows (needs huggingface_hub)
     python tools/hf.py --out_dir=out --export=out_hf          # a full-rank train.py run as a Hugging Face directory
 
-Supported: model_type "gpt2" and the LLaMA family ("llama", "mistral"): grouped-query attention, tied or untied
-embeddings, any rope_theta, plain RoPE only (rope_scaling must be None). transformers is not needed: config.json
+Supported: model_type "gpt2", the LLaMA family ("llama", "mistral") and "qwen3" (LLaMA with QK-norm): grouped-query
+attention, any head_dim, tied or untied embeddings, any rope_theta, plain RoPE only (rope_scaling must be None). transformers is not needed: config.json
 is plain JSON and safetensors files are read by the short reader below (8-byte little-endian header length, a
 JSON header of name -> dtype, shape, byte offsets, then the raw little-endian tensors).
 
 Layouts. HF GPT-2's Conv1D weights are (in, out), our Y = X W convention: c_attn -> qkv (columns q | k | v), attn
 c_proj -> o, c_fc -> up, mlp c_proj -> down, as they are. HF LLaMA's nn.Linear weights are (out, in), so they
 are transposed: q/k/v -> the columns of qkv, gate/up -> the columns of up (gate first, as SwiGLU reads them),
-o, down. HF LLaMA's RoPE rotates the two halves of each head, the layout model.apply_rope uses.
+o, down; Qwen-3's q_norm, k_norm (one head_dim-wide weight each) as they are. HF LLaMA's RoPE rotates the two halves of each head, the layout model.apply_rope uses.
 
 block_size: GPT-2's n_positions (its wpe table). LLaMA: max_position_embeddings capped at MAX_BLOCK (LLaMA 3.1
 says 131072; the RoPE tables and the longest forward are what block_size sizes), or the block_size argument.
-Mistral's sliding window is exact while block_size <= sliding_window, so block_size is capped there as well.
+Mistral's sliding window (Qwen-3's, where use_sliding_window) is exact while block_size <= sliding_window, so
+block_size is capped there as well.
 """
 import json
 import math
@@ -140,9 +141,10 @@ def gpt2_config(hf):
 
 
 def llama_config(hf, block_size=None):
-    h, nh = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, h // nh) or h % nh:
-        raise unsupported("head_dim", hf.get("head_dim"), f"must be hidden_size / num_attention_heads = {h}/{nh}")
+    """LLaMA, Mistral and Qwen-3 (arch "qwen3": QK-norm, whose head_dim is often not hidden_size / heads)."""
+    h, nh, qwen3 = hf["hidden_size"], hf["num_attention_heads"], hf.get("model_type") == "qwen3"
+    if not hf.get("head_dim") and h % nh:
+        raise unsupported("head_dim", hf.get("head_dim"), f"is needed: hidden_size / num_attention_heads = {h}/{nh}")
     if hf.get("hidden_act", "silu") != "silu":
         raise unsupported("hidden_act", hf["hidden_act"], "LLaMA's MLP is SwiGLU (silu)")
     for key in ("attention_bias", "mlp_bias"):
@@ -154,15 +156,17 @@ def llama_config(hf, block_size=None):
         if kind != "default":
             raise unsupported(key, value, "only plain RoPE (rope_scaling None / rope_type 'default') is")
     limit = hf.get("max_position_embeddings", MAX_BLOCK)
-    if hf.get("sliding_window") is not None:
-        limit = min(limit, hf["sliding_window"])  # within the window, sliding-window attention is causal attention
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", not qwen3) else None  # Qwen-3: off unless asked
+    if window is not None:
+        limit = min(limit, window)  # within the window, sliding-window attention is causal attention
     if block_size is not None and not 1 <= block_size <= limit:
         raise ValueError(f"block_size={block_size}: must be in [1, {limit}] (max_position_embeddings"
-                         f"{' / sliding_window' if hf.get('sliding_window') is not None else ''})")
-    return ModelConfig(arch="llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh, n_embd=h,
-                       intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                       block_size=block_size or min(limit, MAX_BLOCK), n_kv_head=hf.get("num_key_value_heads") or nh,
-                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                         f"{' / sliding_window' if window is not None else ''})")
+    return ModelConfig(arch="qwen3" if qwen3 else "llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh,
+                       n_embd=h, head_dim=hf.get("head_dim") or 0, intermediate_size=hf["intermediate_size"],
+                       vocab_size=hf["vocab_size"], block_size=block_size or min(limit, MAX_BLOCK),
+                       n_kv_head=hf.get("num_key_value_heads") or nh,
+                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6 if qwen3 else 1e4))),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
@@ -173,10 +177,10 @@ def model_config(hf, block_size=None):
         if block_size not in (None, hf["n_positions"]):
             raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
         return gpt2_config(hf)
-    if kind in ("llama", "mistral"):
+    if kind in ("llama", "mistral", "qwen3"):
         return llama_config(hf, block_size)
     raise ValueError(f"config.json: model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: "
-                     f"tools/hf.py loads 'gpt2' and the LLaMA family ('llama', 'mistral')")
+                     f"tools/hf.py loads 'gpt2', the LLaMA family ('llama', 'mistral') and 'qwen3'")
 
 
 # ----------------------------------------------------------------------------- HF names -> our parameters
@@ -185,7 +189,7 @@ def tensor_map(cfg):
     None (the whole tensor), a column range (a, b) of a weight, or "flat" for a projection bias (n, h_out) that HF
     stores as one n * h_out vector."""
     m = {}
-    h, ff, kv = cfg.n_embd, cfg.ff_dim, cfg.kv_dim
+    ff, q, kv = cfg.ff_dim, cfg.q_dim, cfg.kv_dim
     if cfg.arch == "gpt2":
         m.update({"wte.weight": ("wte.weight", None, False), "wpe.weight": ("wpe.weight", None, False),
                   "ln_f.weight": ("norm_f.weight", None, False), "ln_f.bias": ("norm_f.bias", None, False)})
@@ -202,14 +206,16 @@ def tensor_map(cfg):
             m.update({
                 f"layers.{l}.input_layernorm.weight": (f"{b}.norm_attn.weight", None, False),
                 f"layers.{l}.post_attention_layernorm.weight": (f"{b}.norm_mlp.weight", None, False),
-                f"{a}.q_proj.weight": (f"{b}.qkv.weight", (0, h), True),
-                f"{a}.k_proj.weight": (f"{b}.qkv.weight", (h, h + kv), True),
-                f"{a}.v_proj.weight": (f"{b}.qkv.weight", (h + kv, h + 2 * kv), True),
+                f"{a}.q_proj.weight": (f"{b}.qkv.weight", (0, q), True),
+                f"{a}.k_proj.weight": (f"{b}.qkv.weight", (q, q + kv), True),
+                f"{a}.v_proj.weight": (f"{b}.qkv.weight", (q + kv, q + 2 * kv), True),
                 f"{a}.o_proj.weight": (f"{b}.o.weight", None, True),
                 f"layers.{l}.mlp.gate_proj.weight": (f"{b}.up.weight", (0, ff), True),
                 f"layers.{l}.mlp.up_proj.weight": (f"{b}.up.weight", (ff, 2 * ff), True),
                 f"layers.{l}.mlp.down_proj.weight": (f"{b}.down.weight", None, True),
             })
+            if cfg.arch == "qwen3":
+                m.update({f"{a}.{n}.weight": (f"{b}.{n}.weight", None, False) for n in ("q_norm", "k_norm")})
     if not cfg.tied:
         m["lm_head.weight"] = ("lm_head.weight", None, False)  # nn.Linear's (vocab, h), as ours
     return m
@@ -399,17 +405,18 @@ def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
 
 # ----------------------------------------------------------------------------- our checkpoint -> HF directory
 def hf_config(cfg):
-    """config.json for transformers' GPT2LMHeadModel or LlamaForCausalLM with our ModelConfig's shape."""
+    """config.json for transformers' GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM with our ModelConfig's shape."""
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
                 "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.norm_eps_value, "n_inner": None,
                 "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
                 "tie_word_embeddings": cfg.tied, "torch_dtype": "float32"}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.n_embd,
+    return {"model_type": cfg.arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.arch]],
+            "hidden_size": cfg.n_embd, "use_sliding_window": False,
             "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
-            "head_dim": cfg.n_embd // cfg.n_head, "max_position_embeddings": cfg.block_size,
+            "head_dim": cfg.hd, "max_position_embeddings": cfg.block_size,
             "rms_norm_eps": cfg.norm_eps_value, "vocab_size": cfg.vocab_size, "hidden_act": "silu",
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
             "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tied, "torch_dtype": "float32"}
