@@ -257,12 +257,14 @@ def test_two_processes_match_one(parallel, keep_z):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
-def test_train_py_runs_it_and_a_run_resumes_across_modes(tiny_data, tmp_path):
+@pytest.mark.parametrize("arch", [[], ["--arch=qwen3", "--n_kv_head=1", "--head_dim=12"]], ids=["llama", "qwen3-gqa"])
+def test_train_py_runs_it_and_a_run_resumes_across_modes(arch, tiny_data, tmp_path):
     """train.py's keys: a reversible (keep_z=False) run with dropout logs plain autograd's losses, and resumes
-    under crnet; keep_z=False with another mode is a config error."""
+    under crnet; keep_z=False with another mode is a config error. Qwen-3 with GQA: packed lanes, QK-norm."""
     import train
     from conftest import TINY, train_losses
-    base = [*TINY, f"--data_dir={tiny_data}", "--max_iters=8", "--eval_interval=4", "--dropout=0.1", "--recompute_every=2"]
+    base = [*TINY, *arch, f"--data_dir={tiny_data}", "--max_iters=8", "--eval_interval=4", "--dropout=0.1",
+            "--recompute_every=2"]
     train.main([*base, f"--out_dir={tmp_path / 'none'}"])
     train.main([*base, f"--out_dir={tmp_path / 'rev'}", "--recompute=reversible", "--keep_z=False", "--stop_iter=4"])
     train.main([f"--out_dir={tmp_path / 'rev'}", "--init_from=resume", "--recompute=crnet", "--keep_z=True"])

@@ -58,7 +58,7 @@ def test_every_shipped_config_loads_and_builds():
     assert len(configs) >= 13
     for path in configs:  # ablate_*.py may also set tools/ablate.py's keys
         c = ablate.load_config([str(path)])[1] if path.name.startswith("ablate_") else configurator.load([str(path)], "train.py")[0]
-        ModelConfig(**{k: (c[k] if c[k] is not None else 50257) for k in ModelConfig.field_names()})
+        ModelConfig(**{k: (c[k] if c[k] is not None or k != "vocab_size" else 50257) for k in ModelConfig.field_names()})
 
 
 def test_lr_schedule():

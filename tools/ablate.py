@@ -79,7 +79,8 @@ def matched_rank(c, param, target):
     """The uniform rank of `param` whose non-embedding count is nearest `target`. Counts are linear in the rank
     (P(r) = P(1) + (r - 1) k), so two counted models give it; the result is counted again and checked."""
     p1, p2 = non_embedding_params(c, param=param, rank=1), non_embedding_params(c, param=param, rank=2)
-    limit = min(c["n_embd"], model_config(c, param="crnet").ff_dim) - 1  # ModelConfig's bound: r < min(h, ff)
+    m = model_config(c, param="crnet")
+    limit = min(m.n_embd, m.ff_dim, m.q_dim, m.kv_dim) - 1  # ModelConfig's bound: r below every width
     r = min(limit, max(1, round(1 + (target - p1) / (p2 - p1))))
     got = non_embedding_params(c, param=param, rank=r)
     if abs(got / target - 1) > MATCH_TOL:

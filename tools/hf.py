@@ -166,7 +166,7 @@ def llama_config(hf, block_size=None):
                        n_embd=h, head_dim=hf.get("head_dim") or 0, intermediate_size=hf["intermediate_size"],
                        vocab_size=hf["vocab_size"], block_size=block_size or min(limit, MAX_BLOCK),
                        n_kv_head=hf.get("num_key_value_heads") or nh,
-                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6 if qwen3 else 1e4))),
+                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
@@ -465,6 +465,9 @@ def export(run_dir, dest):
         raise ValueError(f"{ckpt['path']} holds a param={cfg.param!r} model: no standard Hugging Face architecture "
                          f"has {'the lanes of Eq. 6' if cfg.param == 'crnet' else 'low-rank factors'}, so only "
                          f"param='full' runs export")
+    if cfg.arch == "gpt2" and (cfg.kv_heads != cfg.n_head or cfg.hd * cfg.n_head != cfg.n_embd):
+        raise ValueError(f"{ckpt['path']} holds a GPT-2 with n_kv_head={cfg.n_kv_head}, head_dim={cfg.head_dim}: Hugging "
+                         f"Face GPT-2 has neither grouped-query attention nor a head_dim of its own, so it cannot export")
     model = Transformer(cfg)
     checkpoint.load_weights(ckpt, model)
     dest.parent.mkdir(parents=True, exist_ok=True)
