@@ -61,7 +61,7 @@ class ModelConfig:
             low = 0 if name in ("n_kv_head", "head_dim") else 1  # 0: n_head heads, n_embd // n_head wide
             if not is_int(getattr(self, name)) or getattr(self, name) < low:
                 bad(name, "must be a positive integer" if low else "must be a non-negative integer (0 = the default)")
-        # derived sizes and defaults: attributes, not fields, so checkpoints (asdict) keep the fields as given
+        # rope_theta None becomes the arch's; derived sizes are attributes, not fields, so asdict (checkpoints) skips them
         self.rope_theta = (1e6 if self.arch == "qwen3" else 1e4) if self.rope_theta is None else self.rope_theta
         self.kv_heads, self.hd = self.n_kv_head or self.n_head, self.head_dim or self.n_embd // self.n_head
         self.q_dim, self.kv_dim = self.n_head * self.hd, self.kv_heads * self.hd  # q, and each of k and v, this wide

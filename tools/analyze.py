@@ -307,6 +307,11 @@ def search(spec, r, points, tol, rho):
 
 # ----------------------------------------------------------------------------- running the model
 NAMES = {"qkv": ["q", "k", "v"], "o": ["o"], "down": ["down"]}  # + up: gate, up (llama) or fc (gpt2)
+
+
+def output_names(cfg):
+    """{projection group: the names of its n outputs}."""
+    return dict(NAMES, up=["fc"] if cfg.arch == "gpt2" else ["gate", "up"])
 INPUTS = {"qkv": "attn_in", "o": "o_in", "up": "mlp_in", "down": "down_in"}  # what each projection reads
 
 
@@ -324,7 +329,7 @@ class Measure:
 
     def __init__(self, model, ranks, controls, noise=None, bar=None):
         cfg = model.cfg
-        self.names = dict(NAMES, up=["fc"] if cfg.arch == "gpt2" else ["gate", "up"])
+        self.names = output_names(cfg)
         self.ranks, self.controls, self.noise, self.bar = ranks, controls, noise, bar
         self.prev, self.cur, self.rows, self.hooks = {}, {}, [], []
         self.workers = max(1, torch.get_num_threads())
@@ -409,9 +414,7 @@ def gguf_noise(path, seed=0):
 def collect_outputs(model, idx):
     """{(layer, position name): (N, h_out) float32 output} for every projection, via forward hooks (for the
     reference estimator on small models)."""
-    names = {"qkv": ["q", "k", "v"], "o": ["o"], "up": ["fc"] if model.cfg.arch == "gpt2" else ["gate", "up"],
-             "down": ["down"]}
-    out, hooks = {}, []
+    names, out, hooks = output_names(model.cfg), {}, []
     for l, blk in enumerate(model.blocks):
         for group in names:
             def hook(mod, inp, y, l=l, group=group):

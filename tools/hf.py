@@ -8,14 +8,15 @@ the same logits as transformers' own model, to float round-off (tests/test_hf.py
     python tools/hf.py --out_dir=out --export=out_hf          # a full-rank train.py run as a Hugging Face directory
 
 Supported: model_type "gpt2", the LLaMA family ("llama", "mistral") and "qwen3" (LLaMA with QK-norm): grouped-query
-attention, any head_dim, tied or untied embeddings, any rope_theta, plain RoPE only (rope_scaling must be None). transformers is not needed: config.json
-is plain JSON and safetensors files are read by the short reader below (8-byte little-endian header length, a
-JSON header of name -> dtype, shape, byte offsets, then the raw little-endian tensors).
+attention, any head_dim, tied or untied embeddings, any rope_theta, plain RoPE only (rope_scaling must be None).
+transformers is not needed: config.json is plain JSON and safetensors files are read by the short reader below
+(8-byte little-endian header length, a JSON header of name -> dtype, shape, byte offsets, then the raw tensors).
 
 Layouts. HF GPT-2's Conv1D weights are (in, out), our Y = X W convention: c_attn -> qkv (columns q | k | v), attn
 c_proj -> o, c_fc -> up, mlp c_proj -> down, as they are. HF LLaMA's nn.Linear weights are (out, in), so they
 are transposed: q/k/v -> the columns of qkv, gate/up -> the columns of up (gate first, as SwiGLU reads them),
-o, down; Qwen-3's q_norm, k_norm (one head_dim-wide weight each) as they are. HF LLaMA's RoPE rotates the two halves of each head, the layout model.apply_rope uses.
+o, down; Qwen-3's q_norm, k_norm (one head_dim-wide weight each) as they are. HF LLaMA's RoPE rotates the two
+halves of each head, the layout model.apply_rope uses.
 
 block_size: GPT-2's n_positions (its wpe table). LLaMA: max_position_embeddings capped at MAX_BLOCK (LLaMA 3.1
 says 131072; the RoPE tables and the longest forward are what block_size sizes), or the block_size argument.
