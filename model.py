@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHS = ("llama", "gpt2", "qwen3")
+import moe
+
+ARCHS = ("llama", "gpt2", "qwen3", "qwen3_moe")
 PARAMS = ("full", "crnet", "lowrank", "cola", "cola_mlp")
 SILU_SECOND_MOMENT = 0.3557  # E[silu(z)^2] for z ~ N(0, 1): CoLA's bottleneck shrinks variance by this
 
@@ -19,11 +21,12 @@ SILU_SECOND_MOMENT = 0.3557  # E[silu(z)^2] for z ~ N(0, 1): CoLA's bottleneck s
 @dataclass
 class ModelConfig:
     arch: str = "llama"            # "llama" (RMSNorm, RoPE, SwiGLU, untied), "gpt2" (LayerNorm, learned pos, GELU, tied),
-                                   # "qwen3" (LLaMA with QK-norm: an RMSNorm on every query and key head before RoPE)
+                                   # "qwen3" (LLaMA with QK-norm: an RMSNorm on every query and key head before RoPE),
+                                   # "qwen3_moe" (qwen3 with a sparse mixture of SwiGLU experts as its MLP: MoE below)
     n_layer: int = 8
     n_head: int = 8
     n_embd: int = 512
-    intermediate_size: int = 1376  # LLaMA SwiGLU width; GPT-2 always uses 4 * n_embd
+    intermediate_size: int = 1376  # LLaMA SwiGLU width (qwen3_moe: each expert's); GPT-2 always uses 4 * n_embd
     vocab_size: int = 32000
     block_size: int = 256
     bias: bool = False             # GPT-2 only: biases in projections and LayerNorms
@@ -40,10 +43,15 @@ class ModelConfig:
     n_kv_head: int = 0             # key/value heads; 0 = n_head; fewer = grouped-query attention
     head_dim: int = 0              # 0 = n_embd // n_head; q is n_head * head_dim wide, k and v n_kv_head * head_dim
     tie_embeddings: bool | None = None  # lm_head shares wte; None = the arch's default: tied gpt2, untied llama, qwen3
+    n_expert: int = 0              # qwen3_moe: experts per layer (0 for the dense archs)
+    expert_top_k: int = 2          # qwen3_moe: experts each token is routed to
+    router_aux_coef: float = 0.001  # qwen3_moe: weight of the load-balancing loss added to a training loss (as HF's)
+    moe_lane: bool = True          # crnet + qwen3_moe: Eq. 6 on the MoE output (False: the ablation without that lane)
     # Set by pretrained checkpoints (tools/hf.py); training configs keep the defaults, so they are not train.py keys.
     rope_theta: float | None = None  # RoPE base; None = the arch's: 1e4 (llama), 1e6 (qwen3)
     norm_eps: float | None = None  # None = the arch's default: 1e-6 (RMSNorm, llama), 1e-5 (LayerNorm, gpt2)
     gelu_approx: str = "none"      # GPT-2's GELU: "none" (exact erf) or "tanh" (OpenAI / HF GPT-2's gelu_new)
+    norm_topk: bool = True         # qwen3_moe: renormalise the top-k router weights to sum 1 (HF's norm_topk_prob)
 
     def __post_init__(self):
         def bad(name, why):
@@ -57,12 +65,14 @@ class ModelConfig:
         if self.param != "crnet" and (self.first_layer != "full" or not self.beta_learnable):
             bad("first_layer" if self.first_layer != "full" else "beta_learnable",
                 f"is a CR-Net ablation and needs param='crnet' (got param={self.param!r})")
-        for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size", "n_kv_head", "head_dim"):
-            low = 0 if name in ("n_kv_head", "head_dim") else 1  # 0: n_head heads, n_embd // n_head wide
+        for name in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size", "n_kv_head", "head_dim",
+                     "n_expert", "expert_top_k"):
+            low = 0 if name in ("n_kv_head", "head_dim", "n_expert") else 1  # 0: n_head heads, n_embd // n_head wide
             if not is_int(getattr(self, name)) or getattr(self, name) < low:
                 bad(name, "must be a positive integer" if low else "must be a non-negative integer (0 = the default)")
         # rope_theta None becomes the arch's; derived sizes are attributes, not fields, so asdict (checkpoints) skips them
-        self.rope_theta = (1e6 if self.arch == "qwen3" else 1e4) if self.rope_theta is None else self.rope_theta
+        self.qwen3 = self.arch.startswith("qwen3")  # QK-norm
+        self.rope_theta = (1e6 if self.qwen3 else 1e4) if self.rope_theta is None else self.rope_theta
         self.kv_heads, self.hd = self.n_kv_head or self.n_head, self.head_dim or self.n_embd // self.n_head
         self.q_dim, self.kv_dim = self.n_head * self.hd, self.kv_heads * self.hd  # q, and each of k and v, this wide
         self.ff_dim = 4 * self.n_embd if self.arch == "gpt2" else self.intermediate_size
@@ -84,6 +94,12 @@ class ModelConfig:
             (self.n_head % self.kv_heads, "n_kv_head", f"must divide n_head={self.n_head}"),
             (self.tie_embeddings not in (None, True, False) or is_int(self.tie_embeddings), "tie_embeddings",
              "must be None (the arch's default), True or False"),
+            ((self.arch == "qwen3_moe") != (self.n_expert > 0), "n_expert", "must be >= 1 for arch='qwen3_moe', else 0"),
+            (self.n_expert and self.expert_top_k > self.n_expert, "expert_top_k", f"must be <= n_expert={self.n_expert}"),
+            (not (is_num(self.router_aux_coef) and self.router_aux_coef >= 0), "router_aux_coef", "must be a number >= 0"),
+            (self.n_expert and self.param.startswith("cola"), "param", "qwen3_moe's experts are full, crnet or lowrank"),
+            (not self.moe_lane and not (self.n_expert and self.param == "crnet"), "moe_lane",
+             "is a CR-Net ablation of qwen3_moe: needs param='crnet' and arch='qwen3_moe'"),
         ]
         for broken, name, why in checks:
             if broken:
@@ -146,7 +162,7 @@ class Projection(nn.Module):
         self.slots, self.h_out = (1, sum(widths)) if self.packed else (self.n, widths[0])  # Y is (B, T, slots, h_out)
         if kind == "full":
             self.weight = nn.Parameter(torch.empty(h_in, sum(widths)))
-        else:
+        elif kind != "moe":  # MoE (below) has its router and experts instead
             self.A = nn.Parameter(torch.empty(h_in, self.n * rank))  # fused over the n projections
             # one r x w factor per projection: (n, r, w), or side by side (r, sum w) when packed
             self.B = nn.Parameter(torch.empty(rank, sum(widths)) if self.packed else torch.empty(self.n, rank, self.h_out))
@@ -169,7 +185,7 @@ class Projection(nn.Module):
         return t.fill_(self.beta_init if leaf == "beta" else 0.0)  # beta, bias
 
     def reset_parameters(self):
-        for leaf, p in self.named_parameters():
+        for leaf, p in self.named_parameters(recurse=False):  # an MoE's experts are Projections of their own
             self.init_tensor(leaf, p)
 
     def scale(self):
@@ -223,6 +239,31 @@ class Projection(nn.Module):
         return self.lane_add(d, lane) if self.lane_in else d
 
 
+class MoE(Projection):
+    """Qwen-3-MoE's MLP as one projection group of output D (B, T, 1, h) (moe.py: the routing, the experts, and why
+    CR-Net's lane is on D): D = sum_{e in top-k(x)} g_e(x) down_e(silu(gate_e(x)) * up_e(x)); CR-Net layers 2..L
+    add Eq. 6 on it, Y^moe_l = s * Y^moe_{l-1} + D_l. weight: the router (h, n_expert), full-rank in every param."""
+
+    def __init__(self, cfg, kind, rank, lane_in):
+        super().__init__(cfg.n_embd, (cfg.n_embd,), "moe", rank, False, cfg.init_std, cfg, lane_in)
+        h, ff, self.top_k, self.norm_topk = cfg.n_embd, cfg.ff_dim, cfg.expert_top_k, cfg.norm_topk
+        self.weight = nn.Parameter(torch.empty(h, cfg.n_expert))
+        # a CR-Net layer's experts are X A B; the down factor is scaled as a crnet projection's (its output is D)
+        up_kind, down_kind = (kind, kind) if kind in ("full", "lowrank") else ("lowrank", "crnet")
+        self.experts = nn.ModuleList(nn.ModuleDict({
+            "up": Projection(h, (ff, ff), up_kind, rank, False, cfg.init_std, cfg),
+            "down": Projection(ff, (h,), down_kind, rank, False, cfg.init_std / math.sqrt(2 * cfg.n_layer), cfg),
+        }) for _ in range(cfg.n_expert))
+        self.reset_parameters()
+
+    def mix(self, x, idx=None):  # -> D, the router's statistics, the experts chosen (given: recompute.py's replay)
+        return moe.mix(x, self.weight, self.experts, self.top_k, self.norm_topk, idx)
+
+    def forward(self, x, lane=None, idx=None):
+        d, stats, _ = self.mix(x, idx)
+        return (self.lane_add(d, lane) if self.lane_in else d), stats
+
+
 def rope_tables(head_dim, block_size, theta=10000.0):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hd/2)
@@ -241,7 +282,7 @@ class Block(nn.Module):
     """One transformer layer. CR-Net lanes go in and come out explicitly: no hidden state on modules.
 
     lanes: tuple (Y^qkv (B,T,3,q) or packed (B,T,1,q+2kv), Y^o (B,T,1,h), Y^up (B,T,2|1,ff), Y^down (B,T,1,h)) of
-    the layer below, or None for layer 1 / non-CR-Net models.
+    the layer below, or None for layer 1 / non-CR-Net models; qwen3_moe: (Y^qkv, Y^o, Y^moe (B,T,1,h)).
     """
 
     def __init__(self, cfg, l):
@@ -258,9 +299,12 @@ class Block(nn.Module):
         self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
         self.qkv = P(h, (cfg.q_dim, cfg.kv_dim, cfg.kv_dim), cfg.init_std, attn_kind)
         self.o = P(cfg.q_dim, (h,), resid_std, attn_kind)
-        self.up = P(h, (ff, ff) if llama else (ff,), cfg.init_std, mlp_kind)  # LLaMA: gate and up share the input
-        self.down = P(ff, (h,), resid_std, mlp_kind)
-        if cfg.arch == "qwen3":  # QK-norm: one RMSNorm over head_dim for every query head, one for every key head
+        if cfg.n_expert:
+            self.moe = MoE(cfg, kind, r, lane_in and cfg.moe_lane)
+        else:
+            self.up = P(h, (ff, ff) if llama else (ff,), cfg.init_std, mlp_kind)  # LLaMA: gate and up share the input
+            self.down = P(ff, (h,), resid_std, mlp_kind)
+        if cfg.qwen3:  # QK-norm: one RMSNorm over head_dim for every query head, one for every key head
             self.q_norm, self.k_norm = Norm(cfg.hd), Norm(cfg.hd)
 
     def attention(self, y_qkv, rope):
@@ -268,7 +312,7 @@ class Block(nn.Module):
         cfg = self.cfg
         bsz, T = y_qkv.shape[:2]  # bsz, not B: B is the low-rank factor
         q, k, v = (t.view(bsz, T, -1, cfg.hd) for t in self.qkv.pieces(y_qkv))  # (B, T, heads, hd)
-        if cfg.arch == "qwen3":  # QK-norm; weights in q's dtype (bf16 under autocast) let the fused kernel run
+        if cfg.qwen3:  # QK-norm; weights in q's dtype (bf16 under autocast) let the fused kernel run
             q, k = (F.rms_norm(t, (cfg.hd,), n.weight.to(t.dtype), n.eps) for t, n in ((q, self.q_norm), (k, self.k_norm)))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -285,22 +329,27 @@ class Block(nn.Module):
         return F.gelu(y_up[:, :, 0], approximate=self.cfg.gelu_approx)
 
     def projections(self):
-        return self.qkv, self.o, self.up, self.down  # the order of the lanes
+        return (self.qkv, self.o, self.moe) if self.cfg.n_expert else (self.qkv, self.o, self.up, self.down)  # lanes
 
     def forward(self, x, lanes, rope=None, project=None):
-        """x (B, T, h) and the lanes of the layer below -> (x out, this layer's lanes). project(proj, input, lane)
-        computes one projection group (default: proj(input, lane)); it is the one hook recompute.py uses, to keep
-        Z = X A in forward and to replay known outputs in backward, so this is the only definition of a layer."""
+        """x (B, T, h) and the lanes of the layer below -> (x out, this layer's lanes, the MoE router's statistics
+        or None). project(proj, input, lane) computes one projection group (default: proj(input, lane); an MoE's
+        returns (Y, statistics)); it is the one hook recompute.py uses, to keep Z = X A in forward and to replay
+        known outputs in backward, so this is the only definition of a layer."""
         project = project or (lambda proj, inp, lane: proj(inp, lane))
-        lq, lo, lu, ld = lanes if lanes is not None else (None,) * 4
+        lq, lo, *lm = lanes if lanes is not None else (None,) * 4
         drop = lambda t: F.dropout(t, self.cfg.dropout, self.training)
         y_qkv = project(self.qkv, self.norm_attn(x), lq)
         y_o = project(self.o, self.attention(y_qkv, rope), lo)
         x = x + drop(y_o[:, :, 0])
-        y_up = project(self.up, self.norm_mlp(x), lu)
-        y_down = project(self.down, self.mlp_act(y_up), ld)
-        x = x + drop(y_down[:, :, 0])
-        return x, ((y_qkv, y_o, y_up, y_down) if self.emits_lanes else None)
+        if self.cfg.n_expert:
+            y_out, router = project(self.moe, self.norm_mlp(x), lm[0])
+            mlp = (y_out,)
+        else:
+            y_up, router = project(self.up, self.norm_mlp(x), lm[0]), None
+            mlp = y_up, (y_out := project(self.down, self.mlp_act(y_up), lm[1]))
+        x = x + drop(y_out[:, :, 0])
+        return x, ((y_qkv, y_o, *mlp) if self.emits_lanes else None), router
 
 
 class Transformer(nn.Module):
@@ -384,10 +433,14 @@ class Transformer(nn.Module):
         if idx.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size={self.cfg.block_size}")
         x = self.embed(idx)
-        lanes, rope = None, self.rope()
+        lanes, rope, routers = None, self.rope(), []
         for block in self.blocks:  # recompute.apply changes what a block does in a training step, not this loop
-            x, lanes = block(x, lanes, rope)
-        return self.head(x, targets)
+            x, lanes, router = block(x, lanes, rope)
+            routers.append(router)
+        logits, loss = self.head(x, targets)
+        if loss is not None and self.training and self.cfg.n_expert and self.cfg.router_aux_coef:  # eval: CE alone
+            loss = loss + self.cfg.router_aux_coef * moe.load_balance(routers, self.cfg.n_expert, x.shape[0] * x.shape[1] * len(routers))
+        return logits, loss
 
     # embed and head are separate so that parallel.build_model can compile them as regions of their own when
     # recompute="crnet" | "reversible" runs the blocks through an autograd Function a whole-model compile can't trace
@@ -423,10 +476,14 @@ class Transformer(nn.Module):
         return counts
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 * (matmul parameters, low-rank factors and the LM head included) plus attention
+        """Training FLOPs per token: 6 * (matmul parameters a token uses, low-rank factors, the LM head and k of the
+        n_expert experts included) plus attention
         12 * L * q_dim * T (QK^T and AV, as full T x T like PaLM and nanoGPT); lane adds and elementwise ops not counted."""
         c = self.num_params()
         n_matmul = c["full_rank"] + c["low_rank"] + self.lm_head.weight.numel()
+        if self.cfg.n_expert:  # a token runs k of the n_expert experts
+            experts = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
+            n_matmul -= experts // self.cfg.n_expert * (self.cfg.n_expert - self.cfg.expert_top_k)
         return 6 * n_matmul + 12 * self.cfg.n_layer * self.cfg.q_dim * self.cfg.block_size
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -70,11 +70,11 @@ def checkpoint_layers(n_layer, every):
 
 
 def min_scales(blocks):
-    """min |s| per (layer 2..L, group) as one device tensor (L - 1, 4). Works on FSDP2-sharded betas: each process
+    """min |s| per (layer 2..L, group) as one device tensor (L - 1, groups). Works on FSDP2-sharded betas: each process
     takes the minimum over its own shard and one all-reduce finds the global one, so no block is gathered."""
     betas = [p.beta for blk in blocks[1:] for p in blk.projections()]
     if not betas:
-        return torch.zeros(0, 4, dtype=torch.float64)
+        return torch.zeros(0, len(blocks[0].projections()), dtype=torch.float64)
     local = [b.to_local() if hasattr(b, "to_local") else b for b in betas]  # DTensor shard, or the tensor
     # an empty shard (FSDP2 on more processes than a beta has entries) gives inf, made on the device: new_tensor
     # would copy from the host and wait
@@ -83,7 +83,7 @@ def min_scales(blocks):
     min_s = torch.stack(mins) + blocks[1].qkv.beta_eps  # |s| = |beta| + eps
     if hasattr(betas[0], "device_mesh"):
         torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
-    return min_s.view(-1, 4)
+    return min_s.view(len(blocks) - 1, -1)
 
 
 def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL, inv_s=None, store=()):
@@ -95,7 +95,8 @@ def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL
     budget = rtol / torch.finfo(dtype).eps
     inv_s = (1.0 / min_scales(blocks)).tolist() if inv_s is None else inv_s
     ckpt = checkpoint_layers(len(blocks), every)
-    groups = range(5 if stream else 4)
+    n = len(blocks[0].projections())  # lane groups: 4, or 3 (qkv, o, moe) for qwen3_moe
+    groups = [*range(n), *([STREAM] if stream else [])]
     store, b = set(store), [0.0] * 5  # b: round-off bounds (in eps) of layer l's lanes and input if rebuilt
     for l in range(len(blocks) - 1, -1, -1):
         if l in ckpt:
@@ -105,10 +106,11 @@ def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL
         # layer l's lanes are rebuilt by inverting layer l + 1 (row l of inv_s) with its Z: kept, or recomputed
         # from layer l + 1's inputs (x; attention of Y^qkv; x + drop(Y^o); act of Y^up), inheriting their error
         inputs = [0.0] * 4 if keep_z else [b[STREAM], b[0], b[STREAM] + b[1], b[2]]
-        b[:4] = [(1.0 + e + bound) * s for e, bound, s in zip(inputs, b, inv_s[l])]
+        inputs = inputs if n == 4 else inputs[:2] + [0.0]  # an MoE's D is kept at any keep_z
+        b[:n] = [(1.0 + e + bound) * s for e, bound, s in zip(inputs, b, inv_s[l])]
         b[STREAM] += 1.0  # x_l = x_{l+1} - drop(Y^down_l) - drop(Y^o_l): one rounding, plus those lanes' errors
         for g in groups:
-            b[STREAM] += b[g] if g in (1, 3) and (l, g) not in store and b[g] <= budget else 0.0
+            b[STREAM] += b[g] if g in (1, n - 1) and (l, g) not in store and b[g] <= budget else 0.0
             if b[g] > budget or (l, g) in store:
                 store.add((l, g))
                 b[g] = 0.0
@@ -169,28 +171,35 @@ def stored_numbers_per_token(cfg, mode, every=8, store=None, keep_z=True):
     so every stored input is counted). `store` replaces the checkpoint set by an actual (layer, group) plan,
     e.g. one the round-off guard extended (group 4 = STREAM: a block input)."""
     L, h = cfg.n_layer, cfg.n_embd
-    group = lane_numbers(cfg) + [h]  # the 4 lane groups, then the block input (STREAM)
+    group = dict(enumerate(lane_numbers(cfg))) | {STREAM: h}  # the lane groups, then the block input
     if mode == "block":
-        return (L - 1) * sum(group)
+        return (L - 1) * sum(group.values())
     if mode not in ("crnet", "reversible"):
         raise ValueError(f"no formula for recompute={mode!r}: 'none' keeps every intermediate")
-    groups = range(5 if mode == "reversible" else 4)
+    groups = [g for g in group if g != STREAM or mode == "reversible"]
     if store is None:
         store = {(l, g) for l in checkpoint_layers(L, every) for g in groups}
-    kept = sum(group[g] for (l, g) in store if l or g != 4)  # a stored layer-1 input is the embedding output
-    return kept + (z_numbers(cfg) if keep_z else 0) + (L - 1) * h * (mode == "crnet")
+    kept = sum(group[g] for (l, g) in store if l or g != STREAM)  # a stored layer-1 input is the embedding output
+    return kept + z_numbers(cfg, keep_z) + route_numbers(cfg) + (L - 1) * h * (mode == "crnet")
 
 
 def lane_numbers(cfg):
-    """Lane numbers per token of one layer, per group (qkv, o, up, down)."""
+    """Lane numbers per token of one layer, per group (qkv, o, up, down; qwen3_moe: qkv, o, moe)."""
     h = cfg.n_embd
-    return [cfg.q_dim + 2 * cfg.kv_dim, h, (1 if cfg.arch == "gpt2" else 2) * cfg.ff_dim, h]
+    return [cfg.q_dim + 2 * cfg.kv_dim, h] + ([h] if cfg.n_expert else [(1 if cfg.arch == "gpt2" else 2) * cfg.ff_dim, h])
 
 
-def z_numbers(cfg):
-    """Numbers per token of every Z = X A that crnet recompute keeps (layers 2..L, and 1 if it is low-rank)."""
-    n_up = 1 if cfg.arch == "gpt2" else 2
-    return sum((3 + 1 + n_up + 1) * cfg.layer_rank(l) for l in range(cfg.n_layer) if cfg.layer_kind(l) != "full")
+def z_numbers(cfg, keep_z=True):
+    """Numbers per token that crnet recompute keeps of every Z = X A (layers 2..L, and 1 if it is low-rank; none with
+    keep_z=False) and of every MoE D (layers with a lane in; any keep_z). The experts chosen are route_numbers'."""
+    n_z = 3 + 1 + (0 if cfg.n_expert else 2 if cfg.arch == "gpt2" else 3)  # qkv, o, up (gate and up), down
+    d = sum(cfg.n_embd for l in range(1, cfg.n_layer) if cfg.n_expert and cfg.layer_kind(l) == "crnet" and cfg.moe_lane)
+    return d + keep_z * sum(n_z * cfg.layer_rank(l) for l in range(cfg.n_layer) if cfg.layer_kind(l) != "full")
+
+
+def route_numbers(cfg):
+    """Float32 numbers per token of the experts chosen that crnet recompute keeps: k int64 per layer (2 numbers each)."""
+    return 2 * cfg.expert_top_k * cfg.n_layer if cfg.n_expert else 0
 
 
 def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
@@ -263,11 +272,11 @@ def layer_numbers(cfg, l, bf16, lanes_f32=False):
     act = 2 * h                                  # the 2 norms' outputs, as the next matmul keeps them
     # QK-norm, float32 inside: statistics, output and a bf16 input's float32 copy as counted on the CPU, where rms_norm
     # is composite (CUDA's fused kernel keeps the statistics only: the plan errs high there)
-    if cfg.arch == "qwen3":
+    if cfg.qwen3:
         f32 += cfg.n_head + cfg.kv_heads + (qkv - cfg.kv_dim) * (1 + (bf16 and not cast))
     if kind != "full":
         silu = {"cola": 3 + 1 + n_up + 1, "cola_mlp": n_up + 1}.get(kind, 0)  # projections that also keep silu(Z)
-        act += (3 + 1 + n_up + 1 + silu) * cfg.layer_rank(l)  # Z
+        act += (3 + 1 + (0 if cfg.n_expert else n_up + 1) + silu) * cfg.layer_rank(l)  # Z
     y = lambda n: (n, 0) if lanes_f32 else (0, n)  # numbers of a projection output, by its dtype
     parts = [(nh, 0), (0, q)]                      # SDPA: logsumexp; its output (o's input is a view of it)
     if cast:
@@ -275,7 +284,14 @@ def layer_numbers(cfg, l, bf16, lanes_f32=False):
     else:
         parts += [y(qkv)] + [y(qkv - cfg.kv_dim)] * llama      # q, k, v (views of Y^qkv); rotated q, k
     parts += [y(h)] * kept_above + [y(h)] * kept_above         # Y^o and Y^down, lanes kept above
-    parts += [y(n_up * ff), (0, ff)] + [y(ff)] * llama         # Y^up (act's input); down's input; silu(gate)
+    if not cfg.n_expert:
+        parts += [y(n_up * ff), (0, ff)] + [y(ff)] * llama     # Y^up (act's input); down's input; silu(gate)
+    else:  # k routed copies of an expert's: input, Y^up, silu(gate), down's input, output (in y), Z
+        k, r = cfg.expert_top_k, (0 if kind == "full" else cfg.layer_rank(l))
+        parts += [(0, k * (2 * h + 4 * ff + 3 * r))]
+        # the router's softmax and top-k weights (renormalised: and their sum); the weights the mix multiplies by;
+        # int64 (2 numbers each): the chosen idx, per expert its tokens and places, and both concatenated
+        parts += [(cfg.n_expert + (k + 1) * cfg.norm_topk + k * (not bf16) + 10 * k, k * bf16)]
     return f32 + sum(p[0] for p in parts), act + sum(p[1] for p in parts)
 
 
@@ -294,13 +310,14 @@ def activation_numbers(cfg, mode, bf16, every=8, keep_z=True):
         # the inputs and lanes of the checkpoint set only (x_0 is not kept), and Z unless keep_z=False; in bf16
         # recompute.py keeps Z anyway (a Z recomputed in bf16 from a rebuilt input would not be the forward's)
         ckpt = checkpoint_layers(L, every)
-        return f32 - h + len(ckpt - {0}) * h + len(ckpt) * sum(lanes), act + z_numbers(cfg) * (keep_z or bf16)
+        return (f32 - h + len(ckpt - {0}) * h + len(ckpt) * sum(lanes) + route_numbers(cfg),
+                act + z_numbers(cfg, keep_z or bf16))
     f32 += (L - 1) * h  # the inputs of blocks 2..L
     if mode == "block":  # and their input lanes, in the compute dtype
         return f32, act + (L - 1) * sum(lanes)
     if cfg.param != "crnet":
         raise ValueError(f"recompute={mode!r} needs param='crnet'")
-    return f32 + len(checkpoint_layers(L, every)) * sum(lanes), act + z_numbers(cfg)
+    return f32 + len(checkpoint_layers(L, every)) * sum(lanes) + route_numbers(cfg), act + z_numbers(cfg)
 
 
 def plan(c, parallel, mode, gpus):
@@ -336,7 +353,7 @@ def auto_recompute(c, world, gpu_bytes):
     """recompute='auto': the fastest mode whose plan fits 90% of gpu_bytes, in the order none, crnet, reversible
     (CR-Net; each stores less and replays more than the one before) or none, block (other models). Returns the
     mode and a line that says why, with the plan's numbers; none fitting is an error naming each mode's need."""
-    order = ("none", "crnet", "reversible") if c["param"] == "crnet" else ("none", "block")
+    order = ("none", "crnet", "reversible") if c["param"] == "crnet" and c.get("moe_lane", True) else ("none", "block")
 
     need = []
     for mode in order:

@@ -86,23 +86,29 @@ def forward_body(block, x, lanes, rope, keep_z, drop_rng=None):
     zs = []
 
     def project(proj, inp, lane):
-        if drop_rng is not None and proj in (block.o, block.down):
+        if drop_rng is not None and proj in (block.o, block.projections()[-1]):
             drop_rng[proj] = rng_state(inp)  # nothing random runs between here and that dropout
+        if proj.kind == "moe":  # keep the experts chosen (for the replay) and, to invert Eq. 6, D (any keep_z)
+            d, router, idx = proj.mix(inp)
+            zs.extend((idx, d) if proj.lane_in else (idx,))
+            return proj.lane_add(d, lane) if proj.lane_in else d, router
         if proj.kind == "full" or not keep_z:
             return proj(inp, lane)
         zs.append(proj.input_product(inp))
         return proj(inp, lane, zs[-1])
 
-    x_out, lanes_out = type(block).forward(block, x, lanes, rope, project)
-    return x_out, lanes_out, zs
+    return *type(block).forward(block, x, lanes, rope, project), zs
 
 
-def recompute_z(block, x, own, rope):
+def recompute_z(block, x, own, rope, kept):
     """keep_z=False: block l's Z = X A formed again from x_l and its own lanes Y_l, which give every projection's
-    input without layer l - 1 (the layer's outputs are its lanes)."""
-    zs, outputs = [], iter(own)
+    input without layer l - 1 (the layer's outputs are its lanes); an MoE's entries come from `kept`."""
+    zs, outputs, kept = [], iter(own), iter(kept)
 
     def project(proj, inp, lane):
+        if proj.kind == "moe":
+            zs.extend(next(kept) for _ in range(1 + proj.lane_in))
+            return next(outputs), None
         if proj.kind != "full":
             zs.append(proj.input_product(inp))
         return next(outputs)
@@ -118,6 +124,11 @@ def invert_lanes(block, zs, own, dtypes):
     products, below, zs = [], [], iter(zs)
     for proj, y, dtype in zip(block.projections(), own, dtypes):
         z = next(zs) if proj.kind != "full" else None
+        if proj.kind == "moe":  # D, as the forward kept it (z: the experts chosen, which the replay takes from zs)
+            products.append(None)
+            d = next(zs) if proj.lane_in else None
+            below.append(None if dtype is None or d is None else torch.sub(y, d).div_(proj.lane_scale()).to(dtype))
+            continue
         if not proj.lane_in:
             products.append(y if proj.bias is None else y - proj.bias.to(y.dtype))
             below.append(None)
@@ -135,6 +146,12 @@ def replay(block, x, lanes, rope, zs, products):
     zs, products = iter(zs), iter(products)
 
     def project(proj, inp, lane):
+        if proj.kind == "moe":  # the experts run again, on the tokens the forward routed to them
+            idx, _ = next(zs), next(products)
+            d, router, _ = proj.mix(inp, idx)
+            if proj.lane_in:
+                next(zs)
+            return proj.lane_add(d, lane) if proj.lane_in else d, router
         w = proj.weight if proj.kind == "full" else proj.A
         xa = proj.split_input(Known.apply(inp, w, (next(products) if proj.kind == "full" else next(zs)).flatten(-2)))
         if proj.kind == "full":
@@ -195,25 +212,26 @@ class CRNetBlock(torch.autograd.Function):
         ctx.rng = rng_state(x) if block.cfg.dropout else None
         ctx.drop_rng = {} if ctx.rng is not None and stash.stream else None  # RNG before drop(Y^o), drop(Y^down)
         ctx.set_materialize_grads(False)
-        x_out, lanes_out, zs = run.body("forward_body")(block, x, lanes or None, rope, stash.keep_z, ctx.drop_rng)
+        x_out, lanes_out, router, zs = run.body("forward_body")(block, x, lanes or None, rope, stash.keep_z, ctx.drop_rng)
         # keep: Z, x_l ("crnet"; "reversible" rebuilds it), and the lanes (inputs) the plan stores
-        for g, y in enumerate((*lanes_out, x) if stash.stream else lanes_out):
+        for g, y in [*enumerate(lanes_out), *([(STREAM, x)] if stash.stream else [])]:
             stash.dtypes[(l, g)] = y.dtype
             if g == STREAM and torch.finfo(x_out.dtype).eps > stash.eps:  # the stream is coarser than the plan
                 stash.store.add((l, STREAM))
             if (l, g) in stash.store:
                 stash.lanes[(l, g)] = y.detach()
         ctx.save_for_backward(*zs) if stash.stream else ctx.save_for_backward(x, *zs)
-        return (x_out, *lanes_out)
+        return (x_out, *lanes_out) + (() if router is None else (router,))  # an MoE's statistics: load_balance's
 
     @staticmethod
-    def backward(ctx, g_x, *g_lanes):
+    def backward(ctx, g_x, *g_outputs):
         stash, block, run = ctx.stash, ctx.block, ctx.run
         l = block.layer_idx
         # Y_l (and x_l): stored (kept while the graph lives, so a retain_graph backward can run again), or rebuilt
         # by block l + 1 (dropped now: a second backward rebuilds it again)
         take = lambda key: stash.lanes[key] if key in stash.store else stash.lanes.pop(key, None)
-        own = [take((l, g)) for g in range(4)]
+        groups = range(len(block.projections()))
+        own = [take((l, g)) for g in groups]
         if stash.stream:
             zs = ctx.saved_tensors
             x_in = take((l, STREAM)) if (l, STREAM) in stash.store else invert_stream(ctx, take((l + 1, STREAM)), own)
@@ -223,8 +241,8 @@ class CRNetBlock(torch.autograd.Function):
             x_in, *zs = ctx.saved_tensors
         with torch.no_grad(), replaying(x_in, ctx.rng, ctx.autocast):
             if not stash.keep_z:
-                zs = run.body("recompute_z")(block, x_in, own, ctx.rope)
-            rebuild = [None if (l - 1, g) in stash.store else stash.dtypes.get((l - 1, g)) for g in range(4)]
+                zs = run.body("recompute_z")(block, x_in, own, ctx.rope, zs)
+            rebuild = [None if (l - 1, g) in stash.store else stash.dtypes.get((l - 1, g)) for g in groups]
             products, below = run.body("invert_lanes")(block, zs, own, rebuild)
         leaves = []
         for g, y in enumerate(below if l else ()):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
@@ -232,8 +250,8 @@ class CRNetBlock(torch.autograd.Function):
             leaves.append(y.detach().requires_grad_())
         x = x_in.detach().requires_grad_()
         with torch.enable_grad(), replaying(x, ctx.rng, ctx.autocast):
-            x_out, lanes_out = run.body("replay")(block, x, leaves or None, ctx.rope, zs, products)
-        pairs = [(y, g) for y, g in zip((x_out, *lanes_out), (g_x, *g_lanes)) if g is not None]
+            x_out, lanes_out, router = run.body("replay")(block, x, leaves or None, ctx.rope, zs, products)
+        pairs = [(y, g) for y, g in zip((x_out, *lanes_out, router), (g_x, *g_outputs)) if g is not None]
         inputs = [x, *leaves, *ctx.params]
         wanted = [t for t in inputs if t.requires_grad]  # not frozen parameters (beta_learnable=False)
         found = iter(torch.autograd.grad([y for y, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
@@ -244,9 +262,9 @@ class CRNetBlock(torch.autograd.Function):
 def invert_stream(ctx, x_above, own):
     """Block l's input from its output: x_l = (x_{l+1} - drop(Y^down_l)) - drop(Y^o_l), undoing the forward's
     two adds in reverse order with the forward's dropout masks."""
-    block, y_o, y_down, rngs = ctx.block, own[1], own[3], ctx.drop_rng or {}
+    block, y_o, y_down, rngs = ctx.block, own[1], own[-1], ctx.drop_rng or {}  # Y^down or Y^moe
     drop = lambda y: F.dropout(y[:, :, 0], block.cfg.dropout, block.training)
-    with replaying(x_above, rngs.get(block.down), (False, None)):
+    with replaying(x_above, rngs.get(block.projections()[-1]), (False, None)):
         x_mid = x_above - drop(y_down)
     with replaying(x_above, rngs.get(block.o), (False, None)):
         x = x_mid - drop(y_o)
@@ -263,7 +281,7 @@ class Recompute:
 
     def body(self, name):
         """A body of Algorithm 1: compiled (once per process; dynamo keeps one graph per block kind), or eager."""
-        if not self.compile or self.blocks[0].cfg.dropout:
+        if not self.compile or self.blocks[0].cfg.dropout or self.blocks[0].cfg.n_expert:  # MoE: shapes vary by routing
             return BODIES[name]
         if name not in self.compiled:
             self.compiled[name] = torch.compile(BODIES[name])
@@ -298,8 +316,9 @@ class Recompute:
         if l == len(self.blocks) - 1:
             self.stash = None  # the autograd graph holds it now, and frees it with the graph
         lanes = lanes or ()
-        x, *lanes = CRNetBlock.apply(x, stash, self, block, rope, len(lanes), *lanes, *block.parameters())
-        return x, lanes
+        x, *out = CRNetBlock.apply(x, stash, self, block, rope, len(lanes), *lanes, *block.parameters())
+        n = len(block.projections())
+        return x, out[:n], (out[n] if len(out) > n else None)
 
 
 # The model-level torch.compile cannot trace CRNetBlock (it hands lanes through a Python stash), so it steps around
@@ -307,7 +326,7 @@ class Recompute:
 eager_block_forward = torch.compiler.disable(Recompute.block_forward)
 
 
-def check(mode, param, every=8, keep_z=True, rtol=LANE_RTOL):
+def check(mode, param, every=8, keep_z=True, rtol=LANE_RTOL, moe_lane=True):
     """The recompute settings against each other and the model's param: for apply() and for train.py's config
     (whose recompute="auto" is resolved before apply)."""
     if mode not in MODES and mode != "auto":
@@ -315,6 +334,9 @@ def check(mode, param, every=8, keep_z=True, rtol=LANE_RTOL):
     if mode in ("crnet", "reversible") and param != "crnet":
         raise ConfigError("recompute", mode, f"inverts Eq. 6 and needs param='crnet' (got param={param!r}); use "
                                              f"recompute='block'")
+    if mode in ("crnet", "reversible") and not moe_lane:
+        raise ConfigError("recompute", mode, "inverts Eq. 6 on every lane, and moe_lane=False leaves the MoE output "
+                                             "without one; use recompute='block'")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError("recompute_every", every, "must be a positive integer")
     if not isinstance(keep_z, bool) or (not keep_z and mode not in ("reversible", "auto")):
@@ -332,7 +354,7 @@ def apply(model, mode, every=8, keep_z=True, rtol=LANE_RTOL, compile=False):
     Changes model in place and returns it: call it before compiling or sharding. Applying again replaces the mode."""
     if mode == "auto":
         raise ValueError("recompute='auto' is train.py's: resolve it with plan.auto_recompute first")
-    check(mode, model.cfg.param, every, keep_z, rtol)
+    check(mode, model.cfg.param, every, keep_z, rtol, model.cfg.moe_lane)
     inverts = mode in ("crnet", "reversible")
     for block in model.blocks:
         block.__dict__.pop("forward", None)  # back to the class's plain forward

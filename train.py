@@ -51,7 +51,7 @@ log_to = ""                         # also log to "tensorboard" (out_dir/tensorb
 wandb_project = "crnet"             # the wandb project, with log_to="wandb"
 seed = 1337                         # weights, batches and dropout all derive from it [>=0]
 # model: every ModelConfig field (model.py documents them); vocab_size None = the data's
-arch = "llama"                      # LLaMA (RMSNorm, RoPE, SwiGLU), GPT-2 (LayerNorm, learned positions, GELU), Qwen-3 (LLaMA + QK-norm) {llama|gpt2|qwen3}
+arch = "llama"                      # LLaMA (RMSNorm, RoPE, SwiGLU), GPT-2 (LayerNorm, learned positions, GELU), Qwen-3 (LLaMA + QK-norm), Qwen-3-MoE {llama|gpt2|qwen3|qwen3_moe}
 n_layer = 4                         # [>=1]
 n_head = 4                          # [>=1]
 n_embd = 192                        # [>=1]
@@ -70,6 +70,10 @@ init_std = 0.02                     # std of a full-rank projection [>0]
 n_kv_head = 0                       # key/value heads: 0 = n_head; fewer = grouped-query attention [>=0]
 head_dim = 0                        # 0 = n_embd / n_head; q is n_head * head_dim wide, k and v n_kv_head * head_dim [>=0]
 tie_embeddings = None               # the LM head shares the token embedding; None = the arch's: GPT-2 tied, LLaMA and Qwen-3 untied
+n_expert = 0                        # qwen3_moe: experts per layer (0: the dense archs) [>=0]
+expert_top_k = 2                    # qwen3_moe: experts per token; intermediate_size is each expert's width [>=1]
+router_aux_coef = 0.001             # qwen3_moe: weight of the load-balancing loss in the training loss [>=0]
+moe_lane = True                     # crnet + qwen3_moe: Eq. 6 on the MoE output; False: the ablation without that lane
 # activation recomputation (recompute.py): not part of the model, so a run may resume with another mode
 recompute = "none"                  # "block": torch.utils.checkpoint; "crnet": the paper's Algorithm 1; "reversible": also inverts the residual stream; "auto": the fastest that the memory plan fits {none|block|crnet|reversible|auto}
 device_gib = 0.0                    # recompute="auto", --preflight: memory per device to plan for; 0 = this device's [>=0]
@@ -290,7 +294,7 @@ def check_config(c, world):
     if c["data_parallel"] == "fsdp" and dev == "mps":
         raise ConfigError("data_parallel", "fsdp", "FSDP2 needs cuda or cpu (gloo), not mps")
     check_sinks(c)
-    rc.check(c["recompute"], c["param"], c["recompute_every"], c["keep_z"], c["recompute_rtol"])
+    rc.check(c["recompute"], c["param"], c["recompute_every"], c["keep_z"], c["recompute_rtol"], c["moe_lane"])
     model_config(c)  # the model's own checks (divisibility, ranks, ...), named by key
     return c["total_batch_tokens"] // per_micro  # grad_accum
 

@@ -206,8 +206,8 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"model_type": "bert"}, r"model_type='bert' .* is not supported: tools/hf.py loads 'gpt2', the LLaMA family .* "
-                             r"and 'qwen3'"),
+    ({"model_type": "bert"}, r"model_type='bert' .* is not supported: tools/hf.py loads 'gpt2', the LLaMA family .*, "
+                             r"'qwen3' and 'qwen3_moe'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"^config.json: rope_scaling=.*llama3.* only plain RoPE"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"^config.json: rope_parameters=.* only plain RoPE"),
     ({"attention_bias": True}, "^config.json: attention_bias=True is not supported"),
@@ -256,7 +256,7 @@ def test_new_fields_keep_defaults_and_stay_out_of_training_configs():
     train_keys = configurator.defaults("train.py")
     assert set(ModelConfig.field_names()) <= set(train_keys)
     extra = set(ModelConfig.field_names(pretrained=True)) - set(ModelConfig.field_names())
-    assert extra == {"rope_theta", "norm_eps", "gelu_approx"} and not extra & set(train_keys)
+    assert extra == {"rope_theta", "norm_eps", "gelu_approx", "norm_topk"} and not extra & set(train_keys)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -16,7 +16,8 @@ CASES += [("llama", f"crnet:{a}", mode) for a in ABLATIONS for mode in ("none", 
 CASES += [(arch, param, f"reversible:{keep_z}") for arch in ("llama", "gpt2") for param in ("crnet", "crnet:lowrank-first")
           for keep_z in (True, False)]
 # grouped-query attention with a head_dim of its own (q 96, k and v 24 wide: packed lanes), and Qwen-3's QK-norm
-ARCHS = {"llama-gqa": dict(arch="llama", n_kv_head=1, head_dim=24), "qwen3": dict(arch="qwen3", n_kv_head=1, head_dim=24)}
+ARCHS = {"llama-gqa": dict(arch="llama", n_kv_head=1, head_dim=24), "qwen3": dict(arch="qwen3", n_kv_head=1, head_dim=24),
+         "qwen3_moe": dict(arch="qwen3_moe", n_kv_head=1, head_dim=24, n_expert=4, expert_top_k=2)}
 CASES += [(arch, param, mode) for arch in ARCHS for param, mode in (("full", "none"), ("full", "block"), ("crnet", "none"),
                                                                    ("crnet", "crnet"), ("crnet", "reversible:False"))]
 

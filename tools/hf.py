@@ -143,7 +143,12 @@ def gpt2_config(hf):
 
 def llama_config(hf, block_size=None):
     """LLaMA, Mistral and Qwen-3 (arch "qwen3": QK-norm, whose head_dim is often not hidden_size / heads)."""
-    h, nh, qwen3 = hf["hidden_size"], hf["num_attention_heads"], hf.get("model_type") == "qwen3"
+    h, nh, model_type = hf["hidden_size"], hf["num_attention_heads"], hf.get("model_type")
+    qwen3, moe = model_type in ("qwen3", "qwen3_moe"), model_type == "qwen3_moe"
+    n_expert = hf.get("num_experts", hf.get("num_local_experts"))  # transformers >= 5 writes the second
+    for key, ok in (("mlp_only_layers", not hf.get("mlp_only_layers")), ("decoder_sparse_step", hf.get("decoder_sparse_step", 1) == 1)):
+        if moe and not ok:
+            raise unsupported(key, hf[key], "Qwen-3-MoE here has experts in every layer, as the released models")
     if not hf.get("head_dim") and h % nh:
         raise unsupported("head_dim", hf.get("head_dim"), f"is needed: hidden_size / num_attention_heads = {h}/{nh}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -163,8 +168,11 @@ def llama_config(hf, block_size=None):
     if block_size is not None and not 1 <= block_size <= limit:
         raise ValueError(f"block_size={block_size}: must be in [1, {limit}] (max_position_embeddings"
                          f"{' / sliding_window' if window is not None else ''})")
-    return ModelConfig(arch="qwen3" if qwen3 else "llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh,
-                       n_embd=h, head_dim=hf.get("head_dim") or 0, intermediate_size=hf["intermediate_size"],
+    experts = dict(n_expert=n_expert, expert_top_k=hf["num_experts_per_tok"], norm_topk=hf.get("norm_topk_prob", False),
+                   router_aux_coef=hf.get("router_aux_loss_coef", 0.001)) if moe else {}
+    return ModelConfig(arch=model_type if qwen3 else "llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh,
+                       n_embd=h, head_dim=hf.get("head_dim") or 0, **experts,
+                       intermediate_size=hf["moe_intermediate_size" if moe else "intermediate_size"],
                        vocab_size=hf["vocab_size"], block_size=block_size or min(limit, MAX_BLOCK),
                        n_kv_head=hf.get("num_key_value_heads") or nh,
                        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
@@ -178,10 +186,10 @@ def model_config(hf, block_size=None):
         if block_size not in (None, hf["n_positions"]):
             raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
         return gpt2_config(hf)
-    if kind in ("llama", "mistral", "qwen3"):
+    if kind in ("llama", "mistral", "qwen3", "qwen3_moe"):
         return llama_config(hf, block_size)
     raise ValueError(f"config.json: model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: "
-                     f"tools/hf.py loads 'gpt2', the LLaMA family ('llama', 'mistral') and 'qwen3'")
+                     f"tools/hf.py loads 'gpt2', the LLaMA family ('llama', 'mistral'), 'qwen3' and 'qwen3_moe'")
 
 
 # ----------------------------------------------------------------------------- HF names -> our parameters
@@ -211,11 +219,16 @@ def tensor_map(cfg):
                 f"{a}.k_proj.weight": (f"{b}.qkv.weight", (q, q + kv), True),
                 f"{a}.v_proj.weight": (f"{b}.qkv.weight", (q + kv, q + 2 * kv), True),
                 f"{a}.o_proj.weight": (f"{b}.o.weight", None, True),
-                f"layers.{l}.mlp.gate_proj.weight": (f"{b}.up.weight", (0, ff), True),
-                f"layers.{l}.mlp.up_proj.weight": (f"{b}.up.weight", (ff, 2 * ff), True),
-                f"layers.{l}.mlp.down_proj.weight": (f"{b}.down.weight", None, True),
             })
-            if cfg.arch == "qwen3":
+            mlps = [(f"layers.{l}.mlp", b)] if not cfg.n_expert else \
+                [(f"layers.{l}.mlp.experts.{e}", f"{b}.moe.experts.{e}") for e in range(cfg.n_expert)]
+            for theirs, ours in mlps:  # Qwen-3-MoE: the hub's names, one SwiGLU per expert (fused ones: unfuse)
+                m.update({f"{theirs}.gate_proj.weight": (f"{ours}.up.weight", (0, ff), True),
+                          f"{theirs}.up_proj.weight": (f"{ours}.up.weight", (ff, 2 * ff), True),
+                          f"{theirs}.down_proj.weight": (f"{ours}.down.weight", None, True)})
+            if cfg.n_expert:
+                m[f"layers.{l}.mlp.gate.weight"] = (f"{b}.moe.weight", None, True)  # the router, (E, h) in HF
+            if cfg.qwen3:
                 m.update({f"{a}.{n}.weight": (f"{b}.{n}.weight", None, False) for n in ("q_norm", "k_norm")})
     if not cfg.tied:
         m["lm_head.weight"] = ("lm_head.weight", None, False)  # nn.Linear's (vocab, h), as ours
@@ -232,6 +245,25 @@ def short_list(names, n=8):
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
+FUSED = re.compile(r"^(.*layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def unfuse(tensors):
+    """transformers >= 5 saves a Qwen-3-MoE layer's experts fused, gate_up_proj (E, 2 ff, h) and down_proj
+    (E, h, ff): as the hub's per-expert tensors (nn.Linear's (out, in)), which tensor_map names."""
+    for source, name, t in tensors:
+        fused = FUSED.match(name)
+        if not fused:
+            yield source, name, t
+            continue
+        for e, w in enumerate(t):
+            if fused[2] == "down_proj":
+                yield source, f"{fused[1]}.{e}.down_proj.weight", w
+            else:
+                gate, up = w.chunk(2)
+                yield from ((source, f"{fused[1]}.{e}.gate_proj.weight", gate), (source, f"{fused[1]}.{e}.up_proj.weight", up))
+
+
 @torch.no_grad()
 def fill(model, tensors, config="config.json"):
     """Copy every (source, HF name, tensor) into its place; every HF tensor must have one, every parameter
@@ -241,7 +273,7 @@ def fill(model, tensors, config="config.json"):
     params = dict(model.named_parameters())  # a tied tensor once
     written = dict.fromkeys(params, 0)
     seen, unexpected, tied_head = set(), [], None
-    for source, name, t in tensors:
+    for source, name, t in unfuse(tensors):
         key = strip_prefix(name, cfg.arch)
         if IGNORED.match(key):
             continue
@@ -413,7 +445,11 @@ def hf_config(cfg):
                 "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.norm_eps_value, "n_inner": None,
                 "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
                 "tie_word_embeddings": cfg.tied, "torch_dtype": "float32"}
-    return {"model_type": cfg.arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.arch]],
+    experts = {"num_experts": cfg.n_expert, "num_experts_per_tok": cfg.expert_top_k, "norm_topk_prob": cfg.norm_topk,
+               "moe_intermediate_size": cfg.ff_dim, "router_aux_loss_coef": cfg.router_aux_coef, "decoder_sparse_step": 1,
+               "mlp_only_layers": []} if cfg.n_expert else {}
+    return {"model_type": cfg.arch, **experts, "architectures": [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                                                  "qwen3_moe": "Qwen3MoeForCausalLM"}[cfg.arch]],
             "hidden_size": cfg.n_embd, "use_sliding_window": False,
             "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
