@@ -368,6 +368,8 @@ class Transformer(nn.Module):
     |   gain, crnet layers 2..L      | 1 - beta_init^2                         | Var(Y_l) = b^2 Var(Y_{l-1}) + (1-b^2) Var(full) = Var(full) at every depth |
     |   gain, lowrank / cola         | 1 / 1 / E[silu(z)^2] = 1 / 0.3557       | same output variance as full-rank (so is a low-rank CR-Net layer 1) |
     | beta (crnet, layers 2..L)      | beta_init (default 1/sqrt(2))           | results/init.md: measured per-layer output std ratio |
+    | MoE router W (h x n_expert)    | N(0, init_std)                          | as a full W |
+    | MoE experts (gate/up, down)    | as full W / A, B above; a CR-Net layer's down B with the crnet gain | D is what enters Eq. 6 |
     | norm weights                   | 1 (biases 0)                            | standard |
     | projection biases (GPT-2)      | 0                                       | standard |
 

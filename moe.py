@@ -19,8 +19,10 @@ stream receives, and its cross-layer difference is what Eq. 6 models. The expert
 lanes of their own; the router (h x n_expert) stays full-rank. moe_lane=False is the alternative, per-expert low-rank
 factors and no lane (tools/ablate.py's crnet_nolane; results/ablate_qwen3_moe_cpu.md measures both).
 
-Recomputation (recompute.py) keeps each layer's D, to invert Eq. 6, and the experts chosen, so that a replay routes
-every token as the forward did even where a rebuilt input would tip a near-tie in the top k.
+Under torch.compile, mix runs eagerly (the rest of a block compiles): the tokens each expert gets, hence its
+shapes, change every step. Recomputation (recompute.py) keeps each layer's D, to invert Eq. 6, and the experts
+chosen, so that a replay routes every token as the forward did even where a rebuilt input would tip a near-tie in
+the top k.
 """
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ def route(x, router, top_k, norm_topk, idx=None):
     return probs, idx, g / g.sum(-1, keepdim=True) if norm_topk else g
 
 
+@torch.compiler.disable  # the experts' shapes follow the routing: a graph would re-specialize on every expert and step
 def mix(x, router, experts, top_k, norm_topk, idx=None):
     """x (B, T, h) -> D (B, T, 1, h), the router's statistics (2, E) for load_balance (tokens routed to each expert,
     the probability mass it got), and the experts chosen (B, T, k). experts: {"up": gate and up (B, T, 2, ff),

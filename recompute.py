@@ -29,8 +29,13 @@ tensors, so one graph serves every layer of a kind (layer 1, layer 2, layers 3..
 no_grad and saves nothing; the replay saves only what its own backward, run at once, needs. With dropout the
 bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
 
-What it uses of model.py: a block's projections(), forward(x, lanes, rope, project), layer_idx, cfg.dropout, o,
-down; a Projection's kind, lane_in, bias, weight/A/B, widths, packed and the methods that form its products.
+Qwen-3-MoE: the MoE is one projection group whose output Y^moe carries the lane; forward keeps its D (to invert
+Eq. 6) and the experts each token was routed to, and the replay runs the experts again on exactly those tokens.
+A block also returns its router statistics, a Function output, so the load-balancing loss's gradient reaches the
+router through the replay.
+
+What it uses of model.py: a block's projections(), forward(x, lanes, rope, project), layer_idx, cfg.dropout, o;
+a Projection's kind, lane_in, bias, weight/A/B, widths, packed and the methods that form its products; MoE.mix.
 """
 import contextlib
 import functools
@@ -199,8 +204,8 @@ def replaying(x, state, autocast):
 
 
 class CRNetBlock(torch.autograd.Function):
-    """Algorithm 1 for one block ("crnet" or "reversible", as the stash says). Tensor inputs: x, the 4 input lanes
-    (none for layer 1) and the block's parameters; outputs: x_out and the 4 output lanes. Backward returns the
+    """Algorithm 1 for one block ("crnet" or "reversible", as the stash says). Tensor inputs: x, the input lanes
+    (none for layer 1) and the block's parameters; outputs: x_out, the output lanes (and an MoE's statistics). Backward returns the
     gradients of all inputs (autograd on the replay), so torch.autograd.grad, gradcheck and DDP's hooks see them."""
 
     @staticmethod

@@ -179,17 +179,18 @@ def test_hub_names_fail_clearly_when_the_hub_is_unreachable(monkeypatch):
         hf.load_pretrained("some-org/some-model")  # FileNotFoundError: scripts print it as one error: line
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "qwen3_moe"])
 def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_data, tmp_path):
     """python tools/hf.py --out_dir=RUN --export=DIR writes config.json + model.safetensors that transformers'
     AutoModelForCausalLM loads with our logits (gpt2: tied, biases; llama: untied; qwen3: GQA, a head_dim of
-    its own); CR-Net runs are refused."""
+    its own; qwen3_moe: 3 experts, top 2); CR-Net runs are refused."""
     import train
     from conftest import TINY
     run = tmp_path / "run"
     train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={run}", "--param=full", f"--arch={arch}",
                        "--max_iters=3", "--eval_interval=3"] + (["--bias"] if arch == "gpt2" else [])
-               + (["--n_kv_head=1", "--head_dim=12"] if arch == "qwen3" else []))
+               + (["--n_kv_head=1", "--head_dim=12"] if arch.startswith("qwen3") else [])
+               + (["--n_expert=3", "--expert_top_k=2", "--intermediate_size=24"] if arch == "qwen3_moe" else []))
     hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)

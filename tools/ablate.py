@@ -59,6 +59,7 @@ VARIANTS = {  # name -> what it changes in the base config ("matched" / "middle_
     "crnet_fixed_beta": dict(param="crnet", beta_learnable=False),      # paper: learnable beta converges better
     "crnet_lowrank_first": dict(param="crnet", first_layer="lowrank"),  # paper (350M): ppl 18.95 -> 19.68
     "crnet_middle_heavy": dict(param="crnet", rank="middle_heavy"),     # paper: larger ranks in the middle work best
+    "crnet_nolane": dict(param="crnet", moe_lane=False),                # qwen3_moe: low-rank experts, no lane on D
 }
 MATCH_TOL = 0.02
 
@@ -106,12 +107,12 @@ def variant_changes(c, name):
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     if not isinstance(c["rank"], int):
         raise ValueError(f"rank={c['rank']!r}: tools/ablate.py needs one CR-Net rank (an int) to derive the others from")
-    v = {"beta_learnable": True, "first_layer": "full", "rank": c["rank"], **VARIANTS[name]}
+    v = {"beta_learnable": True, "first_layer": "full", "moe_lane": True, "rank": c["rank"], **VARIANTS[name]}
     if v["rank"] == "matched":
         v["rank"] = matched_rank(c, v["param"], non_embedding_params(c, param="crnet", rank=c["rank"]))
     elif v["rank"] == "middle_heavy":
         v["rank"] = middle_heavy_ranks(c["n_layer"], c["rank"])
-    if c["recompute"] == "crnet" and v["param"] != "crnet":
+    if c["recompute"] in ("crnet", "reversible") and (v["param"] != "crnet" or not v["moe_lane"]):
         v["recompute"] = "block"  # crnet recomputation needs CR-Net's lanes; the baselines checkpoint blocks
     return v
 

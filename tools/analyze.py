@@ -310,9 +310,11 @@ NAMES = {"qkv": ["q", "k", "v"], "o": ["o"], "down": ["down"]}  # + up: gate, up
 
 
 def output_names(cfg):
-    """{projection group: the names of its n outputs}."""
+    """{projection group: the names of its n outputs}; Qwen-3-MoE's MLP is one group, its combined output D."""
+    if cfg.n_expert:
+        return {"qkv": NAMES["qkv"], "o": NAMES["o"], "moe": ["moe"]}
     return dict(NAMES, up=["fc"] if cfg.arch == "gpt2" else ["gate", "up"])
-INPUTS = {"qkv": "attn_in", "o": "o_in", "up": "mlp_in", "down": "down_in"}  # what each projection reads
+INPUTS = {"qkv": "attn_in", "o": "o_in", "up": "mlp_in", "down": "down_in", "moe": "mlp_in"}  # what each group reads
 
 
 def split_output(proj, y, names):
@@ -339,9 +341,11 @@ class Measure:
             for group in self.names:
                 proj = getattr(blk, group)
                 self.hooks.append(proj.register_forward_hook(lambda m, inp, y, l=l, g=group: self.output(l, g, m, inp[0], y)))
+            # (an MoE returns (Y, router statistics): output() takes Y)
             self.hooks.append(blk.register_forward_hook(lambda m, inp, out, l=l: self.layer(l)))
 
     def output(self, l, group, proj, x, y):
+        y = y[0] if isinstance(y, tuple) else y
         for name, t in split_output(proj, y, self.names[group]).items():
             self.cur[name] = t
         if self.controls:
@@ -390,7 +394,7 @@ class Measure:
             h.remove()
 
 
-NAMES_ALL = {"q", "k", "v", "o", "gate", "up", "fc", "down"}
+NAMES_ALL = {"q", "k", "v", "o", "gate", "up", "fc", "down", "moe"}
 
 
 def gguf_noise(path, seed=0):
@@ -418,7 +422,7 @@ def collect_outputs(model, idx):
     for l, blk in enumerate(model.blocks):
         for group in names:
             def hook(mod, inp, y, l=l, group=group):
-                for name, t in split_output(mod, y, names[group]).items():
+                for name, t in split_output(mod, y[0] if isinstance(y, tuple) else y, names[group]).items():
                     out.setdefault((l, name), []).append(t.float())
             hooks.append(getattr(blk, group).register_forward_hook(hook))
     for i in range(0, len(idx), 8):
@@ -446,7 +450,8 @@ def structure_note(cfg):
         return (f"note: param=crnet: this model computes Y_l = s*Y_{{l-1}} + X A B with rank(X A B) <= {rk} at every "
                 f"layer l >= 2, so the structure holds by construction (beta = s, ratio ~0 at r >= {rk}). A ratio "
                 f"near 0 here says nothing about the paper's observation; the meaningful test is a full-rank model "
-                f"(param=full).")
+                f"(param=full)." + (" The MoE output is the exception: Y_l - s Y_{l-1} = D_l mixes k experts of rank "
+                                    "r each, so its rows are a measurement." if cfg.n_expert else ""))
     if cfg.param in ("lowrank", "cola", "cola_mlp"):
         return (f"note: param={cfg.param}: every output has rank <= {rk} by construction; at r >= {rk} the direct "
                 f"error is ~0 and the ratios are meaningless; the meaningful test is a full-rank model (param=full).")

@@ -9,6 +9,8 @@ Benchmarks that print tables (never assertions; tests/ holds those).
     python tools/bench.py sizes                # full vs CR-Net at each paper size that fits here: step time, tokens/s,
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
     python tools/bench.py sizes --sizes=60m,130m --batch=8 --steps=5
+    python tools/bench.py moe                  # Qwen-3-MoE (8 experts, top 2) vs dense Qwen-3 at equal active parameters:
+                                         # step time and memory, full and CR-Net (configs/*_qwen3_moe_60m.py)
     python tools/bench.py gpu                  # one GPU: full vs CR-Net at 350M (micro-batch 64) and 1B (32), recompute
                                          # none / crnet / reversible, eager and compiled, as train.py builds them
 
@@ -38,7 +40,7 @@ import plan
 from model import ModelConfig, Projection, Transformer, model_config
 
 # ----------------------------------------------------------------------------- config
-what = "recompute"          # which table (also as a bare word: python tools/bench.py sizes) {recompute|init|sizes|gpu|bytes}
+what = "recompute"          # which table (also as a bare word: python tools/bench.py sizes) {recompute|init|sizes|gpu|bytes|moe}
 n_embd = 1024               # recompute, init: the model's width [>=1]
 n_layer = 16                # [>=1]
 n_head = 16                 # [>=1]
@@ -209,10 +211,15 @@ def init_table(a):
 SIZES = ("60m", "130m", "350m", "1b", "7b")
 
 
+MOE_SIZES = {"qwen3_moe": [], "qwen3_dense": ["--arch='qwen3'", "--n_expert=0", "--intermediate_size=1376"]}  # 2 x 688
+
+
 def size_config(a, size, param, mode, dev):
-    """train.py config of configs/{param}_llama_{size}.py at the bench's batch, the paper's vocabulary (32000),
-    the given recompute mode and the device's dtype (bf16 autocast on CUDA, float32 on the CPU)."""
-    return configurator.load([str(Path(__file__).resolve().parents[1] / f"configs/{param}_llama_{size}.py"),
+    """train.py config of configs/{param}_llama_{size}.py (or, for MOE_SIZES, {param}_qwen3_moe_60m.py as it is or
+    made dense at its active width) at the bench's batch, the paper's vocabulary (32000), the given recompute mode
+    and the device's dtype (bf16 autocast on CUDA, float32 on the CPU)."""
+    name = f"{param}_qwen3_moe_60m" if size in MOE_SIZES else f"{param}_llama_{size}"
+    return configurator.load([str(Path(__file__).resolve().parents[1] / f"configs/{name}.py"), *MOE_SIZES.get(size, []),
                               f"--batch_size={a.batch}", "--vocab_size=32000", f"--recompute={mode!r}",
                               f"--dtype={'bfloat16' if dev == 'cuda' else 'float32'!r}"], "train.py")[0]
 
@@ -279,6 +286,34 @@ def sizes_table(a):
     print("vs full: tokens/s against the size's first full-rank row that ran (no recompute, or block where that does "
           "not fit). peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak RSS "
           "(including ~0.3 GiB of Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
+
+
+def moe_table(a):
+    """Qwen-3-MoE (8 experts of 688, top 2) against dense Qwen-3 of SwiGLU width 1376, so both run the same matmul
+    parameters per token: full training steps, full-rank and CR-Net, no recompute, each in a fresh process."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"configs/{{full,crnet}}_qwen3_moe_60m.py and their dense twin (n_expert=0, intermediate_size=1376), vocab "
+          f"32000, batch {a.batch} x 256 tokens, {a.steps} timed steps (median) after one warm-up, torch_compile="
+          f"{a.torch_compile}; {'bf16 autocast' if dev == 'cuda' else 'float32'}; device {name}")
+    print("| param | MLP | params | FLOPs/token | step | tokens/s | vs dense | peak memory | planned |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for param in ("full", "crnet"):
+        dense = None
+        for size in ("qwen3_dense", "qwen3_moe"):
+            c = size_config(a, size, param, "none", dev)
+            planned, P = plan.plan(c, "ddp", "none", 1)
+            with torch.device("meta"):
+                flops = Transformer(model_config(c)).flops_per_token()
+            r = fresh_process("sizes", f"--size={size}", f"--param={param}", "--mode='none'", f"--batch={a.batch}",
+                              f"--steps={a.steps}", f"--torch_compile={a.torch_compile}")
+            dense = dense or r
+            mlp = "SwiGLU 1376" if size == "qwen3_dense" else "8 x 688, top 2"
+            print(f"| {param} | {mlp} | {P / 1e6:.1f}M | {flops / 1e6:.0f}M | {r['step_s']:.3f} s | {r['tps']:,.0f} | "
+                  f"{r['tps'] / dense['tps']:.3f}x | {r['peak'] / 2 ** 30:.2f} GiB | {planned['total'] / 2 ** 30:.2f} GiB |",
+                  flush=True)
+    print("peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak RSS (including ~0.3 GiB of "
+          "Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
 
 
 def bytes_table(a):
@@ -359,6 +394,8 @@ def main(argv):
         return init_table(a)
     if a.what == "bytes":
         return bytes_table(a)
+    if a.what == "moe":
+        return moe_table(a)
     if a.what in ("sizes", "gpu"):
         if a.one:
             return print(json.dumps(size_one(a)))

@@ -1,5 +1,5 @@
 """
-Hugging Face GPT-2, LLaMA-family and Qwen-3 checkpoints loaded into our full-rank Transformer (param="full"), exactly:
+Hugging Face GPT-2, LLaMA-family, Qwen-3 and Qwen-3-MoE checkpoints loaded into our full-rank Transformer (param="full"), exactly:
 the same logits as transformers' own model, to float round-off (tests/test_hf.py compares them).
 
     from tools.hf import load_pretrained
@@ -7,16 +7,19 @@ the same logits as transformers' own model, to float round-off (tests/test_hf.py
     model = load_pretrained("openai-community/gpt2")  # a hub name, where the network allows (needs huggingface_hub)
     python tools/hf.py --out_dir=out --export=out_hf          # a full-rank train.py run as a Hugging Face directory
 
-Supported: model_type "gpt2", the LLaMA family ("llama", "mistral") and "qwen3" (LLaMA with QK-norm): grouped-query
-attention, any head_dim, tied or untied embeddings, any rope_theta, plain RoPE only (rope_scaling must be None).
+Supported: model_type "gpt2", the LLaMA family ("llama", "mistral"), "qwen3" (LLaMA with QK-norm) and "qwen3_moe"
+(experts in every layer, as the released models): grouped-query attention, any head_dim, tied or untied
+embeddings, any rope_theta, plain RoPE only (rope_scaling must be None).
 transformers is not needed: config.json is plain JSON and safetensors files are read by the short reader below
 (8-byte little-endian header length, a JSON header of name -> dtype, shape, byte offsets, then the raw tensors).
 
 Layouts. HF GPT-2's Conv1D weights are (in, out), our Y = X W convention: c_attn -> qkv (columns q | k | v), attn
 c_proj -> o, c_fc -> up, mlp c_proj -> down, as they are. HF LLaMA's nn.Linear weights are (out, in), so they
 are transposed: q/k/v -> the columns of qkv, gate/up -> the columns of up (gate first, as SwiGLU reads them),
-o, down; Qwen-3's q_norm, k_norm (one head_dim-wide weight each) as they are. HF LLaMA's RoPE rotates the two
-halves of each head, the layout model.apply_rope uses.
+o, down; Qwen-3's q_norm, k_norm (one head_dim-wide weight each) as they are; Qwen-3-MoE's router mlp.gate
+(E, h) transposed into MoE.weight, each expert's gate/up/down as LLaMA's MLP (transformers >= 5's fused
+gate_up_proj / down_proj are cut into those first: unfuse). HF LLaMA's RoPE rotates the two halves of each
+head, the layout model.apply_rope uses.
 
 block_size: GPT-2's n_positions (its wpe table). LLaMA: max_position_embeddings capped at MAX_BLOCK (LLaMA 3.1
 says 131072; the RoPE tables and the longest forward are what block_size sizes), or the block_size argument.
@@ -414,7 +417,7 @@ def resolve(name_or_dir):
 
 
 def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
-    """Our full-rank Transformer, in eval mode on the CPU, with the weights of an HF GPT-2 or LLaMA-family model.
+    """Our full-rank Transformer, in eval mode on the CPU, with the weights of an HF GPT-2, LLaMA-family or Qwen-3 model.
     name_or_dir: a local directory (config.json + weights) or a hub name. dtype: of the parameters (the RoPE
     tables stay float32). block_size: LLaMA family only; default min(max_position_embeddings, MAX_BLOCK).
     A .gguf file (llama.cpp's format, LLaMA architecture) is read by load_gguf."""
@@ -438,7 +441,8 @@ def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
 
 # ----------------------------------------------------------------------------- our checkpoint -> HF directory
 def hf_config(cfg):
-    """config.json for transformers' GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM with our ModelConfig's shape."""
+    """config.json for transformers' GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM with
+    our ModelConfig's shape."""
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
