@@ -248,8 +248,8 @@ class MoE(Projection):
         super().__init__(cfg.n_embd, (cfg.n_embd,), "moe", rank, False, cfg.init_std, cfg, lane_in)
         h, ff, self.top_k, self.norm_topk = cfg.n_embd, cfg.ff_dim, cfg.expert_top_k, cfg.norm_topk
         self.weight = nn.Parameter(torch.empty(h, cfg.n_expert))
-        # a CR-Net layer's experts are X A B; the down factor is scaled as a crnet projection's (its output is D)
-        up_kind, down_kind = (kind, kind) if kind in ("full", "lowrank") else ("lowrank", "crnet")
+        # a CR-Net layer's experts are X A B; with a lane in, down's factor is scaled as a crnet projection's (D + lane)
+        up_kind, down_kind = (kind, kind) if kind in ("full", "lowrank") else ("lowrank", "crnet" if lane_in else "lowrank")
         self.experts = nn.ModuleList(nn.ModuleDict({
             "up": Projection(h, (ff, ff), up_kind, rank, False, cfg.init_std, cfg),
             "down": Projection(ff, (h,), down_kind, rank, False, cfg.init_std / math.sqrt(2 * cfg.n_layer), cfg),
@@ -369,7 +369,7 @@ class Transformer(nn.Module):
     |   gain, lowrank / cola         | 1 / 1 / E[silu(z)^2] = 1 / 0.3557       | same output variance as full-rank (so is a low-rank CR-Net layer 1) |
     | beta (crnet, layers 2..L)      | beta_init (default 1/sqrt(2))           | results/init.md: measured per-layer output std ratio |
     | MoE router W (h x n_expert)    | N(0, init_std)                          | as a full W |
-    | MoE experts (gate/up, down)    | as full W / A, B above; a CR-Net layer's down B with the crnet gain | D is what enters Eq. 6 |
+    | MoE experts (gate/up, down)    | as full W / A, B above; down's B with the crnet gain where D has a lane in | D is what enters Eq. 6 |
     | norm weights                   | 1 (biases 0)                            | standard |
     | projection biases (GPT-2)      | 0                                       | standard |
 

@@ -6,11 +6,11 @@ holds the router and the experts' parameters). Row vectors, as model.py: Y = X W
     D = sum_{e in top-k(x)} g_e(x) down_e(silu(gate_e(x)) * up_e(x))            each expert a SwiGLU
 
 as transformers' Qwen3MoeSparseMoeBlock computes it (tests/test_moe.py compares logits and losses). The experts run
-in a loop, each on the tokens routed to it, gathered by index: the reference form. Every expert runs every step,
-some on no token, so that every parameter gets a gradient, as DDP expects. A production MoE changes how, not what:
-one grouped GEMM over all experts instead of the loop (no per-expert host sync for torch.where), tokens sorted by
-expert so the gathers are contiguous, and experts sharded over GPUs (expert parallelism: an all-to-all sends each
-token to its experts' GPU and back), with a capacity per expert.
+in a loop, the reference form: the (token, place) pairs are sorted by expert, gathered once and cut into one
+contiguous piece per expert (one host sync per layer, for the piece sizes). Every expert runs every step, some on
+no token, so that every parameter gets a gradient, as DDP expects. A production MoE changes how, not what: one
+grouped GEMM over all experts' pieces instead of the loop (no host sync), and experts sharded over GPUs (expert
+parallelism: an all-to-all sends each token to its experts' GPU and back), usually with a capacity per expert.
 
 CR-Net. The issue is what Eq. 6's lane is when a token's experts change from layer to layer. A lane per expert
 (Y_{l,e} = s Y_{l-1,e} + X A_e B_e) would be missing wherever layer l - 1 did not route the token to e. So the lane
@@ -44,16 +44,15 @@ def mix(x, router, experts, top_k, norm_topk, idx=None):
     "down"} projection pairs, called on (1, n_e, h)."""
     flat = x.flatten(0, 1)
     probs, idx, g = route(flat, router, top_k, norm_topk, None if idx is None else idx.flatten(0, 1))
-    ys, places = [], []
-    for e, expert in enumerate(experts):
-        tok, slot = torch.where(idx == e)  # the tokens routed to e, and at which of their k places
-        y_up = expert["up"](flat[tok][None])  # (1, n_e, 2, ff)
+    order = idx.flatten().argsort(stable=True)  # the N k (token, place) pairs, sorted by expert
+    counts = torch.bincount(idx.flatten(), minlength=len(experts))
+    ys = []
+    for expert, xe in zip(experts, flat[order // top_k].split(counts.tolist())):  # one gather, one host sync
+        y_up = expert["up"](xe[None])  # (1, n_e, 2, ff)
         ys.append(expert["down"](F.silu(y_up[:, :, 0]) * y_up[:, :, 1])[0, :, 0])  # (n_e, h)
-        places.append((tok, slot))
-    # each token's k outputs side by side (N, k, h), then weighted: index_put's backward keeps only the places
-    y = torch.cat(ys).new_zeros(*idx.shape, flat.shape[1]).index_put(tuple(map(torch.cat, zip(*places))), torch.cat(ys))
+    y = torch.cat(ys)[order.argsort()].view(*idx.shape, -1)  # (N, k, h): each token's k expert outputs, in place
     d = torch.einsum("nk,nkh->nh", g.to(y.dtype), y)
-    stats = torch.stack([F.one_hot(idx, len(experts)).sum((0, 1)).to(probs.dtype), probs.sum(0)])
+    stats = torch.stack([counts.to(probs.dtype), probs.sum(0)])
     return d.view(*x.shape[:2], 1, -1), stats, idx.view(*x.shape[:2], -1)
 
 

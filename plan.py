@@ -61,7 +61,7 @@ PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for 
 LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane (or block input)
 BETA_DRIFT = 0.02  # CUDA: how far |s| may have moved since the betas the plan read (one optimizer step: AdamW
                    # moves a parameter by at most ~1.2 lr at beta2 = 0.95; checked one step late: LanePlanner)
-STREAM = 4         # the group of the block input x_l ("reversible"), after the 4 lane groups
+STREAM = 4         # the group of the block input x_l ("reversible"), after the lane groups (4, or 3 with experts)
 
 
 def checkpoint_layers(n_layer, every):
@@ -283,15 +283,15 @@ def layer_numbers(cfg, l, bf16, lanes_f32=False):
         parts += [(0, qkv)] + [y(qkv)] * kept_above            # bf16 q, k, v; the fp32 lane if kept above
     else:
         parts += [y(qkv)] + [y(qkv - cfg.kv_dim)] * llama      # q, k, v (views of Y^qkv); rotated q, k
-    parts += [y(h)] * kept_above + [y(h)] * kept_above         # Y^o and Y^down, lanes kept above
+    parts += [y(h)] * kept_above + [y(h)] * (kept_above and cfg.moe_lane)  # Y^o, Y^down (Y^moe): lanes kept above
     if not cfg.n_expert:
         parts += [y(n_up * ff), (0, ff)] + [y(ff)] * llama     # Y^up (act's input); down's input; silu(gate)
     else:  # k routed copies of an expert's: input, Y^up, silu(gate), down's input, output (in y), Z
         k, r = cfg.expert_top_k, (0 if kind == "full" else cfg.layer_rank(l))
         parts += [(0, k * (2 * h + 4 * ff + 3 * r))]
         # the router's softmax and top-k weights (renormalised: and their sum); the weights the mix multiplies by;
-        # int64 (2 numbers each): the chosen idx, per expert its tokens and places, and both concatenated
-        parts += [(cfg.n_expert + (k + 1) * cfg.norm_topk + k * (not bf16) + 10 * k, k * bf16)]
+        # int64 (2 numbers each): the chosen idx, the sorted pairs' tokens (the gather's) and their inverse order
+        parts += [(cfg.n_expert + (k + 1) * cfg.norm_topk + k * (not bf16) + 6 * k, k * bf16)]
     return f32 + sum(p[0] for p in parts), act + sum(p[1] for p in parts)
 
 

@@ -53,6 +53,13 @@ def test_variant_errors():
     with pytest.raises(ValueError, match="no cola rank matches CR-Net's"):  # one rank step is ~20% of the count here
         ablate.variant_changes(tiny, "cola")
     assert ablate.variant_changes({**c, "recompute": "crnet"}, "cola")["recompute"] == "block"
+    # a variant without lanes everywhere falls back to block checkpointing, keep_z with it, and passes train.py's checks
+    moe = {**c, "arch": "qwen3_moe", "n_expert": 4, "recompute": "reversible", "keep_z": False}
+    for name in ("full", "crnet_nolane"):
+        v = ablate.variant_changes(moe, name)
+        assert (v["recompute"], v["keep_z"]) == ("block", True)
+        ablate.check_run([f"--{k}={x!r}" for k, x in {**moe, **v}.items() if x != c[k]])
+    assert "recompute" not in ablate.variant_changes(moe, "crnet")  # the base config's reversible stays
 
 
 SMALL = ["configs/cpu_debug.py", "--max_iters=8", "--eval_interval=4", "--log_interval=2", "--eval_tokens=2048", "--plot=False"]

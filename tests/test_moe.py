@@ -81,6 +81,8 @@ def test_unsupported_moe_layouts_are_named(saved_moe, tmp_path):
         hf.load_pretrained(copy_model(saved_moe[1], tmp_path / "a", {"mlp_only_layers": [0]}))
     with pytest.raises(ValueError, match=r"^config.json: decoder_sparse_step=2 is not supported"):
         hf.load_pretrained(copy_model(saved_moe[1], tmp_path / "b", {"decoder_sparse_step": 2}))
+    with pytest.raises(ValueError, match=r"^config.json: num_experts=0 is not supported"):  # transformers: dense MLPs
+        hf.load_pretrained(copy_model(saved_moe[1], tmp_path / "c", {"num_experts": 0}))
 
 
 def test_the_mixture_and_its_lane_by_hand():

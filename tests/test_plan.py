@@ -20,6 +20,8 @@ ARCHS = {"llama-gqa": dict(arch="llama", n_kv_head=1, head_dim=24), "qwen3": dic
          "qwen3_moe": dict(arch="qwen3_moe", n_kv_head=1, head_dim=24, n_expert=4, expert_top_k=2)}
 CASES += [(arch, param, mode) for arch in ARCHS for param, mode in (("full", "none"), ("full", "block"), ("crnet", "none"),
                                                                    ("crnet", "crnet"), ("crnet", "reversible:False"))]
+ABLATIONS["no-moe-lane"] = dict(moe_lane=False)
+CASES += [("qwen3_moe", "crnet:no-moe-lane", mode) for mode in ("none", "block")]
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])

@@ -34,6 +34,7 @@ import torch
 
 import configurator
 import checkpoint as ck
+import recompute as rc
 from model import Transformer, model_config
 from tools.plot import draw
 from runlog import write_atomic
@@ -113,8 +114,16 @@ def variant_changes(c, name):
     elif v["rank"] == "middle_heavy":
         v["rank"] = middle_heavy_ranks(c["n_layer"], c["rank"])
     if c["recompute"] in ("crnet", "reversible") and (v["param"] != "crnet" or not v["moe_lane"]):
-        v["recompute"] = "block"  # crnet recomputation needs CR-Net's lanes; the baselines checkpoint blocks
+        v["recompute"], v["keep_z"] = "block", True  # Eq. 6 inverted needs CR-Net's lanes; the others checkpoint blocks
     return v
+
+
+def check_run(args):
+    """A run's train.py arguments checked as train.py checks them (the model, the recompute settings), before any
+    run trains."""
+    c = configurator.load(args, "train.py")[0]
+    model_config(c)
+    rc.check(c["recompute"], c["param"], c["recompute_every"], c["keep_z"], c["recompute_rtol"], c["moe_lane"])
 
 
 def read_metrics(run):
@@ -237,7 +246,7 @@ def main(argv):
         raise configurator.ConfigError("seeds_at", a["seeds_at"], "applies to a sweep: give --seeds (and --lrs)")
     plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
     for args in plans.values():
-        model_config(configurator.load(args, "train.py")[0])
+        check_run(args)
     out = Path(a["ablate_dir"])
     base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
     seconds = {n: run_variant(n, args, out / n, a, c["max_iters"]) for n, args in plans.items()}
@@ -280,7 +289,7 @@ def sweep(a, c, names, run_args):
     out = Path(a["ablate_dir"])
     for n in names:  # every run's config is checked before the first one trains
         for lr in lrs:
-            model_config(configurator.load(run_args(n, learning_rate=lr), "train.py")[0])
+            check_run(run_args(n, learning_rate=lr))
     where = lambda n, lr, s: out / n / f"lr{lr:g}_seed{s}"
     base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
 

@@ -145,13 +145,16 @@ def gpt2_config(hf):
 
 
 def llama_config(hf, block_size=None):
-    """LLaMA, Mistral and Qwen-3 (arch "qwen3": QK-norm, whose head_dim is often not hidden_size / heads)."""
+    """LLaMA, Mistral, Qwen-3 (arch "qwen3": QK-norm, whose head_dim is often not hidden_size / heads) and Qwen-3-MoE
+    (a key it lacks takes transformers' Qwen3MoeConfig default, as transformers would)."""
     h, nh, model_type = hf["hidden_size"], hf["num_attention_heads"], hf.get("model_type")
     qwen3, moe = model_type in ("qwen3", "qwen3_moe"), model_type == "qwen3_moe"
-    n_expert = hf.get("num_experts", hf.get("num_local_experts"))  # transformers >= 5 writes the second
-    for key, ok in (("mlp_only_layers", not hf.get("mlp_only_layers")), ("decoder_sparse_step", hf.get("decoder_sparse_step", 1) == 1)):
+    n_expert = hf.get("num_experts", hf.get("num_local_experts", 128))  # transformers >= 5 writes the second
+    for key, ok in (("mlp_only_layers", not hf.get("mlp_only_layers")), ("num_experts", n_expert),
+                    ("decoder_sparse_step", hf.get("decoder_sparse_step", 1) == 1)):
         if moe and not ok:
-            raise unsupported(key, hf[key], "Qwen-3-MoE here has experts in every layer, as the released models")
+            raise unsupported(key, hf.get(key, n_expert), "Qwen-3-MoE here has experts in every layer, as the released "
+                                                          "models")
     if not hf.get("head_dim") and h % nh:
         raise unsupported("head_dim", hf.get("head_dim"), f"is needed: hidden_size / num_attention_heads = {h}/{nh}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -171,11 +174,11 @@ def llama_config(hf, block_size=None):
     if block_size is not None and not 1 <= block_size <= limit:
         raise ValueError(f"block_size={block_size}: must be in [1, {limit}] (max_position_embeddings"
                          f"{' / sliding_window' if window is not None else ''})")
-    experts = dict(n_expert=n_expert, expert_top_k=hf["num_experts_per_tok"], norm_topk=hf.get("norm_topk_prob", False),
-                   router_aux_coef=hf.get("router_aux_loss_coef", 0.001)) if moe else {}
+    experts = dict(n_expert=n_expert, expert_top_k=hf.get("num_experts_per_tok", 8), router_aux_coef=hf.get(
+        "router_aux_loss_coef", 0.001), norm_topk=hf.get("norm_topk_prob", False)) if moe else {}
     return ModelConfig(arch=model_type if qwen3 else "llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh,
                        n_embd=h, head_dim=hf.get("head_dim") or 0, **experts,
-                       intermediate_size=hf["moe_intermediate_size" if moe else "intermediate_size"],
+                       intermediate_size=hf.get("moe_intermediate_size", 768) if moe else hf["intermediate_size"],
                        vocab_size=hf["vocab_size"], block_size=block_size or min(limit, MAX_BLOCK),
                        n_kv_head=hf.get("num_key_value_heads") or nh,
                        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
