@@ -204,7 +204,7 @@ def main(argv):
                 tps = tokens_per_step / dt
                 mfu = par.estimate_mfu(flops_per_token, tps, peak)
                 elapsed = t1 - t_start
-                end = c["stop_iter"] if c["stop_iter"] > done else c["max_iters"]
+                end = c["stop_iter"] if c["stop_iter"] >= done else c["max_iters"]
                 eta = elapsed / (done - start_iter) * (end - done)
                 row = {"iter": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": 1000 * dt,
                        "tokens_per_s": tps, "mfu": mfu, "peak_mem_mb": par.peak_memory_mb(device),

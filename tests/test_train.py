@@ -136,6 +136,12 @@ def test_resume_reads_the_saved_config_and_may_change_the_recompute_mode(tiny_da
     assert (saved["recompute"], saved["batch_size"], saved["n_layer"]) == ("none", 2, 3)
 
 
+def test_eta_counts_to_the_stop_iteration_not_past_it(tiny_data, tmp_path, capsys):
+    run(tiny_data, tmp_path, "--max_iters=2000", "--stop_iter=4", "--log_interval=2", "--eval_interval=100")
+    etas = [line.rsplit("ETA ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
+    assert len(etas) == 2 and etas[-1] == "0s"  # the last step of a --stop_iter run has nothing left
+
+
 def test_non_finite_loss_stops_before_the_optimizer_step(tiny_data, tmp_path, monkeypatch):
     run(tiny_data, tmp_path, "--max_iters=20", "--stop_iter=2", "--eval_interval=100")
     before = (tmp_path / "ckpt.pt").read_bytes()
