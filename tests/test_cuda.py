@@ -111,13 +111,20 @@ def test_held_bytes_match_the_formula_on_cuda(mode):
     assert held == stored_numbers_per_token(m.cfg, mode, 4) * 4 * idx.numel()
 
 
+MOE = dict(arch="qwen3_moe", n_expert=4, expert_top_k=2, intermediate_size=64)  # rows 16-byte aligned: grouped
+hopper = lambda: torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 @pytest.mark.parametrize("mode", ["crnet", "reversible"])
-def test_a_training_step_never_waits_for_the_gpu(mode):
+def test_a_training_step_never_waits_for_the_gpu(mode, arch):
     """No host sync in the model or the recomputation: after the first step (which reads the betas once), forward
     and backward run under torch.cuda.set_sync_debug_mode("error"), which raises on implicit syncs (.item(),
     .tolist(), blocking copies). The plan's one wait, on an event recorded a step earlier, it does not flag: that
-    the event is done by then is asserted directly."""
-    m = make(mode, **{**KW, "n_layer": 8}, recompute_every=4).cuda()
+    the event is done by then is asserted directly. qwen3_moe: the experts run as grouped GEMMs (moe.py)."""
+    if arch == "qwen3_moe" and not hopper():
+        pytest.skip("the experts run as grouped GEMMs on sm90 only (moe.GROUPED); elsewhere the loop syncs once a layer")
+    m = make(mode, **{**KW, "n_layer": 8, **(MOE if arch == "qwen3_moe" else {})}, recompute_every=4).cuda()
     opt = m.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cuda")
     idx = torch.randint(0, 256, (2, 64), device="cuda")
     rc = m.blocks[0].forward.args[0]
@@ -134,3 +141,24 @@ def test_a_training_step_never_waits_for_the_gpu(mode):
             torch.cuda.set_sync_debug_mode("default")
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def test_moe_grouped_gemms_err_as_the_loop_does_on_cuda(monkeypatch):
+    """On sm90 the experts run as grouped GEMMs under bf16: each gradient's error against float32 (the loop) is
+    within 1.5x + 1e-3 of the bf16 loop's, as tests/test_moe.py checks on the CPU."""
+    import moe
+    if not hopper():
+        pytest.skip("the experts run as grouped GEMMs on sm90 only (moe.GROUPED)")
+    torch.manual_seed(0)
+    m = make("none", **{**KW, **MOE}, router_aux_coef=0.1).cuda()
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    g32 = grads(m, idx)[1]
+    typical = torch.stack([g.norm() for g in g32.values()]).median()
+    err, calls, grouped = {}, [], moe.grouped
+    monkeypatch.setattr(moe, "grouped", lambda *a: calls.append(1) or grouped(*a))
+    for name, table in (("grouped", moe.GROUPED), ("loop", {})):
+        monkeypatch.setattr(moe, "GROUPED", table)
+        g = grads(m, idx, autocast=True)[1]
+        err[name] = torch.stack([(g[n] - g32[n]).norm() / torch.maximum(g32[n].norm(), 1e-2 * typical) for n in g32])
+    assert len(calls) == 2 * KW["n_layer"] and err["loop"].max() > 1e-3
+    assert (err["grouped"] <= 1.5 * err["loop"] + 1e-3).all(), err

@@ -160,6 +160,83 @@ def test_every_expert_gets_a_gradient_even_with_no_tokens(monkeypatch):
     assert unused and all(g is not None and not g.any() for g in unused)
 
 
+GROUPED_CASES = [("full", "none"), ("lowrank", "none"), ("crnet", "none"), ("crnet", "crnet"), ("crnet", "reversible")]
+
+
+def counting_grouped(monkeypatch, dtypes=(torch.float32, torch.bfloat16)):
+    """Lets the CPU run the experts as grouped GEMMs (on a GPU the default); returns the list each call appends to."""
+    calls, grouped = [], moe.grouped
+    monkeypatch.setattr(moe, "GROUPED", {"cpu": dtypes})
+    monkeypatch.setattr(moe, "grouped", lambda *a: calls.append(1) or grouped(*a))
+    return calls
+
+
+@pytest.mark.parametrize("param,mode", GROUPED_CASES)
+def test_grouped_gemms_equal_the_loop(param, mode, monkeypatch):
+    """The experts as grouped GEMMs (a GPU's path: no host sync) against the loop under plain autograd: loss and
+    every gradient, float32, 1e-5, through recomputation's replay too. Expert 1 gets no token: an empty piece
+    between others, whose factors still get (zero) gradients."""
+    ref, other = twins(mode, **{**MOE, "param": param}, router_aux_coef=0.1)
+    keep, route = torch.tensor([0, 2, 3]), moe.route
+    monkeypatch.setattr(moe, "route", lambda x, w, k, norm, idx=None: route(
+        x, w, k, norm, keep[route(x, w[:, keep], k, norm)[1]] if idx is None else idx))
+    idx = torch.randint(0, 50, (3, 16))
+    l_ref, g_ref = loss_and_grads(ref, idx)
+    calls = counting_grouped(monkeypatch)
+    l_got, g_got = loss_and_grads(other, idx)
+    assert len(calls) >= 2 * other.cfg.n_layer  # up and down per layer: the grouped path really ran
+    torch.testing.assert_close(l_got, l_ref, rtol=1e-6, atol=0)
+    assert_grads_close(g_ref, g_got)
+    empty = [g for n, g in g_got.items() if ".experts.1." in n]
+    assert empty and not any(g.any() for g in empty)
+
+
+def test_grouped_gemms_in_bf16_err_as_the_loop_does(monkeypatch):
+    """Under bf16 autocast each gradient's error against float32 (relative to its norm, or to 1e-2 of the typical
+    one) is within 1.5x + 1e-3 of the loop's: grouped GEMMs round as the loop's matmuls do. Widths whose rows grouped_mm cannot take
+    (rank 6 x 2 bytes is not a multiple of 16) fall back to the loop."""
+    torch.manual_seed(0)
+    m, idx = make("none", **MOE, router_aux_coef=0.1), torch.randint(0, 50, (3, 16))
+    g32 = loss_and_grads(m, idx)[1]
+    typical = torch.stack([g.norm() for g in g32.values()]).median()
+
+    def bf16_errors():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g = loss_and_grads(m, idx)[1]
+        return torch.stack([(g[n] - g32[n]).norm() / torch.maximum(g32[n].norm(), 1e-2 * typical) for n in g32])
+    loop = bf16_errors()
+    calls = counting_grouped(monkeypatch, (torch.bfloat16,))
+    got = bf16_errors()
+    assert calls and loop.max() > 1e-3  # both ran, and in bf16
+    assert (got <= 1.5 * loop + 1e-3).all(), (got, loop)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        make("none", **{**MOE, "rank": 6, "param": "lowrank"})(idx, idx)
+    assert not calls
+
+
+def test_grouped_path_reads_nothing_on_the_host(monkeypatch):
+    """The CPU stand-in for tests/test_cuda.py's sync check: with grouped GEMMs, mix (forward and crnet's replay)
+    never calls .tolist() or .item(); the loop does (its piece sizes), which shows the check can fail."""
+    m, idx, mix = make("crnet", **MOE), torch.randint(0, 50, (2, 16)), moe.mix
+
+    def host_read(*_):
+        raise AssertionError("host read")
+
+    def guarded(*a, **k):
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.Tensor, "tolist", host_read)
+            mp.setattr(torch.Tensor, "item", host_read)
+            return mix(*a, **k)
+    monkeypatch.setattr(moe, "mix", guarded)
+    calls = counting_grouped(monkeypatch)
+    m(idx, idx)[1].backward()
+    assert len(calls) == 4 * m.cfg.n_layer  # forward and replay, up and down
+    monkeypatch.setattr(moe, "GROUPED", {})
+    with pytest.raises(AssertionError, match="host read"):
+        m(idx, idx)
+
+
 def test_moe_config_errors_name_the_key():
     base = dict(n_head=4, n_embd=32, rank=6, **{**MOE, "n_kv_head": 0, "head_dim": 0})
     for kw, match in ((dict(n_expert=0), "^n_expert=0: must be >= 1 for arch='qwen3_moe'"),
