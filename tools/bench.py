@@ -10,7 +10,8 @@ Benchmarks that print tables (never assertions; tests/ holds those).
                                          # peak memory (and the planner's figure), MFU on a GPU; none/block/crnet
     python tools/bench.py sizes --sizes=60m,130m --batch=8 --steps=5
     python tools/bench.py moe                  # Qwen-3-MoE (8 experts, top 2) vs dense Qwen-3 at equal active parameters:
-                                         # step time and memory, full and CR-Net (configs/*_qwen3_moe_60m.py)
+                                         # step time and memory, full and CR-Net (configs/*_qwen3_moe_60m.py),
+                                         # the experts looped and as grouped GEMMs
     python tools/bench.py gpu                  # one GPU: full vs CR-Net at 350M (micro-batch 64) and 1B (32), recompute
                                          # none / crnet / reversible, eager and compiled, as train.py builds them
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python tools/x.p
 import torch
 
 import configurator
+import moe
 import recompute
 import parallel as par
 import plan
@@ -58,6 +60,7 @@ keep_z = True               # one row's keep_z (reversible; set by the table)
 rtol = 1e-5                 # one row's recompute_rtol, the round-off guard's budget (set by the table) [>0]
 size = "60m"                # one row's paper size (set by the table)
 param = "crnet"             # one row's parameterization (set by the table) {full|crnet}
+experts = "auto"            # one MoE row's experts (auto: moe.GROUPED's choice) {auto|loop|grouped}
 one = False                 # run one row in this process and print it as JSON (the table launches these)
 # -----------------------------------------------------------------------------
 
@@ -228,6 +231,8 @@ def size_one(a):
     """Runs in a fresh process: full training steps (forward, backward, AdamW) of one size/param/recompute, the
     model built as train.py builds it (parallel.build_model: recompute, then compile per region)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.experts != "auto":  # grouped: grouped_mm in the row's dtype (on a GPU other than sm90 it syncs per expert)
+        moe.GROUPED = {} if a.experts == "loop" else {dev.type: (torch.bfloat16, torch.float32)}
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     c = size_config(a, a.size, a.param, a.mode, dev.type)
@@ -296,22 +301,23 @@ def moe_table(a):
     print(f"configs/{{full,crnet}}_qwen3_moe_60m.py and their dense twin (n_expert=0, intermediate_size=1376), vocab "
           f"32000, batch {a.batch} x 256 tokens, {a.steps} timed steps (median) after one warm-up, torch_compile="
           f"{a.torch_compile}; {'bf16 autocast' if dev == 'cuda' else 'float32'}; device {name}")
-    print("| param | MLP | params | FLOPs/token | step | tokens/s | vs dense | peak memory | planned |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| param | MLP | experts | params | FLOPs/token | step | tokens/s | vs dense | peak memory | planned |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for param in ("full", "crnet"):
         dense = None
-        for size in ("qwen3_dense", "qwen3_moe"):
+        for size, experts in (("qwen3_dense", "-"), ("qwen3_moe", "loop"), ("qwen3_moe", "grouped")):
             c = size_config(a, size, param, "none", dev)
             planned, P = plan.plan(c, "ddp", "none", 1)
             with torch.device("meta"):
                 flops = Transformer(model_config(c)).flops_per_token()
             r = fresh_process("sizes", f"--size={size}", f"--param={param}", "--mode='none'", f"--batch={a.batch}",
-                              f"--steps={a.steps}", f"--torch_compile={a.torch_compile}")
+                              f"--steps={a.steps}", f"--torch_compile={a.torch_compile}",
+                              f"--experts={'auto' if experts == '-' else experts!r}")
             dense = dense or r
             mlp = "SwiGLU 1376" if size == "qwen3_dense" else "8 x 688, top 2"
-            print(f"| {param} | {mlp} | {P / 1e6:.1f}M | {flops / 1e6:.0f}M | {r['step_s']:.3f} s | {r['tps']:,.0f} | "
-                  f"{r['tps'] / dense['tps']:.3f}x | {r['peak'] / 2 ** 30:.2f} GiB | {planned['total'] / 2 ** 30:.2f} GiB |",
-                  flush=True)
+            print(f"| {param} | {mlp} | {experts} | {P / 1e6:.1f}M | {flops / 1e6:.0f}M | {r['step_s']:.3f} s | "
+                  f"{r['tps']:,.0f} | {r['tps'] / dense['tps']:.3f}x | {r['peak'] / 2 ** 30:.2f} GiB | "
+                  f"{planned['total'] / 2 ** 30:.2f} GiB |", flush=True)
     print("peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak RSS (including ~0.3 GiB of "
           "Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
 
