@@ -6,25 +6,25 @@ holds the router and the experts' parameters). Row vectors, as model.py: Y = X W
     D = sum_{e in top-k(x)} g_e(x) down_e(silu(gate_e(x)) * up_e(x))            each expert a SwiGLU
 
 as transformers' Qwen3MoeSparseMoeBlock computes it (tests/test_moe.py compares logits and losses). The (token,
-place) pairs are sorted by expert and gathered once, so each expert's rows are one contiguous piece. On a Hopper
-GPU under bf16 each projection then runs as one grouped GEMM over all experts' pieces (F.grouped_mm, the factors
-stacked per call as (E, h_in, w)); the pieces' ends stay on the device, so nothing waits for the GPU. Elsewhere (see
+place) pairs are sorted by expert and gathered once, so each expert's rows are one contiguous piece. On a Hopper GPU
+under bf16 each projection then runs as one grouped GEMM over all experts' pieces (F.grouped_mm, the factors stacked
+per call as (E, h_in, w)); the pieces' ends stay on the device, so nothing waits for the GPU. Elsewhere (see
 GROUPED: other GPUs, float32, the CPU), or where a width's rows are not 16-byte aligned as grouped_mm needs, the
-experts run in a loop, the reference form, which needs the piece sizes on the host: one sync per layer (free on a CPU, where the two paths' step times fall within
-the machine's spread: results/bench_moe_cpu.md). Both paths run every expert every step, some on no token, so every
-parameter gets a gradient, as DDP expects. A production MoE goes further: weights stored stacked (no per-call stack)
-and experts sharded over GPUs (expert parallelism: an all-to-all sends each token to its experts' GPU and back),
-usually with a capacity per expert.
+experts run in a loop, the reference form, which needs the piece sizes on the host: one sync per layer (free on a
+CPU, where the two paths' step times fall within the machine's spread: results/bench_moe_cpu.md). Both paths run
+every expert every step, some on no token, so every parameter gets a gradient, as DDP expects. A production MoE goes
+further: weights stored stacked (no per-call stack) and experts sharded over GPUs (expert parallelism: an all-to-all
+sends each token to its experts' GPU and back), usually with a capacity per expert.
 
-CR-Net. The issue is what Eq. 6's lane is when a token's experts change from layer to layer. A lane per expert
+CR-Net. The question is what Eq. 6's lane is when a token's experts change from layer to layer. A lane per expert
 (Y_{l,e} = s Y_{l-1,e} + X A_e B_e) would be missing wherever layer l - 1 did not route the token to e. So the lane
 is on the combined output, Y^moe_l = s * Y^moe_{l-1} + D_l: it exists for every token, it is what the residual
 stream receives, and its cross-layer difference is what Eq. 6 models. The experts are low-rank (X A B) without
 lanes of their own; the router (h x n_expert) stays full-rank. moe_lane=False is the alternative, per-expert low-rank
 factors and no lane (tools/ablate.py's crnet_nolane; results/ablate_qwen3_moe_cpu.md measures both).
 
-Under torch.compile, mix runs eagerly (the rest of a block compiles): in the loop the tokens each expert gets,
-hence its shapes, change every step. Recomputation (recompute.py) keeps each layer's D, to invert Eq. 6, and the experts
+Under torch.compile, mix runs eagerly (the rest of a block compiles): in the loop the tokens each expert gets, hence
+its shapes, change every step. Recomputation (recompute.py) keeps each layer's D, to invert Eq. 6, and the experts
 chosen, so that a replay routes every token as the forward did even where a rebuilt input would tip a near-tie in
 the top k.
 """

@@ -163,12 +163,19 @@ def test_every_expert_gets_a_gradient_even_with_no_tokens(monkeypatch):
 GROUPED_CASES = [("full", "none"), ("lowrank", "none"), ("crnet", "none"), ("crnet", "crnet"), ("crnet", "reversible")]
 
 
-def counting_grouped(monkeypatch, dtypes=(torch.float32, torch.bfloat16)):
-    """Lets the CPU run the experts as grouped GEMMs (on a GPU the default); returns the list each call appends to."""
+def counting_grouped(monkeypatch, table={"cpu": (torch.float32, torch.bfloat16)}):
+    """Sets moe.GROUPED (by default: the CPU runs the experts as grouped GEMMs too); returns the list each grouped
+    GEMM call appends to."""
     calls, grouped = [], moe.grouped
-    monkeypatch.setattr(moe, "GROUPED", {"cpu": dtypes})
+    monkeypatch.setattr(moe, "GROUPED", table)
     monkeypatch.setattr(moe, "grouped", lambda *a: calls.append(1) or grouped(*a))
     return calls
+
+
+def grad_errors(g, ref):
+    """Each gradient's error against ref's, relative to its norm or to 1e-2 of the typical norm (tiny ones)."""
+    typical = torch.stack([r.norm() for r in ref.values()]).median()
+    return torch.stack([(g[n] - r).norm() / torch.maximum(r.norm(), 1e-2 * typical) for n, r in ref.items()])
 
 
 @pytest.mark.parametrize("param,mode", GROUPED_CASES)
@@ -192,20 +199,18 @@ def test_grouped_gemms_equal_the_loop(param, mode, monkeypatch):
 
 
 def test_grouped_gemms_in_bf16_err_as_the_loop_does(monkeypatch):
-    """Under bf16 autocast each gradient's error against float32 (relative to its norm, or to 1e-2 of the typical
-    one) is within 1.5x + 1e-3 of the loop's: grouped GEMMs round as the loop's matmuls do. Widths whose rows grouped_mm cannot take
-    (rank 6 x 2 bytes is not a multiple of 16) fall back to the loop."""
+    """Under bf16 autocast each gradient's error against float32 (grad_errors) is within 1.5x + 1e-3 of the loop's:
+    grouped GEMMs round as the loop's matmuls do. Widths whose rows grouped_mm cannot take (rank 6 x 2 bytes is not
+    a multiple of 16) fall back to the loop."""
     torch.manual_seed(0)
     m, idx = make("none", **MOE, router_aux_coef=0.1), torch.randint(0, 50, (3, 16))
     g32 = loss_and_grads(m, idx)[1]
-    typical = torch.stack([g.norm() for g in g32.values()]).median()
 
     def bf16_errors():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            g = loss_and_grads(m, idx)[1]
-        return torch.stack([(g[n] - g32[n]).norm() / torch.maximum(g32[n].norm(), 1e-2 * typical) for n in g32])
+            return grad_errors(loss_and_grads(m, idx)[1], g32)
     loop = bf16_errors()
-    calls = counting_grouped(monkeypatch, (torch.bfloat16,))
+    calls = counting_grouped(monkeypatch, {"cpu": (torch.bfloat16,)})
     got = bf16_errors()
     assert calls and loop.max() > 1e-3  # both ran, and in bf16
     assert (got <= 1.5 * loop + 1e-3).all(), (got, loop)
