@@ -208,7 +208,8 @@ def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
     LaneStash; less the loop's output (whole: less the logits, which train.py drops). autocast: a dtype to run
     the forward under, counted after leaving it (as train.py's backward does). Counted by storage, so
     views and the stash's references are not double counted; parameters and buffers (e.g. a view of the RoPE
-    table) are not activations and are left out."""
+    table) are not activations and are left out, nor is anything off idx's device (on CUDA, LanePlanner's pinned
+    host copy of the betas, which it keeps until the next step)."""
     created = []
     existing = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
@@ -251,7 +252,7 @@ def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
     for ref in created:
         t = ref()
         ptr = None if t is None else t.untyped_storage().data_ptr()
-        if t is not None and ptr != out_ptr and ptr not in existing:
+        if t is not None and t.device == idx.device and ptr != out_ptr and ptr not in existing:
             alive[ptr] = t.untyped_storage().nbytes()
     return sum(alive.values()), loss
 

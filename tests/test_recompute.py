@@ -256,6 +256,23 @@ def test_guard_lanes_are_counted():
     assert held > stored_numbers_per_token(m.cfg, "crnet", 8) * 4 * idx.numel()
 
 
+def test_held_bytes_leave_out_the_planners_host_copy(monkeypatch):
+    """On CUDA the planner keeps a pinned host copy of the betas until the next step (plan.LanePlanner.inv_scales):
+    memory off the batch's device, not an activation. Emulated on the CPU by a copy on another device (meta)."""
+    m = make("crnet", n_layer=6)
+    planned = plan.LanePlanner.inv_scales
+
+    def keeps_a_copy(self):
+        self.pending = torch.empty(256, device="meta")  # counted as 1 KiB were the device not checked
+        return planned(self)
+
+    monkeypatch.setattr(plan.LanePlanner, "inv_scales", keeps_a_copy)
+    idx = torch.randint(0, 50, (2, 16))
+    held, _ = held_activation_bytes(m, idx, idx)
+    assert m.blocks[0].forward.args[0].planner.pending is not None
+    assert held == stored_numbers_per_token(m.cfg, "crnet", 8) * 4 * idx.numel()
+
+
 def test_evaluation_and_generation_do_not_recompute(monkeypatch):
     m = make("crnet")
     ref = make("none")
