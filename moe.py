@@ -45,6 +45,7 @@ def route(x, router, top_k, norm_topk, idx=None):
 # sync) is bf16 on sm90/sm100; elsewhere it loops over offs read on the host, worse than our loop's one read. CUDA
 # also needs sm90 (Hopper): on sm100, experts with no token get nonzero weight gradients (pytorch/pytorch#172439).
 GROUPED = {"cuda": (torch.bfloat16,)}
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # the same op, private in older torch
 
 
 def grouped(x, projections, offs, dtype):
@@ -54,9 +55,9 @@ def grouped(x, projections, offs, dtype):
     stack = lambda ts: torch.stack(list(ts)).to(dtype)  # two launches, not one per expert
     x = x.to(dtype)
     if projections[0].kind == "full":
-        return F.grouped_mm(x, stack(p.weight for p in projections), offs=offs)
-    z = F.grouped_mm(x, stack(p.A for p in projections), offs=offs)  # (M, n r)
-    return torch.cat([F.grouped_mm(zi, stack(p.B[i] for p in projections), offs=offs)
+        return grouped_mm(x, stack(p.weight for p in projections), offs=offs)
+    z = grouped_mm(x, stack(p.A for p in projections), offs=offs)  # (M, n r)
+    return torch.cat([grouped_mm(zi, stack(p.B[i] for p in projections), offs=offs)
                       for i, zi in enumerate(z.split(projections[0].rank, -1))], -1)
 
 

@@ -177,7 +177,7 @@ def close():
 # Dense bf16 tensor-core peak FLOP/s from vendor datasheets, matched against torch.cuda.get_device_name()
 # (longest matching key wins, so "H100 PCIe" beats "H100"). Not listed: pass peak_flops explicitly.
 PEAK_FLOPS = {
-    "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
+    "H200": 989e12, "H200 NVL": 835e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
     "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
     "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }

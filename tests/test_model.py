@@ -318,6 +318,7 @@ def test_flops_and_mfu():
     assert m.flops_per_token() == 127_872
     assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA H200") == 989e12 and peak_flops_for("NVIDIA H200 NVL") == 835e12
     assert peak_flops_for("NVIDIA A100-SXM4-40GB") == 312e12
     assert peak_flops_for("") is None and estimate_mfu(1e6, 1e3, None) is None
     assert estimate_mfu(1e9, 1e5, 1e15) == pytest.approx(0.1)

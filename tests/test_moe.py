@@ -172,6 +172,15 @@ def counting_grouped(monkeypatch, table={"cpu": (torch.float32, torch.bfloat16)}
     return calls
 
 
+def test_the_private_grouped_mm_is_the_public_one():
+    """moe.grouped_mm falls back to torch._grouped_mm where F.grouped_mm is missing (older torch): same results."""
+    x, w = torch.randn(10, 16), torch.randn(3, 16, 8)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)  # expert 1 gets no row
+    got = torch._grouped_mm(x, w, offs=offs)
+    torch.testing.assert_close(got, torch.cat([x[:4] @ w[0], x[4:] @ w[2]]))
+    torch.testing.assert_close(got, moe.grouped_mm(x, w, offs=offs), rtol=0, atol=0)
+
+
 def grad_errors(g, ref):
     """Each gradient's error against ref's, relative to its norm or to 1e-2 of the typical norm (tiny ones)."""
     typical = torch.stack([r.norm() for r in ref.values()]).median()
