@@ -559,3 +559,16 @@ def test_init_from_auto_is_one_command_to_repeat_after_every_kill(tiny_data, tmp
     assert [r["iter"] for r in got] == [r["iter"] for r in ref]
     for a, b in zip(ref, got):
         assert b == pytest.approx(a, rel=1e-6), (a, b)
+
+
+def test_the_gpu_table_stays_within_its_time_budget(capsys):
+    """tools/bench.py gpu runs each row in a fresh process for at most what is left of budget_s: a row cut there, and
+    the rows after it, say so in the table, which still prints in full."""
+    from tools import bench
+    with pytest.raises(SystemExit, match="stopped at the time budget"):
+        bench.fresh_process("gpu", "--size=60m", "--steps=1", timeout=0.5)  # python + torch take longer to start
+    bench.main(["gpu", "--sizes=60m", "--budget_s=5"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 60m |")]
+    assert len(rows) == 6 and all(r.endswith("not run: budget_s=5 spent |") for r in rows), out
+    assert "Total" in out.splitlines()[-1]

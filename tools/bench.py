@@ -13,7 +13,8 @@ Benchmarks that print tables (never assertions; tests/ holds those).
                                          # step time and memory, full and CR-Net (configs/*_qwen3_moe_60m.py),
                                          # the experts looped and as grouped GEMMs
     python tools/bench.py gpu                  # one GPU: full vs CR-Net at 350M (micro-batch 64) and 1B (32), recompute
-                                         # none / crnet / reversible, eager and compiled, as train.py builds them
+                                         # none / crnet / reversible, eager and compiled, as train.py builds them;
+                                         # within --budget_s=480 (rows past it say so)
 
 recompute and init use a 7B-like CR-Net LLaMA shape scaled to a CPU: h 1024, 16 layers, r 256, h_ff 2736,
 sequence 256 (--n_embd=... etc. change it). sizes uses configs/{full,crnet}_llama_{size}.py with the paper's
@@ -61,6 +62,7 @@ rtol = 1e-5                 # one row's recompute_rtol, the round-off guard's bu
 size = "60m"                # one row's paper size (set by the table)
 param = "crnet"             # one row's parameterization (set by the table) {full|crnet}
 experts = "auto"            # one MoE row's experts (auto: moe.GROUPED's choice) {auto|loop|grouped}
+budget_s = 480.0            # gpu: seconds for the whole table; a row may run for what is left, later ones do not run [>0]
 one = False                 # run one row in this process and print it as JSON (the table launches these)
 # -----------------------------------------------------------------------------
 
@@ -132,14 +134,22 @@ def grad_error(m, cfg, idx):
     return [max(e for n, e in err.items() if (grads[0][n].dim() >= 2) == matrix) for matrix in (True, False)]
 
 
-def fresh_process(*args):
-    """Run `tools/bench.py *args --one` in a new process (clean allocator, its own peak RSS); its last stdout line is JSON."""
-    p = subprocess.run([sys.executable, __file__, *args, "--one"], capture_output=True, text=True)
+def fresh_process(*args, timeout=None):
+    """Run `tools/bench.py *args --one` in a new process (clean allocator, its own peak RSS); its last stdout line is
+    JSON. Its warnings go to stderr, out of the table; a failure or a timeout is a SystemExit that says which."""
+    try:
+        p = subprocess.run([sys.executable, __file__, *args, "--one"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"stopped at the time budget ({timeout:.0f} s left for it)") from None
     if p.returncode:
-        raise SystemExit(p.stderr)
+        raise SystemExit(p.stderr.strip() or f"exit code {p.returncode}, nothing on stderr")
     if p.stderr.strip():
-        print(p.stderr)
+        print(p.stderr, file=sys.stderr)
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def last_line(e):
+    return str(e).strip().splitlines()[-1][:120]
 
 
 ROWS = [("none", True, 1e-5), ("block", True, 1e-5), ("crnet", True, 1e-5), ("reversible", True, 1e-5),
@@ -310,11 +320,16 @@ def moe_table(a):
             planned, P = plan.plan(c, "ddp", "none", 1)
             with torch.device("meta"):
                 flops = Transformer(model_config(c)).flops_per_token()
-            r = fresh_process("sizes", f"--size={size}", f"--param={param}", "--mode='none'", f"--batch={a.batch}",
-                              f"--steps={a.steps}", f"--torch_compile={a.torch_compile}",
-                              f"--experts={'auto' if experts == '-' else experts!r}")
-            dense = dense or r
             mlp = "SwiGLU 1376" if size == "qwen3_dense" else "8 x 688, top 2"
+            try:
+                r = fresh_process("sizes", f"--size={size}", f"--param={param}", "--mode='none'", f"--batch={a.batch}",
+                                  f"--steps={a.steps}", f"--torch_compile={a.torch_compile}",
+                                  f"--experts={'auto' if experts == '-' else experts!r}")
+            except SystemExit as e:  # e.g. out of memory: say so in the row, and go on with the others
+                print(f"| {param} | {mlp} | {experts} | {P / 1e6:.1f}M | {flops / 1e6:.0f}M | failed: {last_line(e)} |",
+                      flush=True)
+                continue
+            dense = dense or r
             print(f"| {param} | {mlp} | {experts} | {P / 1e6:.1f}M | {flops / 1e6:.0f}M | {r['step_s']:.3f} s | "
                   f"{r['tps']:,.0f} | {r['tps'] / dense['tps']:.3f}x | {r['peak'] / 2 ** 30:.2f} GiB | "
                   f"{planned['total'] / 2 ** 30:.2f} GiB |", flush=True)
@@ -348,11 +363,12 @@ def bytes_table(a):
         print(f"| {param} | {mode} | {'yes' if compiled else 'no'} | {alloc / 2 ** 20:,.1f} | {ops:,} |", flush=True)
 
 
-# (size, micro-batch, param, recompute, compile): the table of the GPU-speed targets, in one run
-GPU_ROWS = [("1b", 32, "full", "none", False), ("1b", 32, "crnet", "none", False),
-            ("1b", 32, "full", "none", True), ("1b", 32, "crnet", "none", True),
+# (size, micro-batch, param, recompute, compile): the table of the GPU-speed targets, in one run; the rows the
+# targets name first (each against the first row of its size), eager last, so a time budget cuts the least needed
+GPU_ROWS = [("1b", 32, "full", "none", True), ("1b", 32, "crnet", "none", True),
             ("1b", 32, "crnet", "crnet", True), ("1b", 32, "crnet", "reversible", True),
-            ("350m", 64, "full", "none", True), ("350m", 64, "crnet", "none", True)]
+            ("350m", 64, "full", "none", True), ("350m", 64, "crnet", "none", True),
+            ("1b", 32, "full", "none", False), ("1b", 32, "crnet", "none", False)]
 
 
 def gpu_table(a, given):
@@ -362,7 +378,7 @@ def gpu_table(a, given):
     steps = a.steps if "steps" in given else 6
     sizes = a.sizes.split(",") if "sizes" in given else ["350m", "1b"]
     rows = [r for r in GPU_ROWS if r[0] in sizes] + [(s, a.batch, p, m, c) for s in sizes if s not in ("350m", "1b")
-                                                     for _, _, p, m, c in GPU_ROWS[:6]]
+                                                     for z, _, p, m, c in GPU_ROWS if z == "1b"]
     print(f"one training step (forward, backward, AdamW) of LLaMA at paper sizes, vocab 32000, sequence 256; "
           f"{'bf16 autocast' if dev == 'cuda' else 'float32'}; median of {steps} steps after 3 warm-up steps; device {name}; "
           f"torch {torch.__version__}; each row a fresh process built as train.py builds it")
@@ -372,24 +388,26 @@ def gpu_table(a, given):
     base, t_start = {}, time.perf_counter()
     for size, batch, param, mode, compiled in rows:
         batch = a.batch if "batch" in given else batch
+        head = f"| {size} | {param} | {mode} | {'yes' if compiled else 'no'} | {batch} x 256 |"
+        left = a.budget_s - (time.perf_counter() - t_start)
+        if left < 10:
+            print(f"{head} not run: budget_s={a.budget_s:g} spent |", flush=True)
+            continue
         try:
             r = fresh_process("gpu", f"--size={size}", f"--param={param}", f"--mode={mode}", f"--batch={batch}",
-                              f"--steps={steps}", f"--torch_compile={compiled}")
-        except SystemExit as e:  # e.g. out of memory: say so in the row, and go on with the others
-            print(f"| {size} | {param} | {mode} | {'yes' if compiled else 'no'} | {batch} x 256 | failed: "
-                  f"{str(e).strip().splitlines()[-1][:120]} |", flush=True)
+                              f"--steps={steps}", f"--torch_compile={compiled}", timeout=left)
+        except SystemExit as e:  # e.g. out of memory or out of time: say so in the row, and go on with the others
+            print(f"{head} failed: {last_line(e)} |", flush=True)
             continue
         if param == "full" and mode == "none" and compiled:
             base[size] = r["tps"]
         planned = plan.plan(size_config(SimpleNamespace(batch=batch), size, param, mode, dev), "ddp", mode, 1)[0]
         vs = f"{r['tps'] / base[size]:.2f}x" if size in base else "-"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"| {size} | {param} | {mode} | {'yes' if compiled else 'no'} | {batch} x 256 | {r['step_s']:.3f} s | "
-              f"{r['tps']:,.0f} | {vs} | {mfu} | {r['peak'] / 2 ** 30:.1f} | {planned['total'] / 2 ** 30:.1f} | "
-              f"{r['first_s']:.0f} s |", flush=True)
-    print(f"vs full, compiled: tokens/s against full rank with no recompute, compiled, at the same size (rows above it "
-          f"are against a later row: compare by hand). MFU: model.flops_per_token (6 x matmul parameters + attention) "
-          f"against parallel.PEAK_FLOPS. peak: torch.cuda.max_memory_allocated (the CPU: peak RSS). planned: plan.py's "
+        print(f"{head} {r['step_s']:.3f} s | {r['tps']:,.0f} | {vs} | {mfu} | {r['peak'] / 2 ** 30:.1f} | "
+              f"{planned['total'] / 2 ** 30:.1f} | {r['first_s']:.0f} s |", flush=True)
+    print(f"vs full, compiled: tokens/s against full rank with no recompute, compiled, at the same size. MFU: "
+          f"model.flops_per_token (6 x matmul parameters + attention) against parallel.PEAK_FLOPS. peak: torch.cuda.max_memory_allocated (the CPU: peak RSS). planned: plan.py's "
           f"DDP total. first step: includes compilation. Total {time.perf_counter() - t_start:.0f} s.")
 
 
