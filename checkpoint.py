@@ -437,12 +437,19 @@ def check_same_start(c, rt, ckpt, meta):
 
 
 def check_tokenizer(c, ckpt, meta):
-    was, now = (TOKENIZER_IDS.get(t, t) for t in (ckpt["data_meta"]["tokenizer"], meta["tokenizer"]))
-    if (c["init_from"] != "resume" or c["eval_only"]) and was != now:
-        src = c["out_dir"] if c["init_from"] == "resume" else c["init_from"]
+    """The model reads the token ids it was trained on; a resumed run also reads the same token files (its batches
+    are a function of them), so data_dir prepared again since, from other text, is an error there too."""
+    saved, src = ckpt["data_meta"], c["out_dir"] if c["init_from"] == "resume" else c["init_from"]
+    was, now = (TOKENIZER_IDS.get(t, t) for t in (saved["tokenizer"], meta["tokenizer"]))
+    if was != now:
         raise ConfigError("data_dir", c["data_dir"], f"holds {meta['tokenizer']!r} tokens, but the checkpoint in {src} was "
-                          f"trained on {ckpt['data_meta']['tokenizer']!r} tokens: its embeddings would read other ids "
-                          f"(prepare the data with --tokenizer={ckpt['data_meta']['tokenizer']})")
+                          f"trained on {saved['tokenizer']!r} tokens: its embeddings would read other ids "
+                          f"(prepare the data with --tokenizer={saved['tokenizer']})")
+    changed = [f"{k} {saved[k]:,} -> {meta[k]:,}" for k in ("train_tokens", "val_tokens") if saved.get(k, meta[k]) != meta[k]]
+    if c["init_from"] == "resume" and not c["eval_only"] and changed:
+        raise ConfigError("data_dir", c["data_dir"], f"was prepared again since the checkpoint in {src} was saved "
+                          f"({', '.join(changed)}): a resumed run continues the same data; to train on this data, "
+                          f"fine-tune: --init_from={src} --out_dir=<a new dir>")
 
 
 TOKENIZER_IDS = {"r50k_base": "gpt2"}  # names with identical token ids

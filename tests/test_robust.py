@@ -59,6 +59,14 @@ def world(tiny_data, tmp_path_factory):
     shutil.copytree(tiny_data, w / "understated")  # a meta.json that understates the vocabulary its files use
     meta = json.loads((w / "understated" / "meta.json").read_text())
     (w / "understated" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100, "max_token_id": 99}))
+    from prepare_data import prepare
+    other = w / "other.txt"  # runs whose data_dir is then prepared again: from other text, and in GPT-2 BPE
+    other.write_text((ROOT / "data" / "shakespeare.txt").read_text()[300_000:400_000])
+    for name, tokenizer in (("redo", "byte"), ("regpt", "gpt2")):
+        shutil.copytree(tiny_data, w / name)
+        run(w / name, w / f"run_{name}", "--max_iters=2", "--eval_interval=2")
+        shutil.rmtree(w / name)
+        prepare(w / name, tokenizer=tokenizer, files=[other], piece_chars=5000)
     return w
 
 
@@ -95,6 +103,8 @@ BATTERY = [
     (T, ["--vocab_size=100"], "vocab_size=100"),
     (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=2"], "max_iters=2: the checkpoint is at iteration 2"),
     (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=4", "--n_layer=5"], "n_layer=5"),
+    (T, ["--init_from=resume", "--out_dir={w}/run_redo", "--max_iters=4"], "redo': was prepared again since the checkpoint"),
+    (T, ["--init_from=resume", "--out_dir={w}/run_regpt", "--max_iters=4"], "holds 'gpt2' tokens, but the checkpoint"),
     (T, ["--init_from=resume", "--out_dir={w}/empty", "--max_iters=4"], "empty/ckpt.pt cannot be read"),
     (T, ["--init_from=resume", "--out_dir={w}/garbage", "--max_iters=4"], "garbage/ckpt.pt cannot be read"),
     (T, ["--init_from=resume", "--out_dir={w}/truncated", "--max_iters=4"], "truncated/ckpt.pt cannot be read"),
