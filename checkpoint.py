@@ -304,10 +304,11 @@ FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "checkpo
                   "data_parallel", "cpu_threads", "peak_flops", "preflight", "world_size", "data_recipe"}
 
 
-
 def start(c, given):
     """(config, checkpoint or None) of a launch: init_from "auto" resolved (the one command a job script repeats
     after every preemption), a resumed run's saved config, or a fine-tuned run's model keys."""
+    if not c["out_dir"].strip():  # "" would be the current directory: its ckpt.pt, and with overwrite its best/
+        raise ConfigError("out_dir", c["out_dir"], "is empty: name the run's directory (--out_dir=. for this one)")
     out = Path(c["out_dir"]).absolute()
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:

@@ -96,6 +96,7 @@ BATTERY = [
     (T, ["{w}/annotated.py"], "annotated.py:2"),
     (T, ["{w}/missing_config.py"], "missing_config.py"),
     (T, ["--n_layr=2"], "'n_layr'"),
+    (T, ["--out_dir="], "out_dir='': is empty"),
     (T, ["--data_dir={w}/nokey"], "meta.json"),
     (T, ["--data_dir={w}/short"], "train.bin"),
     (T, ["--data_dir={w}/tiny"], "val.bin"),
