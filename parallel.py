@@ -145,7 +145,7 @@ def pick_device(name, local):
     return torch.device(name)
 
 
-def check_device(dev, preflight=False):
+def check_device(dev, preflight=False, cpu_threads=0):
     if dev not in ("auto", "cpu", "cuda", "mps") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ConfigError("device", dev, "must be auto, cpu, cuda, cuda:N or mps")
     if preflight:
@@ -154,6 +154,8 @@ def check_device(dev, preflight=False):
         raise ConfigError("device", dev, "CUDA is not available here (no GPU, or a CPU build of torch)")
     if dev == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device", dev, "the Apple GPU (mps) is not available here")
+    if cpu_threads > (os.cpu_count() or 1):  # never faster, and far more kill the process in OpenMP without a word
+        raise ConfigError("cpu_threads", cpu_threads, f"is more than this machine's {os.cpu_count()} CPUs")
 
 
 def peak_memory_mb(device):

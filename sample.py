@@ -22,18 +22,19 @@ num_samples = 3             # [>=1]
 max_new_tokens = 300        # [>=1]
 temperature = 0.8           # 0 = greedy [>=0]
 top_k = 200                 # keep the k most likely tokens; 0 = all [>=0]
-seed = 1337                 # [>=0]
+seed = 1337                 # [0,4294967296)
 device = "auto"             # "auto" = cuda, else mps, else cpu
 cpu_threads = 0             # 0 = torch's default; 1 is often faster on a machine busy with other work [>=0]
 # -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
-    """Sample max_new_tokens after idx (B, T); temperature 0 means greedy."""
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, vocab=None):
+    """Sample max_new_tokens after idx (B, T); temperature 0 means greedy. vocab: the tokenizer's ids, where the
+    model's head is padded beyond them (vocab_size 50304 for GPT-2's 50257: rows no target ever trained)."""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.cfg.block_size:])
-        logits = logits[:, -1, :].float()
+        logits = logits[:, -1, :vocab].float()
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
@@ -48,7 +49,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
 
 def main(argv):
     c, _ = configurator.load(argv, "sample.py", doc=__doc__)
-    check_device(c["device"])
+    check_device(c["device"], cpu_threads=c["cpu_threads"])
     device = pick_device(c["device"], 0)
     if c["cpu_threads"]:
         torch.set_num_threads(c["cpu_threads"])
@@ -60,12 +61,16 @@ def main(argv):
     tok = get_tokenizer(ckpt["data_meta"]["tokenizer"])
     if c["start"].startswith("FILE:") and not Path(c["start"][5:]).is_file():
         raise configurator.ConfigError("start", c["start"], f"prompt file {c['start'][5:]} not found")
-    start = Path(c["start"][5:]).read_text() if c["start"].startswith("FILE:") else c["start"]
+    try:
+        start = Path(c["start"][5:]).read_text() if c["start"].startswith("FILE:") else c["start"]
+    except UnicodeDecodeError as e:
+        raise configurator.ConfigError("start", c["start"], f"is not UTF-8 text ({e.reason} at byte {e.start})") from None
     ids = tok.encode(start) or [tok.eot_token]
     x = torch.tensor([ids], dtype=torch.long, device=device).repeat(c["num_samples"], 1)
     torch.manual_seed(c["seed"])
     top_k = c["top_k"] or None
-    y = generate(model, x, c["max_new_tokens"], temperature=c["temperature"], top_k=top_k)
+    y = generate(model, x, c["max_new_tokens"], temperature=c["temperature"], top_k=top_k,
+                 vocab=ckpt["data_meta"]["vocab_size"])
     for row in y.tolist():
         print(tok.decode(row))
         print("-" * 60)

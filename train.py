@@ -49,7 +49,7 @@ log_interval = 25                   # print and append a row to metrics.jsonl ev
 keep_best = False                   # also keep the best-val checkpoint, as out_dir/best/ (hard links; a copy without them)
 log_to = ""                         # also log to "tensorboard" (out_dir/tensorboard) and/or "wandb", comma-separated
 wandb_project = "crnet"             # the wandb project, with log_to="wandb"
-seed = 1337                         # weights, batches and dropout all derive from it [>=0]
+seed = 1337                         # weights, batches and dropout all derive from it [0,4294967296)
 # model: every ModelConfig field (model.py documents them); vocab_size None = the data's
 arch = "llama"                      # LLaMA (RMSNorm, RoPE, SwiGLU), GPT-2 (LayerNorm, learned positions, GELU), Qwen-3 (LLaMA + QK-norm), Qwen-3-MoE {llama|gpt2|qwen3|qwen3_moe}
 n_layer = 4                         # [>=1]
@@ -290,7 +290,7 @@ def check_config(c, world):
     if c["stop_iter"] > c["max_iters"]:
         raise ConfigError("stop_iter", c["stop_iter"], f"is beyond max_iters={c['max_iters']}")
     dev = c["device"]
-    par.check_device(dev, preflight=c["preflight"])
+    par.check_device(dev, preflight=c["preflight"], cpu_threads=c["cpu_threads"])
     if c["data_parallel"] == "fsdp" and dev == "mps":
         raise ConfigError("data_parallel", "fsdp", "FSDP2 needs cuda or cpu (gloo), not mps")
     check_sinks(c)

@@ -333,6 +333,19 @@ def test_generate_shapes_and_greedy_determinism():
     assert generate(m, idx, 3, temperature=1.0, top_k=1).equal(generate(m, idx, 3, temperature=0))
 
 
+def test_generate_never_picks_a_padded_vocabulary_row():
+    """A head padded past the tokenizer (GPT-2 configs: 50304 rows for 50257 ids) has rows no target trained; here
+    they are made the likeliest, and generate(vocab=40) still samples and picks only ids the tokenizer can decode."""
+    torch.manual_seed(0)
+    m = Transformer(cfg()).eval()
+    with torch.no_grad():
+        m.lm_head.weight[40:] *= 100
+    idx = torch.randint(0, 40, (4, 5))
+    assert (generate(m, idx, 10, temperature=0) >= 40).any()  # the padded rows win without vocab
+    for temperature, top_k in ((0, None), (1.0, None), (5.0, 3)):
+        assert (generate(m, idx, 10, temperature=temperature, top_k=top_k, vocab=40) < 40).all()
+
+
 @pytest.mark.parametrize("param", ["full", "crnet", "lowrank"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_grouped_query_attention_and_head_dim_counts_match_closed_form(arch, param):
