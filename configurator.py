@@ -156,6 +156,8 @@ def read_file(path):
         tree = ast.parse(path.read_text(), str(path))
     except SyntaxError as e:
         raise ValueError(f"{path}:{e.lineno}: not Python ({e.msg}): {(e.text or '').strip()}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a config file: not UTF-8 text ({e.reason} at byte {e.start})") from None
     ns, lines = {}, {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
@@ -236,7 +238,7 @@ def load(argv, script, extends=(), positional=None, doc=None):
             updates, where = {key: value}, {key: "command line"}
         elif arg.startswith("-"):
             raise ValueError(f"argument {arg!r}: use --key=value (python {script} --help lists every key)")
-        elif positional and not arg.endswith(".py") and (keys[positional].rule is None or arg in keys[positional].rule[1:-1].split("|")):
+        elif positional and not arg.endswith(".py") and not Path(arg).is_file():  # a word: its rule is checked below
             updates, where = {positional: arg}, {positional: "command line"}
         else:
             updates, lines = read_file(arg)
@@ -264,7 +266,7 @@ def named(e, where):
     return e if where == "command line" else ConfigError(e.key, "", "").with_message(f"{where}: {e}")
 
 
-def main_guard(main, errors=(ValueError, FileNotFoundError, FileExistsError)):
+def main_guard(main, errors=(ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
     """Run main(sys.argv[1:]); a problem in the user's input ends as one `error:` line (exit 1), bugs keep
     their traceback."""
     try:

@@ -55,6 +55,7 @@ def world(tiny_data, tmp_path_factory):
     (w / "annotated.py").write_text("n_layer = 2\nn_head: 1\n")
     (w / "docs.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
     (w / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    (w / "binary.py").write_bytes(bytes(range(256)) * 4)  # a config file that is not text
     (w / "prompt_dir").mkdir()
     shutil.copytree(tiny_data, w / "understated")  # a meta.json that understates the vocabulary its files use
     meta = json.loads((w / "understated" / "meta.json").read_text())
@@ -137,6 +138,9 @@ BATTERY = [
     (["prepare_data.py"], ["--tokenizer=gpt5", "--out_dir={w}/p4"], "gpt5"),
     (["prepare_data.py"], ["--val_fraction=1.5", "--out_dir={w}/p5"], "val_fraction=1.5"),
     (["tools/bench.py"], ["--what=speed"], "what='speed'"),
+    (["tools/bench.py"], ["sizez"], "what='sizez': must be one of"),
+    (T, ["{w}/binary.py"], "binary.py: not a config file: not UTF-8 text"),
+    (["tools/ablate.py"], ["--variants=full", "--ablate_dir={w}/annotated.py/ab"], "Not a directory"),
     (["tools/ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
     (["tools/ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
     (["tools/ablate.py"], ["--seeds_at=first", "--ablate_dir={w}/ab"], "seeds_at='first'"),
