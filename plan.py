@@ -369,6 +369,7 @@ def auto_recompute(c, world, gpu_bytes):
 
 def report(c, argv):
     gib, n = c["gpu_gib"], c["gpus"]
+    model_config(c)  # the model's own checks (ranks, heads, ...), before the table's first line
     print(f"{' '.join(argv) or 'defaults'}: micro-batch {c['batch_size']} x {c['block_size']} tokens, dtype "
           f"{'bfloat16' if c['dtype'] == 'auto' else c['dtype']}; GiB per GPU; fits = total <= 90% of {gib:g} GiB")
     print("| parallel | recompute | params | grads | AdamW | activations | backward | total | fits |")

@@ -139,6 +139,8 @@ BATTERY = [
     (["prepare_data.py"], ["--val_fraction=1.5", "--out_dir={w}/p5"], "val_fraction=1.5"),
     (["tools/bench.py"], ["--what=speed"], "what='speed'"),
     (["tools/bench.py"], ["sizez"], "what='sizez': must be one of"),
+    (["tools/bench.py"], ["gpu", "--sizes=1b,7c"], "sizes='1b,7c': '7c' is not one of"),
+    (["plan.py"], ["configs/crnet_llama_7b.py", "--rank=5000"], "rank=5000"),
     (T, ["{w}/binary.py"], "binary.py: not a config file: not UTF-8 text"),
     (["tools/ablate.py"], ["--variants=full", "--ablate_dir={w}/annotated.py/ab"], "Not a directory"),
     (["tools/ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
@@ -166,6 +168,8 @@ def test_malformed_input_is_one_line_and_changes_nothing(world, tiny_data, scrip
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg.split("; make it with")[0], msg
     assert words in msg, msg
+    printed = capsys.readouterr().out
+    assert "|---|" not in printed, printed  # the checks come before a table starts
     assert snapshot(world) == before  # nothing written, nothing changed
     assert not (world / "new").exists()
 

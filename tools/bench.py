@@ -280,8 +280,6 @@ def sizes_table(a):
     print("| size | param | params | recompute | step | tokens/s | vs full | peak memory | planned | MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in a.sizes.split(","):
-        if size not in SIZES:
-            raise SystemExit(f"error: size {size!r} must be one of {SIZES}")
         base = None
         for param in ("full", "crnet"):
             for mode in ("none", "block", "crnet") if param == "crnet" else ("none", "block"):
@@ -414,6 +412,9 @@ def gpu_table(a, given):
 def main(argv):
     c, given = configurator.load(argv, "tools/bench.py", positional="what", doc=__doc__)
     a = SimpleNamespace(**c)
+    bad = [s for s in a.sizes.split(",") if s not in SIZES] if a.what in ("sizes", "gpu") else []
+    if bad:  # before the table's first line
+        raise configurator.ConfigError("sizes", a.sizes, f"{bad[0]!r} is not one of {', '.join(SIZES)}")
     if a.what == "init":
         return init_table(a)
     if a.what == "bytes":
