@@ -39,7 +39,18 @@ BUNDLED = ROOT / "data" / "shakespeare.txt"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "assets" / "tiktoken"))  # shipped r50k_base ranks: no network
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BATCH = 1024  # documents per tokenizer call: enough to keep its threads busy, few enough to keep memory flat
-REQUIRED = ("tokenizer", "vocab_size", "eot_token", "max_token_id", "dtype", "train_tokens", "val_tokens")
+is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # (JSON true would pass as 1)
+# meta.json's keys that readers rely on, each with its check (of the value and the keys above it) and why it fails
+REQUIRED = {
+    "tokenizer": (lambda v, m: isinstance(v, str) and v != "", "must be a tokenizer name (a non-empty string)"),
+    "vocab_size": (lambda v, m: is_int(v) and 1 <= v <= 2 ** 16, "must be an integer in [1, 65536] (uint16 ids)"),
+    "eot_token": (lambda v, m: is_int(v) and v >= 0, "must be an integer >= 0"),
+    "max_token_id": (lambda v, m: is_int(v) and 0 <= v < m["vocab_size"],
+                     "must be an integer >= 0 and below vocab_size={vocab_size}"),
+    "dtype": (lambda v, m: v == "uint16", "must be \"uint16\": the token files are read as uint16"),
+    "train_tokens": (lambda v, m: is_int(v) and v >= 0, "must be an integer >= 0"),
+    "val_tokens": (lambda v, m: is_int(v) and v >= 0, "must be an integer >= 0"),
+}
 
 # ----------------------------------------------------------------------------- config
 out_dir = ""            # output folder; "" = data/shakespeare_<tokenizer> for the bundled corpus
@@ -434,12 +445,17 @@ def load_meta(data_dir):
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: prepare the data first (python prepare_data.py --out_dir={data_dir})")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{meta_path} is corrupt: not UTF-8 text ({e.reason}); re-run prepare_data.py") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path} is corrupt: {e}") from None
-    for key in REQUIRED:
+    for key, (ok, why) in REQUIRED.items():
         if not isinstance(meta, dict) or key not in meta:
             raise ValueError(f"{meta_path} has no {key!r}: corrupt, or from an older prepare_data.py; re-run prepare_data.py")
+        if not ok(meta[key], meta):  # a hand-edited or damaged value would fail later, far from its cause
+            raise ValueError(f"{meta_path}: {key}={json.dumps(meta[key])[:60]} {why.format_map(meta)}; "
+                             f"re-run prepare_data.py")
     for split in ("train", "val"):
         path = data_dir / f"{split}.bin"
         if not path.is_file():

@@ -354,3 +354,25 @@ def test_load_meta_detects_missing_and_truncated_files(tmp_path):
     (tmp_path / "out" / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="meta.json is corrupt"):
         load_meta(tmp_path / "out")
+    (tmp_path / "out" / "meta.json").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"^.*out/meta.json is corrupt: not UTF-8 text .*; re-run prepare_data.py"):
+        load_meta(tmp_path / "out")
+
+
+def test_load_meta_checks_each_value(tmp_path):
+    """Values of the wrong type or out of range would fail later, far from the file (a TypeError, or uint32 data
+    read as uint16)."""
+    prepare(tmp_path / "out", files=[write_jsonl(tmp_path / "d.jsonl", DOCS)])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    for key, value, why in [("vocab_size", "257", r'"257" must be an integer in \[1, 65536\]'),
+                            ("vocab_size", None, r"null must be an integer"), ("vocab_size", 0, "0 must be"),
+                            ("vocab_size", 70000, "70000 must be"), ("vocab_size", True, "true must be"),
+                            ("train_tokens", None, "null must be an integer >= 0"), ("val_tokens", -1, "-1 must be"),
+                            ("max_token_id", 257, "257 must be an integer >= 0 and below vocab_size=257"),
+                            ("eot_token", 2.5, "2.5 must be"), ("tokenizer", "", '"" must be a tokenizer name'),
+                            ("dtype", "uint32", '"uint32" must be "uint16"')]:
+        (tmp_path / "out" / "meta.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(ValueError, match=f"^.*out/meta.json: {key}={why}.*; re-run prepare_data.py$"):
+            load_meta(tmp_path / "out")
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
+    assert load_meta(tmp_path / "out") == meta
