@@ -39,6 +39,9 @@ BUNDLED = ROOT / "data" / "shakespeare.txt"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "assets" / "tiktoken"))  # shipped r50k_base ranks: no network
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BATCH = 1024  # documents per tokenizer call: enough to keep its threads busy, few enough to keep memory flat
+# tiktoken encodings whose ids do not fit uint16, with their vocabulary sizes: tiktoken knows a size only once it has
+# the encoding's file, which it downloads, so these are refused by name (get_tokenizer checks any other after loading)
+TIKTOKEN_TOO_BIG = {"cl100k_base": 100277, "o200k_base": 200019, "o200k_harmony": 201088}
 is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # (JSON true would pass as 1)
 # meta.json's keys that readers rely on, each with its check (of the value and the keys above it) and why it fails
 REQUIRED = {
@@ -92,7 +95,13 @@ class TiktokenTokenizer:
     def __init__(self, name):
         import tiktoken
         self.name = name
-        self.enc = tiktoken.get_encoding("r50k_base" if name == "gpt2" else name)
+        try:
+            self.enc = tiktoken.get_encoding("r50k_base" if name == "gpt2" else name)
+        except OSError as e:  # requests' errors are OSErrors: offline, or the download failed
+            raise FileNotFoundError(
+                f"tokenizer {name!r}: tiktoken could not fetch its BPE file ({type(e).__name__}); tiktoken downloads "
+                f"it from the internet once into TIKTOKEN_CACHE_DIR (now {os.environ.get('TIKTOKEN_CACHE_DIR')}): "
+                f"run once where the network is reachable, or use byte or gpt2 (shipped)") from None
         self.n_vocab, self.eot_token = self.enc.n_vocab, self.enc.eot_token
 
     def encode(self, text):
@@ -177,6 +186,7 @@ class GGUFTokenizer:
 
 
 def get_tokenizer(name):
+    too_big = lambda n: f"tokenizer {name!r} has {n} tokens; ids above 65535 do not fit the uint16 token files"
     if str(name).endswith(".gguf"):
         tok = GGUFTokenizer(name)
     elif name != "byte":
@@ -184,11 +194,13 @@ def get_tokenizer(name):
         if name not in tiktoken.list_encoding_names():
             raise ValueError(f"unknown tokenizer {name!r}: choose byte, a tiktoken encoding "
                              f"({', '.join(tiktoken.list_encoding_names())}; gpt2 is r50k_base) or a .gguf model file")
+        if name in TIKTOKEN_TOO_BIG:  # before tiktoken downloads a file only to be refused
+            raise ValueError(too_big(TIKTOKEN_TOO_BIG[name]))
         tok = TiktokenTokenizer(name)
     else:
         tok = ByteTokenizer()
     if tok.n_vocab > 2 ** 16:
-        raise ValueError(f"tokenizer {name!r} has {tok.n_vocab} tokens; ids above 65535 do not fit the uint16 token files")
+        raise ValueError(too_big(tok.n_vocab))
     return tok
 
 

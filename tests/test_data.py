@@ -275,9 +275,26 @@ def test_tokenizer_that_overflows_uint16_is_rejected(monkeypatch):
     class Big:
         def __init__(self, name):
             self.name, self.n_vocab, self.eot_token = name, 100277, 100257
-    monkeypatch.setattr(prepare_data, "TiktokenTokenizer", Big)
-    with pytest.raises(ValueError, match="cl100k_base.*do not fit the uint16"):
-        get_tokenizer("cl100k_base")
+    monkeypatch.setattr(prepare_data, "TiktokenTokenizer", Big)  # a size known only once loaded
+    with pytest.raises(ValueError, match="p50k_base.*do not fit the uint16"):
+        get_tokenizer("p50k_base")
+    monkeypatch.setattr(prepare_data, "TiktokenTokenizer", None)  # the known big ones: refused before any download
+    for name, n in [("cl100k_base", 100277), ("o200k_base", 200019)]:
+        with pytest.raises(ValueError, match=f"^tokenizer '{name}' has {n} tokens; ids above 65535 do not fit the uint16"):
+            get_tokenizer(name)
+
+
+def test_a_tiktoken_encoding_that_cannot_be_downloaded_is_one_clear_error(tmp_path, monkeypatch):
+    import socket
+
+    def offline(*a, **k):
+        raise socket.gaierror("offline")
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache: tiktoken must download
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer 'p50k_base': tiktoken could not fetch its BPE file "
+                                                r"\(ConnectionError\); tiktoken downloads it from the internet once "
+                                                r"into TIKTOKEN_CACHE_DIR \(now .*\): run once where the network"):
+        get_tokenizer("p50k_base")
 
 
 def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
