@@ -297,6 +297,16 @@ def test_a_tiktoken_encoding_that_cannot_be_downloaded_is_one_clear_error(tmp_pa
         get_tokenizer("p50k_base")
 
 
+def test_an_out_dir_that_is_or_is_under_a_file_is_refused_before_tokenizing(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    (tmp_path / "f").write_text("mine")
+    monkeypatch.setattr(prepare_data, "write_tokens", None)  # tokenizing would fail here
+    for out, why in [("f", "is a file, not a folder"), ("f/sub", ".*f is a file, so no folder can be made under it")]:
+        with pytest.raises(ValueError, match=f"^out_dir='.*{out}': {why}"):
+            prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / out}"])
+    assert (tmp_path / "f").read_text() == "mine" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     prepare(tmp_path / "out", files=[src])
