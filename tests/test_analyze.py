@@ -151,6 +151,13 @@ def test_crnet_checkpoint_says_the_structure_is_built_in(trained, capsys):
     assert all(o["best_beta"] == pytest.approx(s[(l, p)], abs=1e-4) for l, p, o in rows if p in "qkv")  # the model's s
 
 
+def test_plot_names_a_binary_metrics_file(tmp_path):
+    from tools import plot
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"iter": 1, "loss": 2.0}\n' + bytes(range(128, 256)))
+    with pytest.raises(ValueError, match=r"^.*/metrics.jsonl:2: not UTF-8 text \(invalid start byte\); is it a binary"):
+        plot.read_rows(tmp_path)
+
+
 def test_help_lists_the_keys_and_exits_zero():
     p = subprocess.run([sys.executable, "tools/analyze.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

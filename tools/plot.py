@@ -28,7 +28,12 @@ def read_rows(run):
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run} is not a train.py run directory (or has logged nothing yet)")
-    rows, lines = [], path.read_text().splitlines()
+    raw = path.read_bytes()
+    try:
+        rows, lines = [], raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:  # (train.py writes ASCII: a binary file, not a row cut short)
+        at = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{at}: not UTF-8 text ({e.reason}); is it a binary file?") from None
     for n, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
