@@ -140,6 +140,12 @@ def test_cli_rank_errors_name_the_rank(trained, monkeypatch):
             analyze.configurator.main_guard(analyze.main)
 
 
+def test_cli_rank2_errors_name_rank2(trained, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tools/analyze.py", f"--out_dir={trained['full']}", "--tokens=256", "--rank2=40"])
+    with pytest.raises(SystemExit, match="^error: rank2=40: must be 1 <= rank2 <= 31: below the narrowest projection"):
+        analyze.configurator.main_guard(analyze.main)
+
+
 def test_crnet_checkpoint_says_the_structure_is_built_in(trained, capsys):
     capsys.readouterr()
     rows = analyze.main([f"--out_dir={trained['crnet']}", "--tokens=256", "--rank=8"])  # r = the model's rank

@@ -432,14 +432,14 @@ def collect_outputs(model, idx):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def check_rank(r, widths, n_tokens):
-    """r must leave a tail: 1 <= r < every projection width and < the number of tokens."""
+def check_rank(r, widths, n_tokens, key="rank"):
+    """r (the value of key) must leave a tail: 1 <= r < every projection width and < the number of tokens."""
     limit = min(min(widths), n_tokens)
     if not 1 <= r < limit:
         raise configurator.ConfigError(
-            "rank", r, f"must be 1 <= rank <= {limit - 1}: below the narrowest projection width ({min(widths)}) "
-                       f"and the number of tokens ({n_tokens}); at rank >= width the rank-r approximation is exact "
-                       f"and there is no tail to compare")
+            key, r, f"must be 1 <= {key} <= {limit - 1}: below the narrowest projection width ({min(widths)}) "
+                    f"and the number of tokens ({n_tokens}); at rank >= width the rank-r approximation is exact "
+                    f"and there is no tail to compare")
 
 
 def structure_note(cfg):
@@ -503,8 +503,8 @@ def main(argv):
     n = min(c["tokens"] // T, (len(val) - 1) // T)
     if n < 1:
         raise configurator.ConfigError("tokens", c["tokens"], f"is less than one block of {T}")
-    for rk in ranks:
-        check_rank(rk, (cfg.n_embd, cfg.ff_dim, cfg.q_dim, cfg.kv_dim), n * T)
+    for key, rk in zip(("rank", "rank2"), ranks):
+        check_rank(rk, (cfg.n_embd, cfg.ff_dim, cfg.q_dim, cfg.kv_dim), n * T, key)
     ids = torch.from_numpy(val[:n * T + 1].astype(np.int64))
     noise = gguf_noise(c["hf"]) if c["controls"] and str(c["hf"]).endswith(".gguf") else None
     print(f"{name}: param={cfg.param}, {cfg.n_layer} layers, h={cfg.n_embd}, ranks r={', '.join(map(str, ranks))}, "
