@@ -146,6 +146,14 @@ def test_cli_rank2_errors_name_rank2(trained, monkeypatch):
         analyze.configurator.main_guard(analyze.main)
 
 
+def test_cli_hf_that_is_a_plain_file_says_what_hf_takes(tmp_path, monkeypatch):
+    (tmp_path / "weights.bin").write_bytes(b"not a model")
+    monkeypatch.setattr(sys, "argv", ["tools/analyze.py", f"--hf={tmp_path / 'weights.bin'}"])
+    with pytest.raises(SystemExit, match=r"^error: hf='.*weights.bin': is a file, not a model: --hf takes a Hugging "
+                                         r"Face model directory \(config.json and weights\), a hub name or a .gguf file$"):
+        analyze.configurator.main_guard(analyze.main)
+
+
 def test_crnet_checkpoint_says_the_structure_is_built_in(trained, capsys):
     capsys.readouterr()
     rows = analyze.main([f"--out_dir={trained['crnet']}", "--tokens=256", "--rank=8"])  # r = the model's rank

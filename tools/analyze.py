@@ -476,6 +476,9 @@ def hf_data_dir(c, cfg):
 def load(c):
     """(model, directory of the val.bin to run, the name to print)."""
     if c["hf"]:
+        if Path(c["hf"]).is_file() and not c["hf"].endswith(".gguf"):
+            raise configurator.ConfigError("hf", c["hf"], "is a file, not a model: --hf takes a Hugging Face model "
+                                                          "directory (config.json and weights), a hub name or a .gguf file")
         model = load_pretrained(c["hf"])
         data_dir = hf_data_dir(c, model.cfg)
     else:
