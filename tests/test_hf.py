@@ -168,6 +168,23 @@ def test_missing_and_non_hf_directories(small_llama, tmp_path):
         hf.load_pretrained(tmp_path / "noweights")
 
 
+def test_malformed_config_and_index_files_are_named(small_llama, tmp_path):
+    d = copy_model(small_llama, tmp_path / "m")
+    for content, why in [(b'{"model_type": "llama",', r"not valid JSON \(Expecting property name"),
+                         (bytes(range(128, 256)), r"not valid JSON \('utf-8' codec can't decode"),
+                         (b"[1, 2]", "a JSON list, not an object")]:
+        (d / "config.json").write_bytes(content)
+        with pytest.raises(ValueError, match=f"^{d / 'config.json'}: {why}"):
+            hf.load_pretrained(d)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    with pytest.raises(ValueError, match="^config.json: no 'num_attention_heads', which a 'llama' model needs$"):
+        hf.load_pretrained(d)
+    (d / "config.json").write_text((small_llama / "config.json").read_text())
+    (d / "model.safetensors.index.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not valid JSON \(Expecting property name"):
+        hf.load_pretrained(d)
+
+
 def test_hub_names_fail_clearly_when_the_hub_is_unreachable(monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
 

@@ -105,6 +105,17 @@ def read_tensors(path):
         yield from torch.load(path, map_location="cpu", weights_only=True).items()
 
 
+def read_json(path):
+    """The JSON object in path; an error that names the file where it is not one."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def weight_files(d):
     """The weight files of a model directory: one file, or the shards its index names."""
     for name in WEIGHT_FILES:
@@ -113,7 +124,10 @@ def weight_files(d):
             continue
         if not name.endswith(".index.json"):
             return [p]
-        shards = sorted(set(json.loads(p.read_text())["weight_map"].values()))
+        index = read_json(p).get("weight_map")
+        if not isinstance(index, dict):
+            raise ValueError(f"{p}: no weight_map object (tensor name -> shard file)")
+        shards = sorted(set(index.values()))
         missing = [s for s in shards if not (d / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{p} names shards that are not in {d}: {', '.join(missing)}")
@@ -188,12 +202,15 @@ def llama_config(hf, block_size=None):
 def model_config(hf, block_size=None):
     """Our ModelConfig for an HF config.json dict."""
     kind = hf.get("model_type")
-    if kind == "gpt2":
-        if block_size not in (None, hf["n_positions"]):
-            raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
-        return gpt2_config(hf)
-    if kind in ("llama", "mistral", "qwen3", "qwen3_moe"):
-        return llama_config(hf, block_size)
+    try:
+        if kind == "gpt2":
+            if block_size not in (None, hf["n_positions"]):
+                raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
+            return gpt2_config(hf)
+        if kind in ("llama", "mistral", "qwen3", "qwen3_moe"):
+            return llama_config(hf, block_size)
+    except KeyError as e:  # a key that every config.json of its model_type has (the configs index nothing else)
+        raise ValueError(f"config.json: no {e.args[0]!r}, which a {kind!r} model needs") from None
     raise ValueError(f"config.json: model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: "
                      f"tools/hf.py loads 'gpt2', the LLaMA family ('llama', 'mistral'), 'qwen3' and 'qwen3_moe'")
 
@@ -430,8 +447,7 @@ def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
     config = d / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{d}: no config.json: not a Hugging Face model directory")
-    hf = json.loads(config.read_text())
-    cfg = model_config(hf, block_size)
+    cfg = model_config(read_json(config), block_size)
     files = weight_files(d)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
