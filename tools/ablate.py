@@ -289,7 +289,8 @@ def sweep(a, c, names, run_args):
     out = Path(a["ablate_dir"])
     for n in names:  # every run's config is checked before the first one trains
         for lr in lrs:
-            check_run(run_args(n, learning_rate=lr))
+            for seed in seeds:
+                check_run(run_args(n, learning_rate=lr, seed=seed))
     where = lambda n, lr, s: out / n / f"lr{lr:g}_seed{s}"
     base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
 
