@@ -320,8 +320,14 @@ def start(c, given):
         raise ConfigError("init_from", c["init_from"], "eval_only evaluates out_dir's checkpoint: pass --out_dir=<run dir>")
     c["init_from"] = "resume" if c["eval_only"] else c["init_from"]
     if c["init_from"] == "resume":
-        return resume_config(c, given, auto)
-    return (c, None) if c["init_from"] == "scratch" else finetune_config(c, given)
+        c, ckpt = resume_config(c, given, auto)
+    else:
+        c, ckpt = (c, None) if c["init_from"] == "scratch" else finetune_config(c, given)
+    if c["warmup_iters"] > c["max_iters"] and not c["eval_only"]:  # e.g. a short trial run of a long run's config
+        say0(f"note: warmup_iters={c['warmup_iters']} > max_iters={c['max_iters']}: the learning rate only rises to "
+             f"{c['learning_rate'] * c['max_iters'] / c['warmup_iters']:.3g} (learning_rate={c['learning_rate']:g}) and "
+             f"never decays")
+    return c, ckpt
 
 
 def refuse_to_clobber(c):

@@ -67,6 +67,15 @@ def test_lr_schedule():
     assert train.lr_at(60, c) == pytest.approx(0.55) and train.lr_at(110, c) == pytest.approx(0.1)
 
 
+def test_a_warmup_longer_than_the_run_is_noted_with_the_peak_it_reaches(tiny_data, tmp_path, capsys):
+    run(tiny_data, tmp_path / "short", "--max_iters=4", "--warmup_iters=10", "--learning_rate=1e-2")
+    note = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("note: warmup_iters=10 > max_iters=4"))
+    last_lr = [r["lr"] for r in read_metrics(tmp_path / "short") if "lr" in r][-1]  # iteration 4's: 0.004
+    assert f"only rises to {last_lr:.3g} (learning_rate=0.01)" in note, note
+    run(tiny_data, tmp_path / "full", "--max_iters=4", "--warmup_iters=3")
+    assert "note: warmup" not in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- training
 def test_short_run_learns(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=60", "--eval_interval=60")
