@@ -238,8 +238,9 @@ def load(argv, script, extends=(), positional=None, doc=None):
             updates, where = {key: value}, {key: "command line"}
         elif arg.startswith("-"):
             raise ValueError(f"argument {arg!r}: use --key=value (python {script} --help lists every key)")
-        elif positional and not arg.endswith(".py") and not Path(arg).is_file():  # a word: its rule is checked below
-            updates, where = {positional: arg}, {positional: "command line"}
+        elif positional and not arg.endswith(".py") and (keys[positional].rule is None or not Path(arg).is_file()
+                                                         or arg in keys[positional].rule[1:-1].split("|")):
+            updates, where = {positional: arg}, {positional: "command line"}  # a word (a file of its name or not)
         else:
             updates, lines = read_file(arg)
             where = {k: f"{arg}:{n}" for k, n in lines.items()}

@@ -597,3 +597,15 @@ def test_the_gpu_table_stays_within_its_time_budget(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 60m |")]
     assert len(rows) == 6 and all(r.endswith("not run: budget_s=5 spent |") for r in rows), out
     assert "Total" in out.splitlines()[-1]
+
+
+def test_a_bare_word_is_the_positional_key_even_where_a_file_has_its_name(tmp_path, monkeypatch):
+    """`python tools/bench.py gpu > gpu` makes a file named gpu before Python starts: the word still picks the table,
+    and a word that is neither a choice nor a file is that key's error, not 'config file not found'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpu").write_text("")
+    assert configurator.load(["gpu"], "tools/bench.py", positional="what")[0]["what"] == "gpu"
+    (tmp_path / "mine").write_text("steps = 5\n")  # a config file without .py is still read as one
+    assert configurator.load(["sizes", "mine"], "tools/bench.py", positional="what")[0]["steps"] == 5
+    with pytest.raises(configurator.ConfigError, match="what='sizez': must be one of"):
+        configurator.load(["sizez"], "tools/bench.py", positional="what")
