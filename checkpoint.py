@@ -358,6 +358,9 @@ def resume_config(c, given, auto=False):
     c = {**c, **saved, **{k: c[k] for k in given}, "init_from": "resume"}  # also under init_from=auto, eval_only
     if "stop_iter" not in given:
         c["stop_iter"] = 0  # the earlier process's stop: this one runs to max_iters unless told otherwise
+    if "cpu_threads" not in given and c["cpu_threads"] > (os.cpu_count() or 1):  # saved on a larger machine
+        say0(f"note: cpu_threads {c['cpu_threads']} -> 0 (torch's default): this machine has {os.cpu_count()} CPUs")
+        c["cpu_threads"] = 0
     if c["max_iters"] <= ckpt["iter"] and not c["eval_only"] and auto:
         say0(f"{c['out_dir']}: the run is complete (checkpoint at iteration {ckpt['iter']}, max_iters={c['max_iters']}); "
              f"nothing to do")

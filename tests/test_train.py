@@ -190,6 +190,20 @@ def test_a_checkpoint_from_a_cuda_machine_resumes_on_the_cpu(tiny_data, tmp_path
     assert [b[i] for i in range(5, 9)] == pytest.approx([a[i] for i in range(5, 9)], rel=1e-6)
 
 
+def test_a_run_saved_with_more_cpu_threads_than_this_machine_has_resumes(tiny_data, tmp_path, capsys):
+    """cpu_threads may change on resume; a saved value this machine cannot run (a larger node's) falls back to torch's
+    default with a note, so that --init_from=auto after a preemption onto a smaller node still resumes."""
+    out = tmp_path / "r"
+    run(tiny_data, out, "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["config"]["cpu_threads"] = 4096  # as a 4096-CPU machine would have saved it
+    torch.save(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+    train.main(["--init_from=auto", f"--out_dir={out}"])
+    assert "note: cpu_threads 4096 -> 0 (torch's default)" in capsys.readouterr().out
+    assert ck.load_train_state(out)["iter"] == 4
+
+
 def test_vocab_smaller_than_the_data_is_an_error(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100: is smaller than the data's vocabulary \\(257, tokenizer 'byte'"):
         run(tiny_data, tmp_path, "--vocab_size=100")
