@@ -609,3 +609,20 @@ def test_a_bare_word_is_the_positional_key_even_where_a_file_has_its_name(tmp_pa
     assert configurator.load(["sizes", "mine"], "tools/bench.py", positional="what")[0]["steps"] == 5
     with pytest.raises(configurator.ConfigError, match="what='sizez': must be one of"):
         configurator.load(["sizez"], "tools/bench.py", positional="what")
+
+
+def test_a_failed_moe_row_is_reported_and_compares_no_row_with_the_wrong_one(monkeypatch, capsys):
+    """bench.py moe goes on past a failed row; without its dense row, the MoE rows have no 'vs dense' ratio
+    (not one against each other)."""
+    from tools import bench
+
+    def row(*args, **_):
+        if "--size=qwen3_dense" in args and "--param=full" in args:
+            raise SystemExit("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory")
+        return {"step_s": 1.0, "tps": 1000.0 if "--experts='loop'" in args else 2000.0, "peak": 2 ** 30}
+
+    monkeypatch.setattr(bench, "fresh_process", row)
+    bench.main(["moe", "--batch=1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| full |", "| crnet |"))]
+    assert "failed: torch.OutOfMemoryError: CUDA out of memory |" in rows[0]
+    assert [r.split(" | ")[7] for r in rows[1:]] == ["-", "-", "1.000x", "0.500x", "1.000x"], rows

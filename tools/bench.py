@@ -327,9 +327,10 @@ def moe_table(a):
                 print(f"| {param} | {mlp} | {experts} | {P / 1e6:.1f}M | {flops / 1e6:.0f}M | failed: {last_line(e)} |",
                       flush=True)
                 continue
-            dense = dense or r
+            dense = r if experts == "-" else dense
+            vs = f"{r['tps'] / dense['tps']:.3f}x" if dense else "-"  # "-": the dense row failed
             print(f"| {param} | {mlp} | {experts} | {P / 1e6:.1f}M | {flops / 1e6:.0f}M | {r['step_s']:.3f} s | "
-                  f"{r['tps']:,.0f} | {r['tps'] / dense['tps']:.3f}x | {r['peak'] / 2 ** 30:.2f} GiB | "
+                  f"{r['tps']:,.0f} | {vs} | {r['peak'] / 2 ** 30:.2f} GiB | "
                   f"{planned['total'] / 2 ** 30:.2f} GiB |", flush=True)
     print("peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak RSS (including ~0.3 GiB of "
           "Python/torch runtime). planned: plan.py's DDP total for this batch on one device.")
