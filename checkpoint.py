@@ -456,6 +456,9 @@ def check_tokenizer(c, ckpt, meta):
                           f"trained on {saved['tokenizer']!r} tokens: its embeddings would read other ids "
                           f"(prepare the data with --tokenizer={saved['tokenizer']})")
     changed = [f"{k} {saved[k]:,} -> {meta[k]:,}" for k in ("train_tokens", "val_tokens") if saved.get(k, meta[k]) != meta[k]]
+    sha = saved.get("tokens_sha1"), meta.get("tokens_sha1")  # (checkpoints saved before the fingerprint lack it)
+    if not changed and None not in sha and sha[0] != sha[1]:
+        changed = ["the same token counts, other tokens"]
     if c["init_from"] == "resume" and not c["eval_only"] and changed:
         raise ConfigError("data_dir", c["data_dir"], f"was prepared again since the checkpoint in {src} was saved "
                           f"({', '.join(changed)}): a resumed run continues the same data; to train on this data, "

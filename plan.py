@@ -432,7 +432,7 @@ def preflight(c, world, grad_accum, ckpt=None):
     ckpt's tokenizer when fine-tuning) and the memory plan, against this GPU's memory if there is one."""
     # imported here, so that recompute.py's import of this module (the guard above) does not pull them in
     from checkpoint import check_tokenizer
-    from prepare_data import check_data, find_data
+    from prepare_data import check_data, find_data, tokens_sha1
     try:
         data_dir, meta = find_data(c)
     except FileNotFoundError as e:
@@ -440,7 +440,7 @@ def preflight(c, world, grad_accum, ckpt=None):
         print(f"note: {e}\n  (not needed for the preflight; needed on the machines that train)")
     if meta is not None:
         if ckpt is not None:
-            check_tokenizer(c, ckpt, meta)
+            check_tokenizer(c, ckpt, {**meta, "tokens_sha1": tokens_sha1(data_dir)})
         check_data(c, data_dir, meta)
     cp, gib = {**c, "vocab_size": c["vocab_size"] or (meta or {}).get("vocab_size")}, 2 ** 30
     limit = device_memory(torch.device("cuda", 0)) if torch.cuda.is_available() else None  # this GPU's

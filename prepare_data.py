@@ -20,6 +20,7 @@ leaves it as it was, or (killed among the final renames) without meta.json, whic
 """
 import codecs
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -529,7 +530,19 @@ def ready_data(c, proc=0, world=1, say=print):
             import torch.distributed  # here, not at the top: tokenizing data needs no torch
             torch.distributed.barrier()
         meta = load_meta(data_dir)
-    return data_dir, meta
+    return data_dir, {**meta, "tokens_sha1": tokens_sha1(data_dir)}  # saved with each checkpoint
+
+
+def tokens_sha1(data_dir, n=2 ** 20):
+    """A fingerprint of the token files, SHA-1 of each split's first and last MiB: a resumed run tells data prepared
+    again from other text (same token counts or not) from its own, for the price of reading 4 MiB."""
+    h = hashlib.sha1()
+    for split in ("train", "val"):
+        with open(Path(data_dir) / f"{split}.bin", "rb") as f:
+            h.update(f.read(n))
+            f.seek(max(n, os.fstat(f.fileno()).st_size - n))
+            h.update(f.read(n))
+    return h.hexdigest()
 
 
 def open_splits(c, data_dir, meta):

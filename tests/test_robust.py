@@ -61,13 +61,15 @@ def world(tiny_data, tmp_path_factory):
     meta = json.loads((w / "understated" / "meta.json").read_text())
     (w / "understated" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100, "max_token_id": 99}))
     from prepare_data import prepare
-    other = w / "other.txt"  # runs whose data_dir is then prepared again: from other text, and in GPT-2 BPE
-    other.write_text((ROOT / "data" / "shakespeare.txt").read_text()[300_000:400_000])
-    for name, tokenizer in (("redo", "byte"), ("regpt", "gpt2")):
+    # runs whose data_dir is then prepared again: from other text, in GPT-2 BPE, from text of the same byte lengths
+    text = (ROOT / "data" / "shakespeare.txt").read_text()
+    (w / "other.txt").write_text(text[300_000:400_000])
+    (w / "swapped.txt").write_text(text[:300_000].translate(str.maketrans("ab", "ba")))  # as tiny_data's source
+    for name, tokenizer, src in (("redo", "byte", "other"), ("regpt", "gpt2", "other"), ("resame", "byte", "swapped")):
         shutil.copytree(tiny_data, w / name)
         run(w / name, w / f"run_{name}", "--max_iters=2", "--eval_interval=2")
         shutil.rmtree(w / name)
-        prepare(w / name, tokenizer=tokenizer, files=[other], piece_chars=5000)
+        prepare(w / name, tokenizer=tokenizer, files=[w / f"{src}.txt"], piece_chars=5000)
     return w
 
 
@@ -107,6 +109,8 @@ BATTERY = [
     (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=4", "--n_layer=5"], "n_layer=5"),
     (T, ["--init_from=resume", "--out_dir={w}/run_redo", "--max_iters=4"], "redo': was prepared again since the checkpoint"),
     (T, ["--init_from=resume", "--out_dir={w}/run_regpt", "--max_iters=4"], "holds 'gpt2' tokens, but the checkpoint"),
+    (T, ["--init_from=resume", "--out_dir={w}/run_resame", "--max_iters=4"], "(the same token counts, other tokens)"),
+    (T, ["--init_from=resume", "--out_dir={w}/run_resame", "--max_iters=4", "--preflight"], "other tokens"),
     (T, ["--init_from=resume", "--out_dir={w}/empty", "--max_iters=4"], "empty/ckpt.pt cannot be read"),
     (T, ["--init_from=resume", "--out_dir={w}/garbage", "--max_iters=4"], "garbage/ckpt.pt cannot be read"),
     (T, ["--init_from=resume", "--out_dir={w}/truncated", "--max_iters=4"], "truncated/ckpt.pt cannot be read"),
