@@ -145,9 +145,8 @@ def test_a_training_step_never_waits_for_the_gpu(mode, arch):
 
 def test_moe_grouped_gemms_err_as_the_loop_does_on_cuda(monkeypatch):
     """On sm90 the experts run as grouped GEMMs under bf16: each gradient's error against float32 (the loop) is
-    within 1.5x + 1e-3 of the bf16 loop's, as tests/test_moe.py checks on the CPU, or within the loop's worst of its
-    kind (betas, a sum with heavy cancellation, against betas; the rest against the rest): two GPU kernels round
-    differently, and one tensor's loop error can be small by chance. A wrong piece or gradient errs by ~1."""
+    within 1.5x + 1e-3 of the bf16 loop's, as tests/test_moe.py checks on the CPU; a beta's (a sum with heavy
+    cancellation, whose loop error can be small by chance) within the loop's worst on a beta."""
     import moe
     from test_moe import counting_grouped, grad_errors
     if not hopper():
@@ -163,5 +162,5 @@ def test_moe_grouped_gemms_err_as_the_loop_does_on_cuda(monkeypatch):
         assert len(calls) == (2 * KW["n_layer"] if table else 0)
     assert err["loop"].max() > 1e-3
     beta = torch.tensor([n.endswith("beta") for n in g32], device="cuda")
-    worst = torch.where(beta, err["loop"][beta].max(), err["loop"][~beta].max())
-    assert (err["grouped"] <= torch.maximum(1.5 * err["loop"] + 1e-3, worst)).all(), err
+    bound = 1.5 * err["loop"] + 1e-3
+    assert (err["grouped"] <= torch.where(beta, torch.maximum(bound, err["loop"][beta].max()), bound)).all(), err
