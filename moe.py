@@ -45,7 +45,14 @@ def route(x, router, top_k, norm_topk, idx=None):
 # sync) is bf16 on sm90/sm100; elsewhere it loops over offs read on the host, worse than our loop's one read. CUDA
 # also needs sm90 (Hopper): on sm100, experts with no token get nonzero weight gradients (pytorch/pytorch#172439).
 GROUPED = {"cuda": (torch.bfloat16,)}
-grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # the same op, private in older torch
+
+
+def find_grouped_mm():
+    """F.grouped_mm; in older torch the same op as torch._grouped_mm; None where torch has neither (the loop runs)."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+grouped_mm = find_grouped_mm()
 
 
 def grouped(x, projections, offs, dtype):
@@ -66,7 +73,7 @@ def run_experts(xs, experts, counts):
     up, down = [e["up"] for e in experts], [e["down"] for e in experts]
     dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
     widths = (xs.shape[-1], up[0].h_out) + (() if up[0].kind == "full" else (up[0].rank,))  # h, ff, r
-    if (dtype in GROUPED.get(xs.device.type, ()) and all(w * dtype.itemsize % 16 == 0 for w in widths)
+    if (grouped_mm and dtype in GROUPED.get(xs.device.type, ()) and all(w * dtype.itemsize % 16 == 0 for w in widths)
             and (xs.device.type != "cuda" or torch.cuda.get_device_capability(xs.device)[0] == 9)):
         offs = counts.cumsum(0).to(torch.int32)  # where each expert's rows end, on the device
         gate, y_up = grouped(xs, up, offs, dtype).chunk(2, -1)

@@ -172,13 +172,23 @@ def counting_grouped(monkeypatch, table={"cpu": (torch.float32, torch.bfloat16)}
     return calls
 
 
-def test_the_private_grouped_mm_is_the_public_one():
-    """moe.grouped_mm falls back to torch._grouped_mm where F.grouped_mm is missing (older torch): same results."""
+def test_the_private_grouped_mm_is_the_public_one(monkeypatch):
+    """moe.grouped_mm falls back to torch._grouped_mm where F.grouped_mm is missing (older torch): same results;
+    where torch has neither, the experts run in the loop."""
     x, w = torch.randn(10, 16), torch.randn(3, 16, 8)
     offs = torch.tensor([4, 4, 10], dtype=torch.int32)  # expert 1 gets no row
     got = torch._grouped_mm(x, w, offs=offs)
     torch.testing.assert_close(got, torch.cat([x[:4] @ w[0], x[4:] @ w[2]]))
     torch.testing.assert_close(got, moe.grouped_mm(x, w, offs=offs), rtol=0, atol=0)
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm")
+    assert moe.find_grouped_mm() is torch._grouped_mm
+    monkeypatch.delattr(torch, "_grouped_mm")
+    assert moe.find_grouped_mm() is None
+    monkeypatch.setattr(moe, "grouped_mm", None)
+    calls = counting_grouped(monkeypatch)  # the CPU would run grouped GEMMs, but there are none
+    m, idx = make("none", **MOE), torch.randint(0, 50, (2, 16))
+    m(idx, idx)[1].backward()
+    assert not calls
 
 
 def grad_errors(g, ref):
