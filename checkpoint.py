@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from configurator import RENAMED, ConfigError
+from configurator import RENAMED, ConfigError, check_folder
 from model import ModelConfig, Transformer
 
 CKPT_FILE, PREV_FILE, DCP_DIR = "ckpt.pt", "ckpt.prev.pt", "ckpt_dcp"
@@ -309,10 +309,7 @@ def start(c, given):
     after every preemption), a resumed run's saved config, or a fine-tuned run's model keys."""
     if not c["out_dir"].strip():  # "" would be the current directory: its ckpt.pt, and with overwrite its best/
         raise ConfigError("out_dir", c["out_dir"], "is empty: name the run's directory (--out_dir=. for this one)")
-    out = Path(c["out_dir"]).absolute()
-    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ConfigError("out_dir", c["out_dir"], f"{blocker} is a file, not a directory")
+    check_folder("out_dir", c["out_dir"])
     auto = c["init_from"] == "auto"
     if auto:
         c["init_from"] = "resume" if find_checkpoint(c["out_dir"])[0] else "scratch"

@@ -95,6 +95,15 @@ class Key:
                 raise ConfigError(self.name, value, why)
 
 
+def check_folder(key, value):
+    """A directory that key names, checked before any work: neither it nor a directory above it may be a file (a
+    write there would fail only at the end, with an errno message that names no key)."""
+    path = Path(value).absolute()
+    there = next(p for p in (path, *path.parents) if p.exists())
+    if not there.is_dir():
+        raise ConfigError(key, value, "is a file, not a directory" if there == path else f"{there} is a file, not a directory")
+
+
 def config_block(path):
     """The statements between the config markers of a script (its defaults), as (node, source) pairs."""
     text = Path(path).read_text()

@@ -407,15 +407,6 @@ def write_tokens(batches, tok, splits, max_docs, max_tokens, threads):
                 break
 
 
-def check_folder(key, path):
-    """A folder to be made at path, checked before any work: neither it nor a folder above it may be a file."""
-    path = Path(path)
-    there = next(p for p in (path, *path.parents) if p.exists())
-    if not there.is_dir():
-        raise configurator.ConfigError(key, str(path), "is a file, not a folder" if there == path else
-                                       f"{there} is a file, so no folder can be made under it")
-
-
 def prepare(out_dir, tokenizer="byte", files=None, hf_dataset="", hf_config="", hf_split="train", streaming=False,
             text_column="text", max_docs=0, max_tokens=0, val_fraction=0.1, seed=1337, num_proc=0, piece_chars=20000):
     """Tokenize local files (a list, or comma-separated entries) or a hub dataset (neither: the bundled corpus)
@@ -427,7 +418,7 @@ def prepare(out_dir, tokenizer="byte", files=None, hf_dataset="", hf_config="", 
         raise ValueError("streaming needs a cap: set --max_docs or --max_tokens")
     if files and hf_dataset:
         raise ValueError("give files or hf_dataset, not both")
-    check_folder("out_dir", out_dir)  # (not after tokenizing the whole corpus)
+    configurator.check_folder("out_dir", str(out_dir))  # (not after tokenizing the whole corpus)
     tok = get_tokenizer(tokenizer)
     if hf_dataset:
         batches = read_dataset(text_column, f"hf:{hf_dataset}", hf_dataset, hf_config or None, split=hf_split,

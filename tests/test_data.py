@@ -301,7 +301,7 @@ def test_an_out_dir_that_is_or_is_under_a_file_is_refused_before_tokenizing(tmp_
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     (tmp_path / "f").write_text("mine")
     monkeypatch.setattr(prepare_data, "write_tokens", None)  # tokenizing would fail here
-    for out, why in [("f", "is a file, not a folder"), ("f/sub", ".*f is a file, so no folder can be made under it")]:
+    for out, why in [("f", "is a file, not a directory"), ("f/sub", ".*f is a file, not a directory")]:
         with pytest.raises(ValueError, match=f"^out_dir='.*{out}': {why}"):
             prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / out}"])
     assert (tmp_path / "f").read_text() == "mine" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

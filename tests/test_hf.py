@@ -217,7 +217,7 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
     with pytest.raises(FileExistsError, match="export=.*hf: exists"):
         hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])
-    with pytest.raises(ValueError, match=r"^export='.*hf/config.json/sub': .*hf/config.json is a file, so no folder"):
+    with pytest.raises(ValueError, match=r"^export='.*hf/config.json/sub': .*hf/config.json is a file, not a directory"):
         hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf' / 'config.json' / 'sub'}"])
     train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'cr'}", "--max_iters=1", "--eval_interval=1"])
     with pytest.raises(ValueError, match="param='crnet' model: no standard Hugging Face architecture has the lanes"):

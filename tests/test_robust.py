@@ -146,7 +146,7 @@ BATTERY = [
     (["tools/bench.py"], ["gpu", "--sizes=1b,7c"], "sizes='1b,7c': '7c' is not one of"),
     (["plan.py"], ["configs/crnet_llama_7b.py", "--rank=5000"], "rank=5000"),
     (T, ["{w}/binary.py"], "binary.py: not a config file: not UTF-8 text"),
-    (["tools/ablate.py"], ["--variants=full", "--ablate_dir={w}/annotated.py/ab"], "Not a directory"),
+    (["tools/ablate.py"], ["--variants=full", "--ablate_dir={w}/annotated.py/ab"], "annotated.py is a file, not a dir"),
     (["tools/ablate.py"], ["--variants=full,bogus", "--ablate_dir={w}/ab"], "bogus"),
     (["tools/ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
     (["tools/ablate.py"], ["--seeds_at=first", "--ablate_dir={w}/ab"], "seeds_at='first'"),

@@ -228,6 +228,7 @@ def load_config(argv):
 
 def main(argv):
     a, c = load_config(argv)
+    configurator.check_folder("ablate_dir", a["ablate_dir"])
     a["stop_iter"] = c["stop_iter"]  # every run stops there; the same command without it continues them
 
     base = configurator.defaults("train.py")

@@ -43,7 +43,7 @@ import torch
 import checkpoint
 import configurator
 from model import ModelConfig, Transformer
-from prepare_data import check_folder, gguf_value, open_gguf
+from prepare_data import gguf_value, open_gguf
 
 # ----------------------------------------------------------------------------- config
 # python tools/hf.py exports a run (the rest of this file is the library above)
@@ -519,7 +519,7 @@ def export(run_dir, dest):
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"export={dest}: exists; choose a new directory")
-    check_folder("export", dest)  # (a path under a file: before the checkpoint is read)
+    configurator.check_folder("export", str(dest))  # (a path under a file: before the checkpoint is read)
     ckpt = checkpoint.load_train_state(run_dir)
     cfg = ModelConfig(**ckpt["model_config"])
     if cfg.param != "full":
