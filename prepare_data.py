@@ -504,7 +504,7 @@ def check_data(c, data_dir, meta):
             raise ValueError(f"{data_dir / (s + '.bin')} holds {n} tokens, not more than one block of "
                              f"block_size={c['block_size']} (+1 for the targets): prepare more data or lower block_size")
     vocab = meta["vocab_size"]
-    if c["vocab_size"] is not None and c["vocab_size"] < max(vocab, meta.get("max_token_id", -1) + 1):
+    if c["vocab_size"] is not None and c["vocab_size"] < vocab:  # (load_meta: max_token_id < vocab_size)
         raise configurator.ConfigError("vocab_size", c["vocab_size"], f"is smaller than the data's vocabulary ({vocab}, tokenizer "
                           f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
 
