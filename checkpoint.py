@@ -431,16 +431,22 @@ def save(c, rt, raw, optimizer, meta, done, best_val, best=False):
 
 def check_same_start(c, rt, ckpt, meta):
     """Every process starts from the same checkpoint (a run still saving into init_from could hand processes
-    different ones), and a fine-tuned model reads the token ids it was trained on."""
+    different ones) and reads the same token files (each node its own copy of data_dir); a resumed or fine-tuned
+    model reads the token ids it was trained on. Every process raises, so none waits in a collective."""
     if rt["world"] > 1:
         seen = [None] * rt["world"]
-        dist.all_gather_object(seen, (str(ckpt["path"]), ckpt["iter"]))
-        if len(set(seen)) > 1:
+        dist.all_gather_object(seen, ((str(ckpt["path"]), ckpt["iter"]) if ckpt else None, meta.get("tokens_sha1")))
+        starts, data = sorted({s for s, _ in seen}, key=str), sorted({d for _, d in seen}, key=str)
+        if len(starts) > 1:
             how = ("is a run still saving there? Copy one checkpoint out and start from the copy"
                    if c["init_from"] != "resume" else "is another run writing to this out_dir?")
             raise ValueError(f"processes read different checkpoints "
-                             f"({', '.join(f'{p} at iteration {i}' for p, i in sorted(set(seen)))}): {how}")
-    check_tokenizer(c, ckpt, meta)
+                             f"({', '.join(f'{p} at iteration {i}' for p, i in starts)}): {how}")
+        if len(data) > 1:
+            raise ValueError(f"processes read different token files in data_dir={c['data_dir']} (fingerprints "
+                             f"{', '.join(d[:12] for d in data)}, prepare_data.tokens_sha1): give every node the same copy")
+    if ckpt is not None:
+        check_tokenizer(c, ckpt, meta)
 
 
 def check_tokenizer(c, ckpt, meta):

@@ -121,8 +121,7 @@ def main(argv):
 
     # ---- data: memory-mapped uint16 token files, checked against the config and the checkpoint (prepare_data.py)
     data_dir, meta = ready_data(c, proc, world, say)
-    if ckpt is not None:
-        ck.check_same_start(c, rt, ckpt, meta)
+    ck.check_same_start(c, rt, ckpt, meta)  # every process: the same checkpoint and token files
     train_data, val_data = open_splits(c, data_dir, meta)
     c["vocab_size"] = c["vocab_size"] or meta["vocab_size"]
     resuming, bsz, T = c["init_from"] == "resume", c["batch_size"], c["block_size"]

@@ -461,11 +461,14 @@ def test_fine_tuning_checks_the_tokenizer_and_that_every_process_read_one_checkp
                                          f"trained on 'byte' tokens"):
         train.main(TINY + [f"--data_dir={other}", f"--out_dir={tmp_path / 'ft'}", f"--init_from={tmp_path / 'pre'}"])
     assert not (tmp_path / "ft").exists()
-    seen = [("pre/ckpt.pt", 4), ("pre/ckpt.pt", 6)]  # a run still saving there handed the processes different ones
+    seen = [(("pre/ckpt.pt", 4), "f"), (("pre/ckpt.pt", 6), "f")]  # a run still saving there handed out two
     monkeypatch.setattr(train.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), seen))
     with pytest.raises(ValueError, match="processes read different checkpoints \\(pre/ckpt.pt at iteration 4, "
                                          "pre/ckpt.pt at iteration 6\\): is a run still saving there"):
         ck.check_same_start({"init_from": "pre"}, {"world": 2}, {"path": "x", "iter": 2}, meta)
+    seen[:] = [(None, "a" * 40), (None, "b" * 40)]  # a new run; one node's copy of data_dir differs
+    with pytest.raises(ValueError, match=f"different token files in data_dir=d \\(fingerprints {'a' * 12}, {'b' * 12}"):
+        ck.check_same_start({"init_from": "scratch", "data_dir": "d"}, {"world": 2}, None, meta)
 
 
 def test_a_new_run_asks_before_removing_best_and_never_removes_its_own_source(tiny_data, tmp_path):
