@@ -526,7 +526,8 @@ def ready_data(c, proc=0, world=1, say=print):
 
 def tokens_sha1(data_dir, n=2 ** 20):
     """A fingerprint of the token files, SHA-1 of each split's first and last MiB: a resumed run tells data prepared
-    again from other text (same token counts or not) from its own, for the price of reading 4 MiB."""
+    again from other text (same token counts or not) from its own, for the price of reading 4 MiB. A change only in
+    the middle of a split over 2 MiB goes unseen."""
     h = hashlib.sha1()
     for split in ("train", "val"):
         with open(Path(data_dir) / f"{split}.bin", "rb") as f:

@@ -403,3 +403,28 @@ def test_load_meta_checks_each_value(tmp_path):
             load_meta(tmp_path / "out")
     (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
     assert load_meta(tmp_path / "out") == meta
+
+
+@pytest.mark.parametrize("size", [2, 2 ** 20 - 2, 2 ** 20 + 2, 3 * 2 ** 20 + 6])
+def test_tokens_sha1_is_each_splits_first_and_last_mib(tmp_path, size):
+    """prepare_data.tokens_sha1 against hashlib over the bytes it means: each split's first MiB and the rest of its
+    last MiB (a split under 2 MiB whole, once). Past 2 MiB a change in the middle is not seen, one at the end is."""
+    import hashlib
+    n, rng = 2 ** 20, np.random.default_rng(size)
+    data = {s: rng.integers(0, 256, size, dtype=np.uint8).tobytes() for s in ("train", "val")}
+    for s, b in data.items():
+        (tmp_path / f"{s}.bin").write_bytes(b)
+    want = hashlib.sha1(b"".join(b[:n] + b[max(n, len(b) - n):] for b in data.values())).hexdigest()
+    assert prepare_data.tokens_sha1(tmp_path) == want
+    for at, seen in ((size // 2, size <= 2 * n), (size - 1, True)):
+        b = bytearray(data["val"])
+        b[at] ^= 1
+        (tmp_path / "val.bin").write_bytes(b)
+        assert (prepare_data.tokens_sha1(tmp_path) != want) == seen, (at, seen)
+        (tmp_path / "val.bin").write_bytes(data["val"])
+
+
+def test_data_prepared_again_from_the_same_text_has_the_same_fingerprint(tiny_data, tmp_path):
+    """What lets a resumed run go on after its data_dir was prepared again from the same source (conftest's)."""
+    prepare(tmp_path / "again", tokenizer="byte", files=[tiny_data.parent / "small.txt"], piece_chars=5000)
+    assert prepare_data.tokens_sha1(tmp_path / "again") == prepare_data.tokens_sha1(tiny_data)

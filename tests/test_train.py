@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -202,6 +203,27 @@ def test_a_run_saved_with_more_cpu_threads_than_this_machine_has_resumes(tiny_da
     train.main(["--init_from=auto", f"--out_dir={out}"])
     assert "note: cpu_threads 4096 -> 0 (torch's default)" in capsys.readouterr().out
     assert ck.load_train_state(out)["iter"] == 4
+
+
+def test_a_resumed_run_goes_on_after_its_data_is_prepared_again_from_the_same_text(tiny_data, tmp_path):
+    """The data fingerprint refuses other tokens, not the same ones written again; a checkpoint saved before the
+    fingerprint (no tokens_sha1 in its data_meta) is checked on token counts only, as then."""
+    from prepare_data import prepare
+    data, out, src = tmp_path / "data", tmp_path / "run", tiny_data.parent / "small.txt"
+    shutil.copytree(tiny_data, data)
+    args = [*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2"]
+    train.main([*args, "--stop_iter=2"])
+    shutil.rmtree(data)
+    prepare(data, tokenizer="byte", files=[src], piece_chars=5000)
+    train.main(["--init_from=resume", f"--out_dir={out}", "--stop_iter=4"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    del ckpt["data_meta"]["tokens_sha1"]
+    torch.save(ckpt, out / "ckpt.pt")
+    shutil.rmtree(data)
+    (tmp_path / "swapped.txt").write_text(src.read_text().translate(str.maketrans("ab", "ba")))
+    prepare(data, tokenizer="byte", files=[tmp_path / "swapped.txt"], piece_chars=5000)  # same counts
+    train.main(["--init_from=resume", f"--out_dir={out}"])
+    assert ck.load_train_state(out)["iter"] == 6
 
 
 def test_vocab_smaller_than_the_data_is_an_error(tiny_data, tmp_path):
