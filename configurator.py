@@ -66,13 +66,17 @@ class Key:
             raise ConfigError(self.name, value, f"expected {names}")
         return value
 
+    def choices(self):
+        """The values a `{a|b}` rule allows, or None."""
+        return [x.strip() for x in self.rule[1:-1].split("|")] if self.rule and self.rule.startswith("{") else None
+
     def check(self, value):
         """Raise ConfigError if value breaks this key's rule."""
         r = self.rule
         if r is None or value is None:
             return
         if r.startswith("{"):
-            choices = [x.strip() for x in r[1:-1].split("|")]
+            choices = self.choices()
             if str(value) not in choices:
                 raise ConfigError(self.name, value, f"must be one of {', '.join(choices)}")
             return
@@ -101,7 +105,7 @@ def check_folder(key, value):
     path = Path(value).absolute()
     there = next(p for p in (path, *path.parents) if p.exists())
     if not there.is_dir():
-        raise ConfigError(key, value, "is a file, not a directory" if there == path else f"{there} is a file, not a directory")
+        raise ConfigError(key, value, ("is a file" if there == path else f"{there} is a file") + ", not a directory")
 
 
 def config_block(path):
@@ -247,8 +251,8 @@ def load(argv, script, extends=(), positional=None, doc=None):
             updates, where = {key: value}, {key: "command line"}
         elif arg.startswith("-"):
             raise ValueError(f"argument {arg!r}: use --key=value (python {script} --help lists every key)")
-        elif positional and not arg.endswith(".py") and (keys[positional].rule is None or not Path(arg).is_file()
-                                                         or arg in keys[positional].rule[1:-1].split("|")):
+        elif positional and not arg.endswith(".py") and (not Path(arg).is_file()
+                                                         or arg in (keys[positional].choices() or ())):
             updates, where = {positional: arg}, {positional: "command line"}  # a word (a file of its name or not)
         else:
             updates, lines = read_file(arg)
