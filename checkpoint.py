@@ -365,6 +365,12 @@ def resume_config(c, given, auto=False):
     if c["max_iters"] <= ckpt["iter"] and not c["eval_only"]:
         raise ConfigError("max_iters", c["max_iters"], f"the checkpoint is at iteration {ckpt['iter']}: nothing to train "
                                                        f"(raise max_iters to continue)")
+    if 0 < c["stop_iter"] <= ckpt["iter"] and not c["eval_only"]:  # the loop would run past it, to max_iters
+        if auto:
+            say0(f"{c['out_dir']}: the checkpoint is at iteration {ckpt['iter']}, stop_iter={c['stop_iter']}: nothing to do")
+            raise SystemExit(0)
+        raise ConfigError("stop_iter", c["stop_iter"], f"the checkpoint is already at iteration {ckpt['iter']}: nothing "
+                                                       f"to train before it (raise stop_iter, or leave it out)")
     if c["max_iters"] != saved["max_iters"]:
         print(f"note: max_iters {saved['max_iters']} -> {c['max_iters']}: the cosine schedule now ends there, so the "
               f"learning rate from iteration {ckpt['iter']} on differs from the original run's")

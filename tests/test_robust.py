@@ -107,6 +107,8 @@ BATTERY = [
     (T, ["--vocab_size=100"], "vocab_size=100"),
     (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=2"], "max_iters=2: the checkpoint is at iteration 2"),
     (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=4", "--n_layer=5"], "n_layer=5"),
+    (T, ["--init_from=resume", "--out_dir={w}/run", "--max_iters=4", "--stop_iter=2"], "stop_iter=2: the checkpoint is "
+                                                                                        "already at iteration 2"),
     (T, ["--init_from=resume", "--out_dir={w}/run_redo", "--max_iters=4"], "redo': was prepared again since the checkpoint"),
     (T, ["--init_from=resume", "--out_dir={w}/run_regpt", "--max_iters=4"], "holds 'gpt2' tokens, but the checkpoint"),
     (T, ["--init_from=resume", "--out_dir={w}/run_resame", "--max_iters=4"], "(the same token counts, other tokens)"),

@@ -200,6 +200,9 @@ def test_a_run_saved_with_more_cpu_threads_than_this_machine_has_resumes(tiny_da
     ckpt["config"]["cpu_threads"] = 4096  # as a 4096-CPU machine would have saved it
     torch.save(ckpt, out / "ckpt.pt")
     capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the same command repeated at its stop_iter: done, not trained on to 4
+        train.main(["--init_from=auto", f"--out_dir={out}", "--stop_iter=2"])
+    assert e.value.code == 0 and "stop_iter=2: nothing to do" in capsys.readouterr().out
     train.main(["--init_from=auto", f"--out_dir={out}"])
     assert "note: cpu_threads 4096 -> 0 (torch's default)" in capsys.readouterr().out
     assert ck.load_train_state(out)["iter"] == 4

@@ -158,7 +158,7 @@ def run_variant(name, args, run, a, max_iters):
         print(f"== {name}: finished earlier in {run}, reused")
         return old["seconds"]
     resume = same and ck.find_checkpoint(run)[0] is not None
-    extra = ["--init_from='resume'"] if resume else ["--overwrite=True"]
+    extra = ["--init_from='auto'"] if resume else ["--overwrite=True"]  # auto: a run already at stop_iter exits 0
     launch = [sys.executable] if a["nproc"] == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        f"--nproc_per_node={a['nproc']}"]
     cmd = [*launch, str(HERE / "train.py"), *args, f"--out_dir={str(run)!r}", *extra, f"--stop_iter={a['stop_iter']}"]
