@@ -330,10 +330,11 @@ def start(c, given):
 def refuse_to_clobber(c):
     """A new run in an out_dir that holds one would remove its checkpoints and best/: only with overwrite. Checked
     after the config, so that a config error is reported first."""
-    path = find_checkpoint(c["out_dir"])[1] or find_checkpoint(Path(c["out_dir"]) / "best")[1]
-    if c["init_from"] != "resume" and not c["overwrite"] and path:
-        raise FileExistsError(f"{path} exists: continue it with --init_from=resume, or pass --overwrite or another "
-                              f"--out_dir to start over")
+    latest, best = find_checkpoint(c["out_dir"])[1], find_checkpoint(Path(c["out_dir"]) / "best")[1]
+    if c["init_from"] != "resume" and not c["overwrite"] and (latest or best):
+        how = ("continue it with --init_from=resume" if latest else  # best/ alone: nothing to resume in out_dir itself
+               f"start from its weights with --init_from={Path(c['out_dir']) / 'best'} and another --out_dir")
+        raise FileExistsError(f"{latest or best} exists: {how}, or pass --overwrite or another --out_dir to start over")
 
 
 def say0(*a):

@@ -477,8 +477,10 @@ def test_a_new_run_asks_before_removing_best_and_never_removes_its_own_source(ti
     run(tiny_data, tmp_path, "--max_iters=2", "--eval_interval=2", "--keep_best")
     for f in ("ckpt.pt", "ckpt.prev.pt"):
         (tmp_path / f).unlink(missing_ok=True)  # only best/ is left: still a run's checkpoint
-    with pytest.raises(FileExistsError, match="best/ckpt.pt exists: continue it with --init_from=resume, or pass --overwrite"):
+    with pytest.raises(FileExistsError, match=f"best/ckpt.pt exists: start from its weights with --init_from="
+                                              f"{tmp_path / 'best'} and another --out_dir, or pass --overwrite"):
         run(tiny_data, tmp_path)
+    run(tiny_data, tmp_path.with_name(tmp_path.name + "_ft"), f"--init_from={tmp_path / 'best'}")  # the advice works
     with pytest.raises(ValueError, match="init_from=.*best': is inside out_dir, whose checkpoints a new run there removes"):
         run(tiny_data, tmp_path, f"--init_from={tmp_path / 'best'}", "--overwrite")
     assert (tmp_path / "best" / "ckpt.pt").is_file()

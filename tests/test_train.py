@@ -229,6 +229,14 @@ def test_a_resumed_run_goes_on_after_its_data_is_prepared_again_from_the_same_te
     assert ck.load_train_state(out)["iter"] == 6
 
 
+def test_eval_only_takes_any_batch_size(tiny_data, tmp_path, capsys):
+    """Evaluation takes no optimizer step, so total_batch_tokens need not divide by a new batch_size."""
+    run(tiny_data, tmp_path, "--max_iters=2", "--eval_interval=2")  # total_batch_tokens 128 = 4 x 32
+    capsys.readouterr()
+    train.main(["--eval_only", f"--out_dir={tmp_path}", "--batch_size=64"])
+    assert "eval_only" in capsys.readouterr().out
+
+
 def test_vocab_smaller_than_the_data_is_an_error(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100: is smaller than the data's vocabulary \\(257, tokenizer 'byte'"):
         run(tiny_data, tmp_path, "--vocab_size=100")
