@@ -57,6 +57,8 @@ class Key:
         """value of this key's type: ints are accepted for floats, integral floats (1e4) for ints."""
         if isinstance(value, tuple):
             value = list(value)
+        if isinstance(value, list) and int in self.types:  # rank=[8, 1e1], as rank=1e1 alone
+            value = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
         if float in self.types and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if int in self.types and isinstance(value, float) and value.is_integer() and float not in self.types:

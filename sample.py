@@ -34,11 +34,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, vocab=None
     model's head is padded beyond them (vocab_size 50304 for GPT-2's 50257: rows no target ever trained)."""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.cfg.block_size:])
-        logits = logits[:, -1, :vocab].float()
+        logits = logits[:, -1, :vocab].double()  # a tiny temperature is still > 0 here (float32 rounds 1e-300 to 0)
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
-            logits = logits / temperature
+            logits = (logits - logits.max(-1, keepdim=True).values) / temperature  # <= 0: no inf - inf at tiny ones
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")

@@ -146,6 +146,16 @@ def test_cli_rank2_errors_name_rank2(trained, monkeypatch):
         analyze.configurator.main_guard(analyze.main)
 
 
+def test_cli_on_a_one_layer_run_says_there_is_no_pair(tiny_data, tmp_path, monkeypatch, capsys):
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--n_layer=1", "--max_iters=2",
+                       "--eval_interval=2"])
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["tools/analyze.py", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="^error: .*: one layer, so no pair of layers"):
+        analyze.configurator.main_guard(analyze.main)
+    assert capsys.readouterr().out == ""  # before the table's header line
+
+
 def test_cli_hf_that_is_a_plain_file_says_what_hf_takes(tmp_path, monkeypatch):
     (tmp_path / "weights.bin").write_bytes(b"not a model")
     monkeypatch.setattr(sys, "argv", ["tools/analyze.py", f"--hf={tmp_path / 'weights.bin'}"])

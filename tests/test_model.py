@@ -331,6 +331,8 @@ def test_generate_shapes_and_greedy_determinism():
     a, b = generate(m, idx, 20, temperature=0), generate(m, idx, 20, temperature=0)
     assert a.shape == (2, 25) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
     assert generate(m, idx, 3, temperature=1.0, top_k=1).equal(generate(m, idx, 3, temperature=0))
+    for tiny in (1e-40, 1e-300):  # logits / temperature overflowed to inf, and softmax to nan: now greedy's limit
+        assert generate(m, idx, 3, temperature=tiny).equal(generate(m, idx, 3, temperature=0))
 
 
 def test_generate_never_picks_a_padded_vocabulary_row():

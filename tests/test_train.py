@@ -29,6 +29,8 @@ def test_config_merging_and_type_checks(tmp_path):
     c = configurator.load([str(f), "--n_layer=3", "--out_dir=somewhere", "--max_iters=1e3", "--torch_compile"], "train.py")[0]
     assert (c["n_layer"], c["learning_rate"], c["rank"], c["out_dir"], c["max_iters"]) == (3, 1.0, [8, 4], "somewhere", 1000)
     assert isinstance(c["learning_rate"], float) and c["torch_compile"] is True and c["eval_tokens"] == 1280
+    rank = configurator.load(["--rank=[8, 1e1, 4.0]"], "train.py")[0]["rank"]  # whole floats in a list, as alone
+    assert rank == [8, 10, 4] and all(type(r) is int for r in rank)
     with pytest.raises(ValueError, match="unknown config key 'lerning_rate' on the command line \\(did you mean 'learning_rate'\\?\\); python train.py --help"):
         configurator.load(["--lerning_rate=1e-3"], "train.py")[0]
     f.write_text("n_layers = 2\n")

@@ -499,6 +499,8 @@ def main(argv):
         image_path("plot", c["plot"])
     model, data_dir, name = load(c)
     cfg = model.cfg
+    if cfg.n_layer < 2:
+        raise ValueError(f"{name}: one layer, so no pair of layers (l - 1, l) to compare")
     r = c["rank"] or min(cfg.n_embd, cfg.q_dim, cfg.kv_dim) // 4
     ranks = [r] + ([c["rank2"] or r // 2] if c["rank2"] >= 0 and (c["rank2"] or r // 2) not in (0, r) else [])
     val = np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r")
