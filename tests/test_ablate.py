@@ -58,7 +58,7 @@ def test_variant_errors():
     for name in ("full", "crnet_nolane"):
         v = ablate.variant_changes(moe, name)
         assert (v["recompute"], v["keep_z"]) == ("block", True)
-        ablate.check_run([f"--{k}={x!r}" for k, x in {**moe, **v}.items() if x != c[k]])
+        ablate.check_run([f"--{k}={x!r}" for k, x in {**moe, **v}.items() if x != c[k]], {"nproc": 1, "stop_iter": 0})
     assert "recompute" not in ablate.variant_changes(moe, "crnet")  # the base config's reversible stays
 
 

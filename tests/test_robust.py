@@ -153,6 +153,8 @@ BATTERY = [
     (["tools/ablate.py"], ["--lrs=fast", "--ablate_dir={w}/ab"], "lrs='fast'"),
     (["tools/ablate.py"], ["--seeds_at=first", "--ablate_dir={w}/ab"], "seeds_at='first'"),
     (["tools/ablate.py"], ["--seeds=1,-1", "--variants=full", "--ablate_dir={w}/ab"], "seed=-1"),
+    (["tools/ablate.py"], ["--total_batch_tokens=100", "--variants=full", "--ablate_dir={w}/ab"], "total_batch_tokens=100"),
+    (["tools/ablate.py"], ["--stop_iter=99999", "--variants=full", "--ablate_dir={w}/ab"], "stop_iter=99999: is beyond"),
     (["tools/ablate.py"], ["--seeds_at=best", "--ablate_dir={w}/ab"], "seeds_at='best': applies to a sweep"),
     (["tools/bench.py"], ["recompute", "--rtol=1e-4"], "rtol=0.0001: is set per row"),
     (["tools/plot.py"], ["{w}/run", "--out={w}/curves"], "needs an image extension"),

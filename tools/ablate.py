@@ -118,12 +118,18 @@ def variant_changes(c, name):
     return v
 
 
-def check_run(args):
-    """A run's train.py arguments checked as train.py checks them (the model, the recompute settings), before any
-    run trains."""
+def check_run(args, a):
+    """A run's train.py arguments checked as train.py checks them (the model, the recompute settings, the batch
+    arithmetic at nproc processes, stop_iter), before any run trains or any run directory is written."""
     c = configurator.load(args, "train.py")[0]
     model_config(c)
     rc.check(c["recompute"], c["param"], c["recompute_every"], c["keep_z"], c["recompute_rtol"], c["moe_lane"])
+    per_micro = c["batch_size"] * c["block_size"] * a["nproc"]
+    if c["total_batch_tokens"] % per_micro:
+        raise configurator.ConfigError("total_batch_tokens", c["total_batch_tokens"], f"must be a multiple of batch_size "
+                                       f"* block_size * nproc = {per_micro}")
+    if a["stop_iter"] > c["max_iters"]:
+        raise configurator.ConfigError("stop_iter", a["stop_iter"], f"is beyond max_iters={c['max_iters']}")
 
 
 def read_metrics(run):
@@ -247,7 +253,7 @@ def main(argv):
         raise configurator.ConfigError("seeds_at", a["seeds_at"], "applies to a sweep: give --seeds (and --lrs)")
     plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
     for args in plans.values():
-        check_run(args)
+        check_run(args, a)
     out = Path(a["ablate_dir"])
     base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
     seconds = {n: run_variant(n, args, out / n, a, c["max_iters"]) for n, args in plans.items()}
@@ -291,7 +297,7 @@ def sweep(a, c, names, run_args):
     for n in names:  # every run's config is checked before the first one trains
         for lr in lrs:
             for seed in seeds:
-                check_run(run_args(n, learning_rate=lr, seed=seed))
+                check_run(run_args(n, learning_rate=lr, seed=seed), a)
     where = lambda n, lr, s: out / n / f"lr{lr:g}_seed{s}"
     base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
 
