@@ -426,6 +426,19 @@ def device_memory(device, available=False):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def grad_accum(c, world):
+    """Micro-batches per optimizer step at `world` processes, after the checks that span the batch keys (train.py's,
+    and tools/ablate.py's for every run before the first one trains)."""
+    bsz, T = c["batch_size"], c["block_size"]
+    per_micro = bsz * T * world
+    if c["total_batch_tokens"] % per_micro and not c["eval_only"]:  # evaluation takes no optimizer step
+        raise configurator.ConfigError("total_batch_tokens", c["total_batch_tokens"], f"must be a multiple of batch_size "
+                                       f"* block_size * world_size = {bsz} * {T} * {world} = {per_micro}")
+    if c["stop_iter"] > c["max_iters"]:
+        raise configurator.ConfigError("stop_iter", c["stop_iter"], f"is beyond max_iters={c['max_iters']}")
+    return max(1, c["total_batch_tokens"] // per_micro)
+
+
 def preflight(c, world, grad_accum, ckpt=None):
     """train.py --preflight: every check a launch at `world` processes makes before it costs GPU time, on any
     machine. train.py has checked the config and batch arithmetic; here the data (where it is present; against

@@ -279,15 +279,9 @@ def evaluate(model, data, c, rt):
 
 def check_config(c, world):
     """Checks that span keys, before any work: the batch arithmetic, evaluation sizes, the model config."""
-    bsz, T = c["batch_size"], c["block_size"]
-    per_micro = bsz * T * world
-    if c["total_batch_tokens"] % per_micro and not c["eval_only"]:  # evaluation takes no optimizer step
-        raise ConfigError("total_batch_tokens", c["total_batch_tokens"], f"must be a multiple of batch_size * block_size * "
-                          f"world_size = {bsz} * {T} * {world} = {per_micro}")
-    if c["eval_tokens"] < T:
-        raise ConfigError("eval_tokens", c["eval_tokens"], f"is less than one block of block_size={T} tokens")
-    if c["stop_iter"] > c["max_iters"]:
-        raise ConfigError("stop_iter", c["stop_iter"], f"is beyond max_iters={c['max_iters']}")
+    accum = plan.grad_accum(c, world)  # the batch arithmetic, stop_iter
+    if c["eval_tokens"] < c["block_size"]:
+        raise ConfigError("eval_tokens", c["eval_tokens"], f"is less than one block of block_size={c['block_size']} tokens")
     dev = c["device"]
     par.check_device(dev, preflight=c["preflight"], cpu_threads=c["cpu_threads"])
     if c["data_parallel"] == "fsdp" and dev == "mps":
@@ -295,7 +289,7 @@ def check_config(c, world):
     check_sinks(c)
     rc.check(c["recompute"], c["param"], c["recompute_every"], c["keep_z"], c["recompute_rtol"], c["moe_lane"])
     model_config(c)  # the model's own checks (divisibility, ranks, ...), named by key
-    return max(1, c["total_batch_tokens"] // per_micro)  # grad_accum
+    return accum
 
 
 def evaluate_and_save(c, rt, model, raw, optimizer, meta, train_data, val_data, done, best_val):

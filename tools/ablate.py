@@ -34,6 +34,7 @@ import torch
 
 import configurator
 import checkpoint as ck
+import plan
 import recompute as rc
 from model import Transformer, model_config
 from tools.plot import draw
@@ -120,16 +121,11 @@ def variant_changes(c, name):
 
 def check_run(args, a):
     """A run's train.py arguments checked as train.py checks them (the model, the recompute settings, the batch
-    arithmetic at nproc processes, stop_iter), before any run trains or any run directory is written."""
+    arithmetic at nproc processes and stop_iter: plan.grad_accum), before any run trains or its directory is made."""
     c = configurator.load(args, "train.py")[0]
     model_config(c)
     rc.check(c["recompute"], c["param"], c["recompute_every"], c["keep_z"], c["recompute_rtol"], c["moe_lane"])
-    per_micro = c["batch_size"] * c["block_size"] * a["nproc"]
-    if c["total_batch_tokens"] % per_micro:
-        raise configurator.ConfigError("total_batch_tokens", c["total_batch_tokens"], f"must be a multiple of batch_size "
-                                       f"* block_size * nproc = {per_micro}")
-    if a["stop_iter"] > c["max_iters"]:
-        raise configurator.ConfigError("stop_iter", a["stop_iter"], f"is beyond max_iters={c['max_iters']}")
+    plan.grad_accum({**c, "stop_iter": a["stop_iter"]}, a["nproc"])
 
 
 def read_metrics(run):
