@@ -307,8 +307,6 @@ FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "eval_interval", "checkpo
 def start(c, given):
     """(config, checkpoint or None) of a launch: init_from "auto" resolved (the one command a job script repeats
     after every preemption), a resumed run's saved config, or a fine-tuned run's model keys."""
-    if not c["out_dir"].strip():  # "" would be the current directory: its ckpt.pt, and with overwrite its best/
-        raise ConfigError("out_dir", c["out_dir"], "is empty: name the run's directory (--out_dir=. for this one)")
     check_folder("out_dir", c["out_dir"])
     auto = c["init_from"] == "auto"
     if auto:

@@ -103,7 +103,10 @@ class Key:
 
 def check_folder(key, value):
     """A directory that key names, checked before any work: neither it nor a directory above it may be a file (a
-    write there would fail only at the end, with an errno message that names no key)."""
+    write there would fail only at the end, with an errno message that names no key), nor may it be empty ("" is
+    the current directory: a run there would write, and with overwrite remove, its files)."""
+    if not value.strip():
+        raise ConfigError(key, value, "is empty: name a directory (. for the current one)")
     path = Path(value).absolute()
     there = next(p for p in (path, *path.parents) if p.exists())
     if not there.is_dir():
