@@ -86,12 +86,14 @@ def compile_regions(raw):
     one graph (dynamo reuses it across modules of one kind), so a 24-layer model compiles about as fast as a
     2-layer one. Under crnet and reversible recompute the blocks run an autograd Function that no compile can
     trace; recompute.apply(..., compile=True) compiles its bodies instead, and only embedding and head are
-    compiled here."""
+    compiled here. Shapes are static: layer 2's input lanes (views of layer 1's X W) have other strides than the
+    later layers' lanes, and dynamo would otherwise make the strides of the graph for layers 3..L symbolic."""
     if getattr(raw, "recompute", ("none",))[0] not in ("crnet", "reversible"):
         for block in raw.blocks:
-            block.compile()
+            block.compile(dynamic=False)
     # bound to raw as methods (not closures over it), so that copy.deepcopy rebinds them to the copy
-    raw.embed, raw.head = (types.MethodType(torch.compile(getattr(Transformer, f)), raw) for f in ("embed", "head"))
+    raw.embed, raw.head = (types.MethodType(torch.compile(getattr(Transformer, f), dynamic=False), raw)
+                           for f in ("embed", "head"))
     return raw
 
 

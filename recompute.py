@@ -1,7 +1,6 @@
 """
-Activation recomputation for training steps, applied from outside the model (as torchtitan applies activation
-checkpointing): apply(model, mode, every) changes what each block does in a training step; evaluation and no_grad
-calls run the plain forward and pay nothing.
+Activation recomputation, applied from outside the model (as torchtitan applies activation checkpointing):
+apply(model, mode, every) changes each block's training step; evaluation and no_grad calls pay nothing.
 
   "none":  autograd keeps every intermediate.
   "block": torch.utils.checkpoint around every block: keeps each block's input and input lanes (the baseline).
@@ -25,14 +24,13 @@ guard) stores a lane wherever that bound would pass rtol, without waiting on the
 
 Compiled (apply(..., compile=True)): CRNetBlock stays a thin eager autograd.Function (one that hands lanes between
 blocks through a Python stash cannot be traced) and its bodies are torch.compile'd: pure functions of a block and
-tensors, so one graph serves every layer of a kind (layer 1, layer 2, layers 3..L). The forward body runs under
-no_grad and saves nothing; the replay saves only what its own backward, run at once, needs. With dropout the
-bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
+tensors, with static shapes, so one graph serves every layer of a kind (layer 1, layer 2, layers 3..L). The forward
+body runs under no_grad and saves nothing; the replay saves only what its own backward, run at once, needs. With
+dropout the bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
 
-Qwen-3-MoE: the MoE is one projection group whose output Y^moe carries the lane; forward keeps its D (to invert
-Eq. 6) and the experts each token was routed to, and the replay runs the experts again on exactly those tokens.
-A block also returns its router statistics, a Function output, so the load-balancing loss's gradient reaches the
-router through the replay.
+Qwen-3-MoE: the MoE is one projection group whose output Y^moe carries the lane; forward keeps its D (to invert Eq. 6)
+and the experts each token was routed to, and the replay runs them again on exactly those tokens. A block also returns
+its router statistics (a Function output), so the load-balancing loss's gradient reaches the router through the replay.
 
 What it uses of model.py: a block's projections(), forward(x, lanes, rope, project), layer_idx, cfg.dropout, o;
 a Projection's kind, lane_in, bias, weight/A/B, widths, packed and the methods that form its products; MoE.mix.
@@ -247,8 +245,11 @@ class CRNetBlock(torch.autograd.Function):
         with torch.no_grad(), replaying(x_in, ctx.rng, ctx.autocast):
             if not stash.keep_z:
                 zs = run.body("recompute_z")(block, x_in, own, ctx.rope, zs)
-            rebuild = [None if (l - 1, g) in stash.store else stash.dtypes.get((l - 1, g)) for g in groups]
-            products, below = run.body("invert_lanes")(block, zs, own, rebuild)
+            # all lanes below or none: one graph each, not one per pattern the round-off guard stored (a stored lane's
+            # rebuilt twin is dropped below); layer 1 has none, and a compiled call forming no graph stops dynamo for good
+            stored = all((l - 1, g) in stash.store for g in groups)
+            rebuild = [None if stored else stash.dtypes.get((l - 1, g)) for g in groups]
+            products, below = (run.body("invert_lanes") if l else invert_lanes)(block, zs, own, rebuild)
         leaves = []
         for g, y in enumerate(below if l else ()):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
             y = stash.lanes[(l - 1, g)] if y is None else stash.lanes.setdefault((l - 1, g), y)
@@ -289,7 +290,7 @@ class Recompute:
         if not self.compile or self.blocks[0].cfg.dropout or self.blocks[0].cfg.n_expert:  # MoE: shapes vary by routing
             return BODIES[name]
         if name not in self.compiled:
-            self.compiled[name] = torch.compile(BODIES[name])
+            self.compiled[name] = torch.compile(BODIES[name], dynamic=False)
         return self.compiled[name]
 
     def __getstate__(self):  # copy.deepcopy, pickle: compiled functions stay behind

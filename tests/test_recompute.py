@@ -374,6 +374,47 @@ def test_compiled_algorithm_1_matches_plain_autograd_and_holds_what_it_plans(mod
         assert 1 <= len(compiled_graphs(recompute.BODIES[body].__code__)) <= 3, body
 
 
+@pytest.mark.parametrize("mode, keep_z", [("none", True), ("crnet", True), ("reversible", False)])
+def test_compiled_steps_settle_on_static_graphs_one_per_body(mode, keep_z):
+    """A compiled step is fast only if it runs what it compiled. Under bf16 autocast, as train.py compiles: after
+    the first step dynamo compiles nothing more; no graph takes a size or stride as an input (layer 2's input
+    lanes, views of layer 1's X W, have other strides than later layers' lanes, and dynamo once turned that
+    difference into a graph with symbolic strides for layers 3..L); and no method of model.py is compiled on its
+    own (a body call that formed no graph once made dynamo give up on invert_lanes for every layer and compile
+    its pieces one by one, leaving the inversion's arithmetic eager)."""
+    import logging
+    import parallel
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as compiled_graphs
+    from torch._dynamo.utils import counters
+    from model import Projection
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = recompute.apply(make("none", n_layer=8), mode, 4, keep_z, compile=True)
+    randomize_betas(m)  # the round-off guard stores lanes of some groups only: a pattern per layer
+    parallel.compile_regions(m)
+    symbols, log = [], logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handler = logging.Handler()
+    handler.emit = lambda record: symbols.append(record.getMessage()) if "create_symbol" in record.msg else None
+    level, _ = log.level, log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        graphs = []
+        for step in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))[1]
+            loss.backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert graphs[0] == graphs[-1], f"graphs compiled after the first step: {graphs}"
+    assert not symbols, symbols[0]
+    for body in ("forward_body", "invert_lanes", "replay"):  # layer 1, layer 2, the rest
+        assert len(compiled_graphs(recompute.BODIES[body].__code__)) <= 3, body
+    for f in (Projection.output_product, Projection.lane_scale, Projection.lane_add, type(m.blocks[0]).projections):
+        assert not compiled_graphs(f.__code__), f"{f.__qualname__} was compiled on its own"
+
+
 def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypatch):
     """The CUDA plan (plan.LanePlanner.inv_scales) reads last step's betas less BETA_DRIFT, and checks the plan it used
     against them exactly one step later: a jump larger than the margin is a warning, a small move is not."""
