@@ -266,8 +266,9 @@ def evaluate(model, data, c, rt):
     model.eval()
     total = torch.zeros(2, device=device)  # (sum of losses, number of windows)
     for i in range(0, -(-n_windows // world), bsz):  # every process makes the same number of calls (FSDP gathers)
-        starts = mine[i:i + bsz]
-        x, y = windows(data, starts if len(starts) else mine.new_zeros(1), T, device)
+        starts = mine[i:i + bsz]  # the last batch padded to bsz, its targets ignored: one shape, one compiled graph
+        x, y = windows(data, torch.cat([starts, mine.new_zeros(bsz - len(starts))]), T, device)
+        y[len(starts) or bsz:] = -1  # (a process without windows ignores none: its loss, weighted 0, stays finite)
         with rt["autocast"]:
             _, loss = model(x, y)
         total += torch.stack([loss.float() * len(starts), torch.tensor(float(len(starts)), device=device)])

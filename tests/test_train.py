@@ -99,6 +99,38 @@ def test_compiled_crnet_recompute_trains_like_eager(tiny_data, tmp_path):
     assert_same_losses(tmp_path / "eager", tmp_path / "compiled", rel=1e-4)  # fused kernels round differently
 
 
+def test_evaluation_runs_full_batches_and_averages_exactly_the_windows():
+    """evaluate() calls the model with full batches only, the last padded with ignored targets: one shape, so a
+    compiled model needs no second graph per block kind (a smaller last batch took Block.forward past dynamo's
+    recompile limit). Its loss is still the mean over exactly the windows, each computed here on its own."""
+    import contextlib
+    import numpy as np
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, intermediate_size=48, vocab_size=50, block_size=16,
+                                rank=8))
+    data = np.random.default_rng(0).integers(0, 50, 16 * 20, dtype=np.uint16)
+    shapes = []
+    m.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    rt = {"proc": 0, "world": 1, "device": torch.device("cpu"), "autocast": contextlib.nullcontext()}
+    got = train.evaluate(m, data, {"block_size": 16, "batch_size": 4, "eval_tokens": 6 * 16}, rt)
+    assert shapes == [(4, 16)] * 2  # 6 windows: 4 + 2 padded to 4
+    window = lambda s: torch.from_numpy(data[s:s + 16].astype(np.int64))[None]
+    with torch.no_grad():
+        ref = sum(m(window(s), window(s + 1))[1].item() for s in range(0, 6 * 16, 16)) / 6
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_compiled_training_and_a_partial_evaluation_batch_stay_within_the_recompile_limit(tiny_data, tmp_path, caplog):
+    """--torch_compile, no recompute (each block compiled), 4 layers and an evaluation of 6 windows at batch 4:
+    the eager run's losses, and no block falls back to eager for hitting dynamo's recompile limit."""
+    args = ["--max_iters=4", "--eval_interval=2", "--n_layer=4", "--eval_tokens=192"]
+    run(tiny_data, tmp_path / "eager", *args)
+    run(tiny_data, tmp_path / "compiled", *args, "--torch_compile")
+    assert_same_losses(tmp_path / "eager", tmp_path / "compiled", rel=1e-4)  # fused kernels round differently
+    assert "recompile_limit" not in caplog.text
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, arch):
     args = ["--max_iters=16", "--eval_interval=8", "--dropout=0.1", f"--arch={arch}"]  # dropout: the RNG state matters
