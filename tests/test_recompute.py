@@ -374,8 +374,8 @@ def test_compiled_algorithm_1_matches_plain_autograd_and_holds_what_it_plans(mod
         assert 1 <= len(compiled_graphs(recompute.BODIES[body].__code__)) <= 3, body
 
 
-@pytest.mark.parametrize("mode, keep_z", [("none", True), ("crnet", True), ("reversible", False)])
-def test_compiled_steps_settle_on_static_graphs_one_per_body(mode, keep_z):
+@pytest.mark.parametrize("mode", ["none", "crnet", "reversible"])
+def test_compiled_steps_settle_on_static_graphs_one_per_body(mode):
     """A compiled step is fast only if it runs what it compiled. Under bf16 autocast, as train.py compiles: after
     the first step dynamo compiles nothing more; no graph takes a size or stride as an input (layer 2's input
     lanes, views of layer 1's X W, have other strides than later layers' lanes, and dynamo once turned that
@@ -389,7 +389,7 @@ def test_compiled_steps_settle_on_static_graphs_one_per_body(mode, keep_z):
     from model import Projection
     torch._dynamo.reset()
     torch.manual_seed(0)
-    m = recompute.apply(make("none", n_layer=8), mode, 4, keep_z, compile=True)
+    m = recompute.apply(make("none", n_layer=8), mode, 4, compile=True)
     randomize_betas(m)  # the round-off guard stores lanes of some groups only: a pattern per layer
     parallel.compile_regions(m)
     symbols, log = [], logging.getLogger("torch.fx.experimental.symbolic_shapes")
