@@ -199,8 +199,15 @@ def llama_config(hf, block_size=None):
                        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
-def model_config(hf, block_size=None):
-    """Our ModelConfig for an HF config.json dict."""
+def model_config(hf, block_size=None, source=None):
+    """Our ModelConfig for an HF config.json dict; source: the file it came from, which errors about its keys name."""
+    if source is not None:
+        try:
+            return model_config(hf, block_size)
+        except ValueError as e:
+            if not str(e).startswith("config.json: "):
+                raise
+            raise ValueError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
     kind = hf.get("model_type")
     try:
         if kind == "gpt2":
@@ -399,7 +406,7 @@ def load_gguf(path, dtype=torch.float32, block_size=None, values=gguf_dequantize
     path = Path(path)
     reader = open_gguf(path)
     hf = gguf_config(reader, path)
-    cfg = model_config(hf, block_size)
+    cfg = model_config(hf, block_size, path)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
     model.to_empty(device="cpu")
@@ -447,7 +454,7 @@ def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
     config = d / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{d}: no config.json: not a Hugging Face model directory")
-    cfg = model_config(read_json(config), block_size)
+    cfg = model_config(read_json(config), block_size, config)
     files = weight_files(d)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
