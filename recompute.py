@@ -26,7 +26,8 @@ Compiled (apply(..., compile=True)): CRNetBlock stays a thin eager autograd.Func
 blocks through a Python stash cannot be traced) and its bodies are torch.compile'd: pure functions of a block and
 tensors, with static shapes, so one graph serves every layer of a kind (layer 1, layer 2, layers 3..L). The forward
 body runs under no_grad and saves nothing; the replay saves only what its own backward, run at once, needs. With
-dropout the bodies stay eager: a compiled graph draws its own random numbers, which a replay would not redraw.
+dropout (a compiled graph draws its own random numbers, which a replay would not redraw) or experts (shapes follow the
+routing) the bodies stay eager.
 
 Qwen-3-MoE: the MoE is one projection group whose output Y^moe carries the lane; forward keeps its D (to invert Eq. 6)
 and the experts each token was routed to, and the replay runs them again on exactly those tokens. A block also returns
@@ -55,7 +56,7 @@ class LaneStash:
 
     def __init__(self, store, stream=False, keep_z=True, eps=0.0):
         self.store, self.stream, self.keep_z, self.eps = store, stream, keep_z, eps  # eps: the plan's precision
-        self.lanes, self.dtypes = {}, {}
+        self.lanes, self.dtypes, self.strides = {}, {}, {}
 
 
 class Known(torch.autograd.Function):
@@ -218,7 +219,7 @@ class CRNetBlock(torch.autograd.Function):
         x_out, lanes_out, router, zs = run.body("forward_body")(block, x, lanes or None, rope, stash.keep_z, ctx.drop_rng)
         # keep: Z, x_l ("crnet"; "reversible" rebuilds it), and the lanes (inputs) the plan stores
         for g, y in [*enumerate(lanes_out), *([(STREAM, x)] if stash.stream else [])]:
-            stash.dtypes[(l, g)] = y.dtype
+            stash.dtypes[(l, g)], stash.strides[(l, g)] = y.dtype, y.stride()
             if g == STREAM and torch.finfo(x_out.dtype).eps > stash.eps:  # the stream is coarser than the plan
                 stash.store.add((l, STREAM))
             if (l, g) in stash.store:
@@ -236,24 +237,27 @@ class CRNetBlock(torch.autograd.Function):
         groups = range(len(block.projections()))
         own = [take((l, g)) for g in groups]
         if stash.stream:
-            zs = ctx.saved_tensors
-            x_in = take((l, STREAM)) if (l, STREAM) in stash.store else invert_stream(ctx, take((l + 1, STREAM)), own)
-            if l:
-                stash.lanes[(l, STREAM)] = x_in  # for block l - 1
+            zs, above = ctx.saved_tensors, take((l + 1, STREAM))  # x_{l+1}, dropped now if rebuilt (even if unused)
+            x_in = take((l, STREAM)) if (l, STREAM) in stash.store else invert_stream(ctx, above, own)
+            stash.lanes[(l, STREAM)] = x_in  # for block l - 1
         else:
             x_in, *zs = ctx.saved_tensors
         with torch.no_grad(), replaying(x_in, ctx.rng, ctx.autocast):
             if not stash.keep_z:
                 zs = run.body("recompute_z")(block, x_in, own, ctx.rope, zs)
-            # all lanes below or none: one graph each, not one per pattern the round-off guard stored (a stored lane's
-            # rebuilt twin is dropped below); layer 1 has none, and a compiled call forming no graph stops dynamo for good
-            stored = all((l - 1, g) in stash.store for g in groups)
-            rebuild = [None if stored else stash.dtypes.get((l - 1, g)) for g in groups]
-            products, below = (run.body("invert_lanes") if l else invert_lanes)(block, zs, own, rebuild)
+            # compiled, all lanes below or none: not a graph per pattern the guard stored (a stored lane's twin is
+            # dropped). Layer 1 has none below, and a compiled call forming no graph would stop dynamo for every layer
+            invert = run.body("invert_lanes") if l else invert_lanes
+            whole = run.compile and any((l - 1, g) not in stash.store for g in groups)
+            rebuild = [stash.dtypes.get((l - 1, g)) if whole or (l - 1, g) not in stash.store else None for g in groups]
+            products, below = invert(block, zs, own, rebuild)
         leaves = []
         for g, y in enumerate(below if l else ()):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
-            y = stash.lanes[(l - 1, g)] if y is None else stash.lanes.setdefault((l - 1, g), y)
-            leaves.append(y.detach().requires_grad_())
+            key, like = (l - 1, g), stash.strides.get((l - 1, g))
+            if key not in stash.lanes:  # rebuilt: laid out as forward made it (layer 1's X W), so replay compiles once
+                stash.lanes[key] = y if y.stride() == like else y.new_empty_strided(y.shape, like).copy_(y)
+            leaves.append(stash.lanes[key].detach().requires_grad_())
+        below = y = None  # no rebuilt twin of a stored lane outlives this loop
         x = x_in.detach().requires_grad_()
         with torch.enable_grad(), replaying(x, ctx.rng, ctx.autocast):
             x_out, lanes_out, router = run.body("replay")(block, x, leaves or None, ctx.rope, zs, products)
@@ -282,12 +286,12 @@ class Recompute:
 
     def __init__(self, model, mode, every, keep_z=True, rtol=LANE_RTOL, compile=False):
         self.blocks, self.mode, self.every, self.keep_z, self.rtol = model.blocks, mode, every, keep_z, rtol
-        self.compile, self.compiled, self.stash = compile, {}, None
+        self.compile, self.compiled, self.stash = compile and not (model.cfg.dropout or model.cfg.n_expert), {}, None
         self.planner = LanePlanner(model.blocks, every, mode == "reversible", rtol)  # which lanes forward stores
 
     def body(self, name):
         """A body of Algorithm 1: compiled (once per process; dynamo keeps one graph per block kind), or eager."""
-        if not self.compile or self.blocks[0].cfg.dropout or self.blocks[0].cfg.n_expert:  # MoE: shapes vary by routing
+        if not self.compile:
             return BODIES[name]
         if name not in self.compiled:
             self.compiled[name] = torch.compile(BODIES[name], dynamic=False)

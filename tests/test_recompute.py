@@ -245,6 +245,22 @@ def test_held_bytes_match_the_formula_and_crnet_beats_block(arch):
     assert held["crnet"] < 0.4 * held["block"] < held["none"]  # 0.363 (llama), 0.370 (gpt2) at this shape
 
 
+def test_reversible_backward_drops_each_rebuilt_block_input_once_used(monkeypatch):
+    """While block l replays, the stash holds of the rebuilt block inputs x_l alone (for block l - 1): the x_{l+1}
+    block l + 1 rebuilt is dropped also where x_l was stored and x_{l+1} went unused (it was held to the end)."""
+    stashes, seen, replay = [], [], recompute.BODIES["replay"]
+    init = recompute.LaneStash.__init__
+    monkeypatch.setattr(recompute.LaneStash, "__init__", lambda self, *a, **k: (init(self, *a, **k), stashes.append(self))[0])
+    monkeypatch.setitem(recompute.BODIES, "replay", lambda block, *a: (seen.append((block.layer_idx, sorted(
+        k[0] for k in stashes[-1].lanes if k[1] == plan.STREAM and k not in stashes[-1].store))), replay(block, *a))[1])
+    m = make("reversible", n_layer=6, recompute_every=2)
+    m(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))[1].backward()
+    store = stashes[-1].store
+    assert {l for l, _ in seen} == set(range(6)) and (3, plan.STREAM) in store and (4, plan.STREAM) not in store
+    for l, rebuilt in seen:
+        assert set(rebuilt) <= {l}, (l, rebuilt)
+
+
 def test_guard_lanes_are_counted():
     m = make("crnet", n_layer=6)
     with torch.no_grad():
@@ -377,11 +393,12 @@ def test_compiled_algorithm_1_matches_plain_autograd_and_holds_what_it_plans(mod
 @pytest.mark.parametrize("mode", ["none", "crnet", "reversible"])
 def test_compiled_steps_settle_on_static_graphs_one_per_body(mode):
     """A compiled step is fast only if it runs what it compiled. Under bf16 autocast, as train.py compiles: after
-    the first step dynamo compiles nothing more; no graph takes a size or stride as an input (layer 2's input
-    lanes, views of layer 1's X W, have other strides than later layers' lanes, and dynamo once turned that
-    difference into a graph with symbolic strides for layers 3..L); and no method of model.py is compiled on its
-    own (a body call that formed no graph once made dynamo give up on invert_lanes for every layer and compile
-    its pieces one by one, leaving the inversion's arithmetic eager)."""
+    the first step dynamo compiles nothing more, also when the round-off guard's choice of stored lanes changes (a
+    rebuilt lane of layer 1 once had other strides than a stored one: a replay graph per pattern); no graph takes a
+    size or stride as an input (layer 2's input lanes, views of layer 1's X W, have other strides than later
+    layers', which once made the strides of the graph for layers 3..L symbolic); and no method of model.py is
+    compiled on its own (a body call that formed no graph once made dynamo give up on invert_lanes for every layer
+    and compile its pieces one by one, leaving the inversion's arithmetic eager)."""
     import logging
     import parallel
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list as compiled_graphs
@@ -398,8 +415,13 @@ def test_compiled_steps_settle_on_static_graphs_one_per_body(mode):
     level, _ = log.level, log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        graphs = []
-        for step in range(3):
+        graphs, extra = [], set()
+        if mode != "none":  # the guard's choices, forced on top of its plan: patterns of layer 1's and layer 5's lanes
+            rc = m.blocks[0].forward.args[0]
+            planner = rc.planner
+            rc.planner = lambda *a: set(planner(*a)) | extra
+        for extra in ((), (), (), ((0, 0), (0, 3)), ((0, 1), (4, 2)), ((0, 0), (0, 1), (0, 2), (0, 3), (4, 0))):
+            extra = set(extra)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = m(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))[1]
             loss.backward()
