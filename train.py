@@ -252,7 +252,7 @@ def windows(data, starts, T, device):
     y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + T].astype(np.int64)) for s in starts.tolist()])
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
+    return x.to(device), y.to(device)  # mps; a no-op on the CPU
 
 
 @torch.no_grad()

@@ -121,6 +121,17 @@ def test_evaluation_runs_full_batches_and_averages_exactly_the_windows():
     assert got == pytest.approx(ref, rel=1e-5)
 
 
+def test_batches_land_on_the_device_asked_for():
+    """windows() moves a batch to any device, not CUDA alone (on mps the batches stayed on the CPU); the meta device
+    stands in for one this machine lacks."""
+    import numpy as np
+    data = np.arange(100, dtype=np.uint16)
+    x, y = train.windows(data, torch.tensor([0, 10]), 8, torch.device("meta"))
+    assert x.device.type == y.device.type == "meta" and x.shape == y.shape == (2, 8)
+    x, y = train.windows(data, torch.tensor([0, 10]), 8, torch.device("cpu"))
+    assert x[1, 0] == 10 and y[1, 0] == 11
+
+
 def test_compiled_training_and_a_partial_evaluation_batch_stay_within_the_recompile_limit(tiny_data, tmp_path, caplog):
     """--torch_compile, no recompute (each block compiled), 4 layers and an evaluation of 6 windows at batch 4:
     the eager run's losses, and no block falls back to eager for hitting dynamo's recompile limit."""
