@@ -239,7 +239,8 @@ class CRNetBlock(torch.autograd.Function):
         if stash.stream:
             zs, above = ctx.saved_tensors, take((l + 1, STREAM))  # x_{l+1}, dropped now if rebuilt (even if unused)
             x_in = take((l, STREAM)) if (l, STREAM) in stash.store else invert_stream(ctx, above, own)
-            stash.lanes[(l, STREAM)] = x_in  # for block l - 1
+            if l:
+                stash.lanes[(l, STREAM)] = x_in  # for block l - 1
         else:
             x_in, *zs = ctx.saved_tensors
         with torch.no_grad(), replaying(x_in, ctx.rng, ctx.autocast):

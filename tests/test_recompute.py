@@ -247,7 +247,8 @@ def test_held_bytes_match_the_formula_and_crnet_beats_block(arch):
 
 def test_reversible_backward_drops_each_rebuilt_block_input_once_used(monkeypatch):
     """While block l replays, the stash holds of the rebuilt block inputs x_l alone (for block l - 1): the x_{l+1}
-    block l + 1 rebuilt is dropped also where x_l was stored and x_{l+1} went unused (it was held to the end)."""
+    block l + 1 rebuilt is dropped also where x_l was stored and x_{l+1} went unused (it was held to the end); and
+    after backward it holds only stored tensors."""
     stashes, seen, replay = [], [], recompute.BODIES["replay"]
     init = recompute.LaneStash.__init__
     monkeypatch.setattr(recompute.LaneStash, "__init__", lambda self, *a, **k: (init(self, *a, **k), stashes.append(self))[0])
@@ -259,6 +260,7 @@ def test_reversible_backward_drops_each_rebuilt_block_input_once_used(monkeypatc
     assert {l for l, _ in seen} == set(range(6)) and (3, plan.STREAM) in store and (4, plan.STREAM) not in store
     for l, rebuilt in seen:
         assert set(rebuilt) <= {l}, (l, rebuilt)
+    assert set(stashes[-1].lanes) <= store  # after backward, nothing rebuilt is left (a second one rebuilds again)
 
 
 def test_guard_lanes_are_counted():
