@@ -254,7 +254,7 @@ class CRNetBlock(torch.autograd.Function):
             products, below = invert(block, zs, own, rebuild)
         leaves = []
         for g, y in enumerate(below if l else ()):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
-            key, like = (l - 1, g), stash.strides.get((l - 1, g))
+            key, like = (l - 1, g), stash.strides[(l - 1, g)]  # forward recorded every lane it made
             if key not in stash.lanes:  # rebuilt: laid out as forward made it (layer 1's X W), so replay compiles once
                 stash.lanes[key] = y if y.stride() == like else y.new_empty_strided(y.shape, like).copy_(y)
             leaves.append(stash.lanes[key].detach().requires_grad_())
