@@ -121,26 +121,26 @@ def recompute_z(block, x, own, rope, kept):
     return zs
 
 
-def invert_lanes(block, zs, own, dtypes):
+def lay_out(t, how):  # (dtype, strides): compiled, a strided write of the inversion's kernel, not a copy after it
+    return t.to(how[0]) if t.stride() == how[1] else t.new_empty_strided(t.shape, how[1], dtype=how[0]).copy_(t)
+
+
+def invert_lanes(block, zs, own, layouts):
     """Eq. 6 inverted, per projection of block l: the product P the forward formed (Z B, or for layer 1, which has
-    no lane in, Y - b itself: X W or Z B) and the lane below, Y_{l-1} = (Y_l - P - b) / s, in dtypes[g] (None: the
-    lane below is stored, and not rebuilt)."""
+    no lane in, Y - b itself: X W or Z B) and the lane below, Y_{l-1} = (Y_l - P - b) / s, written in the dtype and
+    strides the forward made it with, layouts[g] (None: the lane below is stored, and not rebuilt). Layer 1's lanes
+    (X W) are laid out unlike later ones (Z B's n-major einsum): so one replay graph serves them stored or rebuilt."""
     products, below, zs = [], [], iter(zs)
-    for proj, y, dtype in zip(block.projections(), own, dtypes):
-        z = next(zs) if proj.kind != "full" else None
-        if proj.kind == "moe":  # D, as the forward kept it (z: the experts chosen, which the replay takes from zs)
-            products.append(None)
-            d = next(zs) if proj.lane_in else None
-            below.append(None if dtype is None or d is None else torch.sub(y, d).div_(proj.lane_scale()).to(dtype))
-            continue
-        if not proj.lane_in:
-            products.append(y if proj.bias is None else y - proj.bias.to(y.dtype))
+    for proj, y, how in zip(block.projections(), own, layouts):
+        z = next(zs) if proj.kind != "full" else None  # an MoE's: the experts chosen, which the replay takes from zs
+        if not proj.lane_in:  # layer 1: its output is the product (an MoE's D, the replay forms it again)
+            products.append(None if proj.kind == "moe" else y if proj.bias is None else y - proj.bias.to(y.dtype))
             below.append(None)
             continue
-        p = proj.output_product(z)
-        d = p if proj.bias is None else p + proj.bias.to(p.dtype)  # as Projection.delta formed it
+        p = None if proj.kind == "moe" else proj.output_product(z)  # an MoE's D: as the forward kept it
+        d = next(zs) if p is None else p if proj.bias is None else p + proj.bias.to(p.dtype)  # as delta formed it
         products.append(p)
-        below.append(None if dtype is None else torch.sub(y, d).div_(proj.lane_scale()).to(dtype))
+        below.append(None if how is None else lay_out(torch.sub(y, d).div_(proj.lane_scale()), how))
     return products, below
 
 
@@ -249,14 +249,13 @@ class CRNetBlock(torch.autograd.Function):
             # compiled, all lanes below or none: not a graph per pattern the guard stored (a stored lane's twin is
             # dropped). Layer 1 has none below, and a compiled call forming no graph would stop dynamo for every layer
             invert = run.body("invert_lanes") if l else invert_lanes
-            whole = run.compile and any((l - 1, g) not in stash.store for g in groups)
-            rebuild = [stash.dtypes.get((l - 1, g)) if whole or (l - 1, g) not in stash.store else None for g in groups]
-            products, below = invert(block, zs, own, rebuild)
+            keys = [(l - 1, g) for g in groups] if l else []
+            whole = run.compile and any(k not in stash.store for k in keys)
+            products, below = invert(block, zs, own, [(stash.dtypes[k], stash.strides[k]) if whole or k not in
+                                                      stash.store else None for k in keys] or [None] * len(groups))
         leaves = []
-        for g, y in enumerate(below if l else ()):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
-            key, like = (l - 1, g), stash.strides[(l - 1, g)]  # forward recorded every lane it made
-            if key not in stash.lanes:  # rebuilt: laid out as forward made it (layer 1's X W), so replay compiles once
-                stash.lanes[key] = y if y.stride() == like else y.new_empty_strided(y.shape, like).copy_(y)
+        for key, y in zip(keys, below):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
+            stash.lanes.setdefault(key, y)
             leaves.append(stash.lanes[key].detach().requires_grad_())
         below = y = None  # no rebuilt twin of a stored lane outlives this loop
         x = x_in.detach().requires_grad_()
