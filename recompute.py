@@ -121,24 +121,24 @@ def recompute_z(block, x, own, rope, kept):
     return zs
 
 
-def lay_out(t, how):  # (dtype, strides): compiled, a strided write of the inversion's kernel, not a copy after it
+def lay_out(t, how):  # (dtype, strides); compiled, the inversion's own kernel writes them (eager: a copy)
     return t.to(how[0]) if t.stride() == how[1] else t.new_empty_strided(t.shape, how[1], dtype=how[0]).copy_(t)
 
 
 def invert_lanes(block, zs, own, layouts):
     """Eq. 6 inverted, per projection of block l: the product P the forward formed (Z B, or for layer 1, which has
-    no lane in, Y - b itself: X W or Z B) and the lane below, Y_{l-1} = (Y_l - P - b) / s, written in the dtype and
-    strides the forward made it with, layouts[g] (None: the lane below is stored, and not rebuilt). Layer 1's lanes
-    (X W) are laid out unlike later ones (Z B's n-major einsum): so one replay graph serves them stored or rebuilt."""
+    no lane in, Y - b itself: X W or Z B) and the lane below, Y_{l-1} = (Y_l - P - b) / s, in layouts[g]: the (dtype,
+    strides) forward made it with (None: not rebuilt; stored, or layer 1). So a rebuilt lane is interchangeable with
+    a stored one and one replay graph takes either (layer 1's X W is laid out unlike the n-major Z B lanes above)."""
     products, below, zs = [], [], iter(zs)
     for proj, y, how in zip(block.projections(), own, layouts):
-        z = next(zs) if proj.kind != "full" else None  # an MoE's: the experts chosen, which the replay takes from zs
+        moe, z = proj.kind == "moe", next(zs) if proj.kind != "full" else None  # MoE: the experts chosen (replay's)
         if not proj.lane_in:  # layer 1: its output is the product (an MoE's D, the replay forms it again)
-            products.append(None if proj.kind == "moe" else y if proj.bias is None else y - proj.bias.to(y.dtype))
+            products.append(None if moe else y if proj.bias is None else y - proj.bias.to(y.dtype))
             below.append(None)
             continue
-        p = None if proj.kind == "moe" else proj.output_product(z)  # an MoE's D: as the forward kept it
-        d = next(zs) if p is None else p if proj.bias is None else p + proj.bias.to(p.dtype)  # as delta formed it
+        p = None if moe else proj.output_product(z)
+        d = next(zs) if moe else p if proj.bias is None else p + proj.bias.to(p.dtype)  # MoE: D, as forward kept it
         products.append(p)
         below.append(None if how is None else lay_out(torch.sub(y, d).div_(proj.lane_scale()), how))
     return products, below
@@ -246,13 +246,14 @@ class CRNetBlock(torch.autograd.Function):
         with torch.no_grad(), replaying(x_in, ctx.rng, ctx.autocast):
             if not stash.keep_z:
                 zs = run.body("recompute_z")(block, x_in, own, ctx.rope, zs)
-            # compiled, all lanes below or none: not a graph per pattern the guard stored (a stored lane's twin is
-            # dropped). Layer 1 has none below, and a compiled call forming no graph would stop dynamo for every layer
-            invert = run.body("invert_lanes") if l else invert_lanes
+            # layer 1 has no lanes below (and eager: a compiled call forming no graph would stop dynamo for every
+            # layer). Compiled, all lanes below are rebuilt or none, not a graph per pattern the guard stored (a
+            # stored lane's rebuilt twin is dropped); a rebuilt lane gets the (dtype, strides) forward made it with
             keys = [(l - 1, g) for g in groups] if l else []
             whole = run.compile and any(k not in stash.store for k in keys)
-            products, below = invert(block, zs, own, [(stash.dtypes[k], stash.strides[k]) if whole or k not in
-                                                      stash.store else None for k in keys] or [None] * len(groups))
+            layouts = [(stash.dtypes[k], stash.strides[k]) if whole or k not in stash.store else None for k in keys]
+            invert = run.body("invert_lanes") if l else invert_lanes
+            products, below = invert(block, zs, own, layouts or [None] * len(groups))
         leaves = []
         for key, y in zip(keys, below):  # Y_{l-1}: stored where the plan kept it, else rebuilt, handed down
             stash.lanes.setdefault(key, y)
