@@ -56,7 +56,7 @@ class LaneStash:
 
     def __init__(self, store, stream=False, keep_z=True, eps=0.0):
         self.store, self.stream, self.keep_z, self.eps = store, stream, keep_z, eps  # eps: the plan's precision
-        self.lanes, self.dtypes, self.strides = {}, {}, {}
+        self.lanes, self.layouts = {}, {}  # layouts: (dtype, strides) of every lane (and input) forward made
 
 
 class Known(torch.autograd.Function):
@@ -219,7 +219,7 @@ class CRNetBlock(torch.autograd.Function):
         x_out, lanes_out, router, zs = run.body("forward_body")(block, x, lanes or None, rope, stash.keep_z, ctx.drop_rng)
         # keep: Z, x_l ("crnet"; "reversible" rebuilds it), and the lanes (inputs) the plan stores
         for g, y in [*enumerate(lanes_out), *([(STREAM, x)] if stash.stream else [])]:
-            stash.dtypes[(l, g)], stash.strides[(l, g)] = y.dtype, y.stride()
+            stash.layouts[(l, g)] = y.dtype, y.stride()
             if g == STREAM and torch.finfo(x_out.dtype).eps > stash.eps:  # the stream is coarser than the plan
                 stash.store.add((l, STREAM))
             if (l, g) in stash.store:
@@ -251,7 +251,7 @@ class CRNetBlock(torch.autograd.Function):
             # stored lane's rebuilt twin is dropped); a rebuilt lane gets the (dtype, strides) forward made it with
             keys = [(l - 1, g) for g in groups] if l else []
             whole = run.compile and any(k not in stash.store for k in keys)
-            layouts = [(stash.dtypes[k], stash.strides[k]) if whole or k not in stash.store else None for k in keys]
+            layouts = [stash.layouts[k] if whole or k not in stash.store else None for k in keys]
             invert = run.body("invert_lanes") if l else invert_lanes
             products, below = invert(block, zs, own, layouts or [None] * len(groups))
         leaves = []
@@ -279,7 +279,7 @@ def invert_stream(ctx, x_above, own):
         x_mid = x_above - drop(y_down)
     with replaying(x_above, rngs.get(block.o), (False, None)):
         x = x_mid - drop(y_o)
-    return x.to(ctx.stash.dtypes[(block.layer_idx, STREAM)])
+    return x.to(ctx.stash.layouts[(block.layer_idx, STREAM)][0])
 
 
 class Recompute:

@@ -151,7 +151,8 @@ def test_a_bf16_stream_stores_the_inputs_it_cannot_invert():
     # layer 1 (full-rank, bf16 lanes) writes a bf16 stream: its input is stored. Layers 2.. write float32 lanes,
     # so their outputs are float32 (x_2 and up are exact to float32) and only the checkpoint set is stored.
     assert {l for l, g in stash.store if g == STREAM} == {0, 4}
-    assert stash.dtypes[(0, STREAM)] == stash.dtypes[(1, STREAM)] == torch.bfloat16 and stash.dtypes[(2, STREAM)] == torch.float32
+    dtype = lambda l: stash.layouts[(l, STREAM)][0]
+    assert dtype(0) == dtype(1) == torch.bfloat16 and dtype(2) == torch.float32
     assert stash.keep_z  # Z in bf16: recomputed from a rebuilt input it would not be the forward's, so it is kept
 
 
