@@ -136,8 +136,12 @@ def weight_files(d):
 
 
 # ----------------------------------------------------------------------------- config.json -> ModelConfig
+class KeyProblem(ValueError):
+    """A config.json value this loader cannot map; model_config prefixes the file it came from."""
+
+
 def unsupported(key, value, why):
-    return ValueError(f"config.json: {key}={value!r} is not supported: {why}")
+    return KeyProblem(f"{key}={value!r} is not supported: {why}")
 
 
 def gpt2_config(hf):
@@ -199,15 +203,8 @@ def llama_config(hf, block_size=None):
                        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
-def model_config(hf, block_size=None, source=None):
+def model_config(hf, block_size=None, source="config.json"):
     """Our ModelConfig for an HF config.json dict; source: the file it came from, which errors about its keys name."""
-    if source is not None:
-        try:
-            return model_config(hf, block_size)
-        except ValueError as e:
-            if not str(e).startswith("config.json: "):
-                raise
-            raise ValueError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
     kind = hf.get("model_type")
     try:
         if kind == "gpt2":
@@ -216,10 +213,12 @@ def model_config(hf, block_size=None, source=None):
             return gpt2_config(hf)
         if kind in ("llama", "mistral", "qwen3", "qwen3_moe"):
             return llama_config(hf, block_size)
+        raise KeyProblem(f"model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: tools/hf.py "
+                         f"loads 'gpt2', the LLaMA family ('llama', 'mistral'), 'qwen3' and 'qwen3_moe'")
     except KeyError as e:  # a key that every config.json of its model_type has (the configs index nothing else)
-        raise ValueError(f"config.json: no {e.args[0]!r}, which a {kind!r} model needs") from None
-    raise ValueError(f"config.json: model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: "
-                     f"tools/hf.py loads 'gpt2', the LLaMA family ('llama', 'mistral'), 'qwen3' and 'qwen3_moe'")
+        raise ValueError(f"{source}: no {e.args[0]!r}, which a {kind!r} model needs") from None
+    except KeyProblem as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- HF names -> our parameters
