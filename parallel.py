@@ -8,8 +8,9 @@ outside (model.py knows nothing of them). Checkpoints are checkpoint.py's.
                      (embeddings, final norm, head). Each process keeps 1/N of every parameter, gradient and
                      AdamW moment; a block's parameters are all-gathered for its forward and again for its
                      backward, then freed. CR-Net recomputation composes: each block's backward rebuilds its
-                     own input lanes with its own parameters (recompute.py). On CUDA with dtype=bfloat16 the
-                     gathered parameters are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy).
+                     own input lanes with its own parameters (recompute.py). With dtype=bfloat16 the gathered
+                     parameters are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy); a block's
+                     inputs are not cast, so the float32 lanes that recompute inverts stay float32.
 
 Both modes build the model on the meta device and draw every full parameter tensor, in a fixed order, from
 one seeded CPU generator; each process keeps its own shard. So every mode and process count starts from
@@ -67,10 +68,14 @@ def build_model(mcfg, data_parallel, device, seed, mixed_precision=False, compil
         # out-of-place addcmul), which is all FSDP2's warning asks.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+        # Blocks take their inputs as given, not cast to param_dtype: what bf16 parameters made is bf16 already,
+        # and the float32 lanes recompute.apply asks for under crnet and reversible must stay float32 (inverting
+        # Eq. 6 grows a bf16 lane's rounding by 1/|s| per rebuilt layer). Autocast still runs the matmuls in bf16.
+        block_mp = MixedPrecisionPolicy(mp.param_dtype, mp.reduce_dtype, cast_forward_inputs=False)
         if compile:
             compile_regions(raw)  # before sharding (as torchtitan does)
         for block in raw.blocks:
-            fully_shard(block, mp_policy=mp)
+            fully_shard(block, mp_policy=block_mp)
         fully_shard(raw, mp_policy=mp)
         return materialize(raw, device, seed), raw
     materialize(raw, device, seed)

@@ -258,6 +258,51 @@ def test_two_processes_match_one(parallel, keep_z):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
+def fsdp_mixed_precision_worker():
+    """One process under torch.distributed.run: FSDP2 with bf16 parameters (train.py's dtype=bfloat16) and bf16
+    autocast. Oracle: plain autograd of the same sharded model with float32 lanes (recompute="none" with the lane
+    dtype crnet and reversible set). FSDP2 casts a module's inputs to bf16 unless told not to; bf16 lanes would
+    put bf16 round-off, grown by 1/|s| per rebuilt layer, into the inverted lanes."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import parallel as par
+    from model import ModelConfig
+    dist.init_process_group("gloo")
+    cfg = ModelConfig(n_layer=8, n_head=2, n_embd=32, intermediate_size=48, vocab_size=50, block_size=16, rank=8)
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def grads(mode):
+        model, raw = par.build_model(cfg, "fsdp", torch.device("cpu"), 0, True, recompute=(mode, 8))
+        for p in (p for b in raw.blocks for p in b.projections()):
+            p.lane_dtype = torch.float32
+        torch.manual_seed(0)
+        with torch.no_grad():  # betas of either sign, 0.3 <= |beta| <= 1.5: the guard rebuilds most lanes
+            for p in (p for b in raw.blocks[1:] for p in b.projections()):
+                beta = p.beta.to_local()  # one process: its shard is the whole beta
+                beta.uniform_(-1.2, 1.2).add_(beta.sign() * 0.3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx, idx)[1].backward()
+        return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float() for n, p in raw.named_parameters()}
+
+    ref = grads("none")
+    for mode in ("crnet", "reversible"):  # bf16 gradients: 5e-4 measured (6e-2, 7e-2 with FSDP2 casting the lanes)
+        assert_grads_close(ref, grads(mode), rtol=2e-3)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_fsdp_mixed_precision_keeps_the_lanes_the_inversion_needs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; " \
+           f"t.fsdp_mixed_precision_worker()"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--no-python",
+                        sys.executable, "-c", code],
+                       cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
 @pytest.mark.parametrize("arch", [[], ["--arch=qwen3", "--n_kv_head=1", "--head_dim=12"]], ids=["llama", "qwen3-gqa"])
 def test_train_py_runs_it_and_a_run_resumes_across_modes(arch, tiny_data, tmp_path):
     """train.py's keys: a reversible (keep_z=False) run with dropout logs plain autograd's losses, and resumes
