@@ -229,8 +229,7 @@ class CRNetBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_x, *g_outputs):
-        stash, block, run = ctx.stash, ctx.block, ctx.run
-        l = block.layer_idx
+        stash, block, run, l = ctx.stash, ctx.block, ctx.run, ctx.block.layer_idx
         # Y_l (and x_l): stored (kept while the graph lives, so a retain_graph backward can run again), or rebuilt
         # by block l + 1 (dropped now: a second backward rebuilds it again)
         take = lambda key: stash.lanes[key] if key in stash.store else stash.lanes.pop(key, None)

@@ -248,8 +248,7 @@ def train_batch(data, it, micro, proc, world, bsz, T, seed, device):
 
 
 def windows(data, starts, T, device):
-    x = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64)) for s in starts.tolist()])
-    y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + T].astype(np.int64)) for s in starts.tolist()])
+    x, y = (torch.stack([torch.from_numpy(data[s + o:s + o + T].astype(np.int64)) for s in starts.tolist()]) for o in (0, 1))
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)  # mps; a no-op on the CPU
@@ -295,8 +294,7 @@ def check_config(c, world):
 
 def evaluate_and_save(c, rt, model, raw, optimizer, meta, train_data, val_data, done, best_val):
     val_loss, train_loss = evaluate(model, val_data, c, rt), evaluate(model, train_data, c, rt)
-    improved = val_loss < best_val
-    best_val = min(best_val, val_loss)
+    improved, best_val = val_loss < best_val, min(best_val, val_loss)
     rt["say"](f"eval {done:6d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | best val {best_val:.4f}")
     rt["log"]({"iter": done, "val_loss": val_loss, "train_loss": train_loss})
     rt["last_eval"] = {"iter": done, "val_loss": val_loss}
