@@ -278,6 +278,12 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class LayerNorm(nn.LayerNorm):  # GPT-2's. A weight coarser than x (bf16 weights, and the float32 stream that float32
+    def forward(self, x):       # lanes make) is promoted to x's dtype, as nn.RMSNorm does: CPU's kernel refuses the mix
+        w, b = (t if t is None else t.to(torch.promote_types(t.dtype, x.dtype)) for t in (self.weight, self.bias))
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
 class Block(nn.Module):
     """One transformer layer. CR-Net lanes go in and come out explicitly: no hidden state on modules.
 
@@ -292,8 +298,7 @@ class Block(nn.Module):
         self.layer_idx, self.emits_lanes, self.cfg = l, cfg.param == "crnet", cfg
         llama = cfg.arch != "gpt2"  # llama and qwen3
         resid_std = cfg.init_std / math.sqrt(2 * L)  # GPT-2: scale the projections that write to the residual stream
-        eps = cfg.norm_eps_value
-        Norm = (lambda d: nn.RMSNorm(d, eps)) if llama else (lambda d: nn.LayerNorm(d, eps, bias=cfg.bias))
+        Norm = lambda d: nn.RMSNorm(d, cfg.norm_eps_value) if llama else LayerNorm(d, cfg.norm_eps_value, bias=cfg.bias)
         attn_kind, mlp_kind = ("lowrank", "cola") if kind == "cola_mlp" else (kind, kind)
         P = lambda h_in, widths, std, kind: Projection(h_in, widths, kind, r, cfg.bias, std, cfg, lane_in)
         self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
@@ -379,13 +384,11 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        h = cfg.n_embd
+        self.cfg, h = cfg, cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, h)
         self.wpe = nn.Embedding(cfg.block_size, h) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
-        eps = cfg.norm_eps_value
-        self.norm_f = nn.LayerNorm(h, eps, bias=cfg.bias) if cfg.arch == "gpt2" else nn.RMSNorm(h, eps)
+        self.norm_f = LayerNorm(h, cfg.norm_eps_value, bias=cfg.bias) if cfg.arch == "gpt2" else nn.RMSNorm(h, cfg.norm_eps_value)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
         self.tie_weights()
         if cfg.arch != "gpt2":  # the RoPE tables, filled by reset_buffers
