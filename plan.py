@@ -15,7 +15,8 @@ bfloat16, the GPU default):
   optimizer    AdamW's two moments: 8P, or 8P/N under FSDP.
   activations  what autograd holds when the forward of one micro-batch ends (activation_numbers: counted
                tensor by tensor from the ops in model.py and recompute.py; tests/test_plan.py checks it against
-               bytes counted on a real forward).
+               bytes counted on a real forward). crnet, reversible: with what the round-off guard stores at the
+               initial betas; betas that shrink in training make it store more.
   backward     the largest transient of the backward: the logits' gradients, plus one recomputed layer under
                any recompute.
 Not counted: the CUDA context and allocator fragmentation (1-3 GiB in practice), so "fits" keeps 10% headroom.
@@ -296,8 +297,9 @@ def layer_numbers(cfg, l, bf16, lanes_f32=False):
     return f32 + sum(p[0] for p in parts), act + sum(p[1] for p in parts)
 
 
-def activation_numbers(cfg, mode, bf16, every=8, keep_z=True):
-    """(float32, compute-dtype) numbers per token held at the end of a training forward (logits dropped)."""
+def activation_numbers(cfg, mode, bf16, every=8, keep_z=True, store=None):
+    """(float32, compute-dtype) numbers per token held at the end of a training forward (logits dropped). store:
+    the (layer, group)s a crnet or reversible forward stores (stored_lanes; default: the checkpoint set)."""
     h, L, llama = cfg.n_embd, cfg.n_layer, cfg.arch != "gpt2"
     f32 = h + h + cfg.vocab_size + ((1 + h) if llama else 2)  # x_0, x_L, log-softmax, final norm statistics
     act = h                                                   # final norm output, kept by the head
@@ -307,18 +309,19 @@ def activation_numbers(cfg, mode, bf16, every=8, keep_z=True):
             f32, act = f32 + f, act + a
         return f32 - h, act  # x_L was counted by the last layer too
     lanes = lane_numbers(cfg) if cfg.param == "crnet" else []
+    groups = dict(enumerate(lanes)) | ({STREAM: h} if mode == "reversible" else {})
+    store = store or {(l, g) for l in checkpoint_layers(L, every) for g in groups}
+    kept = sum(groups[g] for _, g in store)
     if mode == "reversible":
-        # the inputs and lanes of the checkpoint set only (x_0 is not kept), and Z unless keep_z=False; in bf16
+        # the stored inputs and lanes only (x_0 is not kept unless stored), and Z unless keep_z=False; in bf16
         # recompute.py keeps Z anyway (a Z recomputed in bf16 from a rebuilt input would not be the forward's)
-        ckpt = checkpoint_layers(L, every)
-        return (f32 - h + len(ckpt - {0}) * h + len(ckpt) * sum(lanes) + route_numbers(cfg),
-                act + z_numbers(cfg, keep_z or bf16))
+        return f32 - h + kept + route_numbers(cfg), act + z_numbers(cfg, keep_z or bf16)
     f32 += (L - 1) * h  # the inputs of blocks 2..L
     if mode == "block":  # and their input lanes, in the compute dtype
         return f32, act + (L - 1) * sum(lanes)
     if cfg.param != "crnet":
         raise ValueError(f"recompute={mode!r} needs param='crnet'")
-    return f32 + len(checkpoint_layers(L, every)) * sum(lanes) + route_numbers(cfg), act + z_numbers(cfg)
+    return f32 + kept + route_numbers(cfg), act + z_numbers(cfg)
 
 
 def plan(c, parallel, mode, gpus):
@@ -335,7 +338,12 @@ def plan(c, parallel, mode, gpus):
     block = max(sum(p.numel() for p in b.parameters()) for b in m.blocks)
     root = P - sum(p.numel() for p in m.blocks.parameters())
     A, tokens = (2 if bf16 else 4), c["batch_size"] * c["block_size"]
-    f32, act = activation_numbers(cfg, mode, bf16, c["recompute_every"], c.get("keep_z", True))
+    keep_z, store = c.get("keep_z", True), None
+    if mode in ("crnet", "reversible"):  # what the round-off guard stores at the initial betas (lanes in float32)
+        inv_s = [[1 / (abs(cfg.beta_init) + cfg.beta_eps)] * len(m.blocks[0].projections())] * (cfg.n_layer - 1)
+        store = stored_lanes(m.blocks, c["recompute_every"], torch.float32, mode == "reversible", keep_z or bf16,
+                             c.get("recompute_rtol", LANE_RTOL), inv_s)
+    f32, act = activation_numbers(cfg, mode, bf16, c["recompute_every"], keep_z, store)
     f, a = layer_numbers(cfg, cfg.n_layer // 2, bf16, mode in ("crnet", "reversible"))
     backward = tokens * (cfg.vocab_size * (4 + A) + (0 if mode == "none" else 4 * f + A * a))
     if parallel == "ddp":
