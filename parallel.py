@@ -68,9 +68,11 @@ def build_model(mcfg, data_parallel, device, seed, mixed_precision=False, compil
         # out-of-place addcmul), which is all FSDP2's warning asks.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
-        # Blocks take their inputs as given, not cast to param_dtype: what bf16 parameters made is bf16 already,
-        # and the float32 lanes recompute.apply asks for under crnet and reversible must stay float32 (inverting
-        # Eq. 6 grows a bf16 lane's rounding by 1/|s| per rebuilt layer). Autocast still runs the matmuls in bf16.
+        # Blocks take their inputs as given, as under DDP, not cast to param_dtype: the float32 lanes recompute.apply
+        # asks for under crnet and reversible must stay float32 (inverting Eq. 6 grows a bf16 lane's rounding by
+        # 1/|s| per rebuilt layer). x and other lanes come from bf16 parameters, bf16 already; the float32 RoPE tables
+        # are cast in apply_rope (inductor may fuse that cast away: compiled RoPE then rounds less). Autocast still
+        # runs the matmuls in bf16.
         block_mp = MixedPrecisionPolicy(mp.param_dtype, mp.reduce_dtype, cast_forward_inputs=False)
         if compile:
             compile_regions(raw)  # before sharding (as torchtitan does)
