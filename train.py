@@ -84,7 +84,7 @@ recompute_rtol = 1e-5               # crnet, reversible: round-off a rebuilt lan
 batch_size = 32                     # micro-batch sequences per process [>=1]
 total_batch_tokens = 4096           # tokens per optimizer step = batch_size * block_size * world_size * grad_accum [>=1]
 max_iters = 450                     # optimizer steps; the cosine schedule ends here [>=1]
-stop_iter = 0                       # end this process at this iteration (checkpointed), schedule unchanged; 0 = max_iters [>=0]
+stop_iter = 0                       # end this process at this iteration (checkpointed, not evaluated), schedule unchanged; 0 = max_iters [>=0]
 learning_rate = 3e-3                # peak [>0]
 min_lr_ratio = 0.1                  # cosine decays to learning_rate * min_lr_ratio [0,1]
 warmup_iters = 50                   # linear warmup [>=0]
@@ -213,7 +213,7 @@ def main(argv):
                     f"{row['tokens'] / 1e6:.2f}M tok | {fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
                 rt["log"](row)
             stopping = done == c["stop_iter"] or (stop > 0 and done < c["max_iters"])
-            if done % c["eval_interval"] == 0 or done == c["max_iters"] or done == c["stop_iter"]:
+            if done % c["eval_interval"] == 0 or done == c["max_iters"]:
                 best_val = evaluate_and_save(c, rt, model, raw, optimizer, meta, train_data, val_data, done, best_val)
                 t0 = time.perf_counter()  # evaluation and saving are not training time
             elif stopping or (c["checkpoint_interval"] and done % c["checkpoint_interval"] == 0):

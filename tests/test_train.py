@@ -192,6 +192,19 @@ def test_resume_reads_the_saved_config_and_may_change_the_recompute_mode(tiny_da
     assert (saved["recompute"], saved["batch_size"], saved["n_layer"]) == ("none", 2, 3)
 
 
+
+def test_a_stop_between_evals_leaves_the_evals_and_best_to_the_uninterrupted_run(tiny_data, tmp_path):
+    """--stop_iter saves without evaluating, as a signal does: an eval there would add a val row and could pick
+    another best/ than the uninterrupted run."""
+    args = ["--max_iters=6", "--eval_interval=2", "--keep_best", "--learning_rate=3e-2"]
+    run(tiny_data, tmp_path / "a", *args)
+    run(tiny_data, tmp_path / "b", *args, "--stop_iter=3")
+    run(tiny_data, tmp_path / "b", *args, "--init_from=resume")
+    evals = {d: [(r["iter"], r["val_loss"]) for r in read_metrics(tmp_path / d) if "val_loss" in r] for d in "ab"}
+    assert [i for i, _ in evals["b"]] == [i for i, _ in evals["a"]] == [2, 4, 6]
+    best = {d: ck.load_train_state(tmp_path / d / "best")["iter"] for d in "ab"}
+    assert best["a"] == best["b"]
+
 def test_eta_counts_to_the_stop_iteration_not_past_it(tiny_data, tmp_path, capsys):
     run(tiny_data, tmp_path, "--max_iters=2000", "--stop_iter=4", "--log_interval=2", "--eval_interval=100")
     etas = [line.rsplit("ETA ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
