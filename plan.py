@@ -484,6 +484,10 @@ def preflight(c, world, grad_accum, ckpt=None):
 
 def main(argv):
     c, _ = configurator.load(argv, "plan.py", extends=("train.py",), doc=__doc__)
+    if c["init_from"] != "scratch":  # a resumed or fine-tuned run's config is in its checkpoint, which plan.py never reads
+        raise configurator.ConfigError("init_from", c["init_from"], "plan.py plans the config it is given and reads no "
+                                       "checkpoint; for a resumed or fine-tuned run: python train.py --preflight with "
+                                       "the same arguments")
     meta = Path(c["data_dir"]) / "meta.json"
     if c["vocab_size"] is None and meta.is_file():  # the data's vocabulary, as train.py would use (else GPT-2's)
         c["vocab_size"] = json.loads(meta.read_text())["vocab_size"]
