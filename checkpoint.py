@@ -108,7 +108,7 @@ def load_train_state(out, say=print):
     if not tried:
         raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
     raise CheckpointError("no readable checkpoint: " + "; ".join(f"{p} {e}" for p, e in tried) + ". Restore the "
-                          "file, or start over with --init_from=scratch --overwrite")
+                          f"file (or start a new run there: train.py --out_dir={out} --init_from=scratch --overwrite)")
 
 
 def set_aside(damaged, out, say=print):

@@ -50,6 +50,9 @@ def world(tiny_data, tmp_path_factory):
         (w / name / "ckpt.pt").write_bytes(damage)
     (w / "truncated").mkdir()
     (w / "truncated" / "ckpt.pt").write_bytes((w / "run" / "ckpt.pt").read_bytes()[:5000])
+    (w / "gpt2_labelled").mkdir()  # the run, as if trained on GPT-2 tokens: byte ids fit its vocabulary
+    ckpt = torch.load(w / "run" / "ckpt.pt", weights_only=False)
+    torch.save({**ckpt, "data_meta": {**ckpt["data_meta"], "tokenizer": "gpt2"}}, w / "gpt2_labelled" / "ckpt.pt")
     (w / "foreign").mkdir()
     torch.save({"weight": torch.zeros(3)}, w / "foreign" / "ckpt.pt")  # a real torch file, not ours
     (w / "annotated.py").write_text("n_layer = 2\nn_head: 1\n")
@@ -137,6 +140,8 @@ BATTERY = [
     (["plan.py"], ["--batch_size=-4"], "batch_size=-4"),
     (["tools/analyze.py"], ["--out_dir={w}/run", "--rank=1000"], "rank=1000"),
     (["tools/analyze.py"], ["--out_dir={w}/foreign"], "not a train.py checkpoint"),
+    (["tools/analyze.py"], ["--out_dir={w}/gpt2_labelled", "--data_dir={w}/data"], "holds 'byte' tokens, but the checkpoint in"),
+    (["plan.py"], ["--init_from=resume", "--out_dir={w}/run"], "init_from='resume': plan.py plans the config it is given"),
     (["tools/analyze.py"], ["--out_dir={w}/run", "--plot=False"], "plot='False': needs an image extension"),
     (["prepare_data.py"], ["--files={w}/docs.jsonl", "--out_dir={w}/p1"], "docs.jsonl"),
     (["prepare_data.py"], ["--files={w}/binary.jsonl", "--out_dir={w}/p2"], "binary.jsonl"),
