@@ -405,14 +405,14 @@ def restore(ckpt, raw, optimizer, c, rt):
         rt["say"](f"initialized from {ckpt['path']} (iteration {ckpt['iter']}): weights only, fresh optimizer and schedule")
         return 0, float("inf")
     load_weights(ckpt, raw, optimizer)
-    states = ckpt["rng"]
-    if len(states) != rt["world"]:
+    states, drawing = ckpt["rng"], c["dropout"] and not c["eval_only"]  # the RNG only matters to dropout
+    if len(states) != rt["world"] and drawing:
         rt["say"](f"note: the checkpoint has RNG states of {len(states)} processes, running {rt['world']}: dropout draws differ")
     s = states[rt["proc"] % len(states)]
     torch.set_rng_state(s["torch"])
     if rt["device"].type == "cuda" and s.get("cuda") is not None:
         torch.cuda.set_rng_state_all(s["cuda"])
-    elif bool(s.get("cuda")) != (rt["device"].type == "cuda") and ckpt["config"]["dropout"]:
+    elif bool(s.get("cuda")) != (rt["device"].type == "cuda") and drawing:
         rt["say"]("note: the checkpoint's CUDA RNG state does not apply on this device: dropout draws differ")
     rt["last_eval"] = ckpt.get("last_eval")  # the latest eval's val loss: sample.py reports it
     rt["say"](f"{'evaluating' if c['eval_only'] else 'resuming from'} {ckpt['path']} at iteration {ckpt['iter']}")

@@ -410,7 +410,7 @@ def test_fsdp_with_compiled_crnet_recompute_matches_one_eager_process(tiny_data,
                                two_procs=["--data_parallel=fsdp", "--torch_compile"], rel=1e-4)
 
 
-def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
+def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path, capsys):
     """A 2-process FSDP run's DCP checkpoint resumes in one DDP process, whose ckpt.pt resumes under FSDP again:
     the loss sequence is the uninterrupted run's."""
     args = ["--max_iters=12", "--eval_interval=4", "--total_batch_tokens=256", "--recompute=crnet", "--recompute_every=2"]
@@ -419,6 +419,7 @@ def test_checkpoints_move_between_fsdp_and_ddp(tiny_data, tmp_path):
     torchrun(2, tiny_data, b, *args, "--data_parallel=fsdp", "--stop_iter=4")
     (b / "ckpt_dcp" / "iter_0000005.tmp").mkdir()  # an interrupted later save: must be ignored
     train.main([f"--out_dir={b}", "--init_from=resume", "--data_parallel=ddp", "--stop_iter=8"])  # DCP -> one DDP process
+    assert "dropout draws differ" not in capsys.readouterr().out  # 2 processes' RNG states, 1 process, no dropout
     # the new checkpoint and the one before it (the fallback) stay, whatever their format; the rest goes
     assert (b / "ckpt.pt").is_file() and [p.name for p in (b / "ckpt_dcp").iterdir()] == ["iter_0000004"]
     train.main([f"--out_dir={b}", "--init_from=resume", "--data_parallel=fsdp"])  # ckpt.pt -> FSDP
