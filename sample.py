@@ -55,9 +55,10 @@ def main(argv):
         torch.set_num_threads(c["cpu_threads"])
     model, ckpt = load_for_inference(c["out_dir"])
     model.to(device)
-    ev = ckpt.get("last_eval")  # checkpoints from before it was saved: the best val loss so far
-    print(f"sampling from {ckpt['path']} (iteration {ckpt['iter']}, " + (f"val loss {ev['val_loss']:.4f} at iteration "
-          f"{ev['iter']})" if ev else f"best val loss {ckpt['best_val_loss']:.4f})"), flush=True)
+    ev, best = ckpt.get("last_eval"), ckpt["best_val_loss"]  # checkpoints from before last_eval: the best so far
+    said = (f"val loss {ev['val_loss']:.4f} at iteration {ev['iter']}" if ev else f"best val loss {best:.4f}"
+            if best < float("inf") else "not evaluated yet")  # a run stopped before its first eval
+    print(f"sampling from {ckpt['path']} (iteration {ckpt['iter']}, {said})", flush=True)
     tok = get_tokenizer(ckpt["data_meta"]["tokenizer"])
     if c["start"].startswith("FILE:") and not Path(c["start"][5:]).is_file():
         raise configurator.ConfigError("start", c["start"], f"prompt file {c['start'][5:]} not found")

@@ -321,6 +321,9 @@ def test_sample_prints_text(tiny_data, tmp_path):
     assert text.count("ROMEO:") == 2 and text.count("-" * 60) == 2
     val = [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r][-1]  # the checkpoint's latest eval
     assert text.startswith(f"sampling from {tmp_path / 'ckpt.pt'} (iteration 3, val loss {val:.4f} at iteration 3)\n")
+    run(tiny_data, tmp_path / "early", "--max_iters=20", "--stop_iter=2")  # stopped before its first eval
+    assert sample_text(tmp_path / "early").startswith(f"sampling from {tmp_path / 'early' / 'ckpt.pt'} (iteration 2, "
+                                                      f"not evaluated yet)\n")
     threads = torch.get_num_threads()
     try:
         sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=2", "--cpu_threads=1"])
