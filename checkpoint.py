@@ -106,7 +106,10 @@ def load_train_state(out, say=print):
             say(f"note: checkpoint {bad} {why}; falling back to {path} (iteration {ckpt['iter']})")
         return {**ckpt, "damaged": [bad for bad, why in tried if why.damaged]}
     if not tried:
-        raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)")
+        inside = Path(out).is_file() or Path(out).parent.name == DCP_DIR  # a checkpoint itself, not its run
+        raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)" + (
+            f"; give the run's directory, {Path(out).parent if Path(out).is_file() else Path(out).parent.parent}"
+            if inside else ""))
     raise CheckpointError("no readable checkpoint: " + "; ".join(f"{p} {e}" for p, e in tried) + ". Restore the "
                           f"file (or start a new run there: train.py --out_dir={out} --init_from=scratch --overwrite)")
 

@@ -134,6 +134,7 @@ BATTERY = [
     (["sample.py"], ["--out_dir={w}/run", "--top_k=-5"], "top_k=-5"),
     (["sample.py"], ["--out_dir={w}/run", "--temperature=-1"], "temperature=-1"),
     (["sample.py"], ["--out_dir={w}/truncated"], "truncated/ckpt.pt cannot be read"),
+    (["sample.py"], ["--out_dir={w}/run/ckpt.pt"], "give the run's directory, "),
     (["sample.py"], ["--out_dir={w}/run", "--start=FILE:{w}/no_prompt.txt"], "no_prompt.txt"),
     (["sample.py"], ["--out_dir={w}/run", "--start=FILE:{w}/prompt_dir"], "prompt_dir"),
     (["plan.py"], ["--gpus=0"], "gpus=0"),
