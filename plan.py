@@ -172,16 +172,21 @@ def stored_numbers_per_token(cfg, mode, every=8, store=None, keep_z=True):
     so every stored input is counted). `store` replaces the checkpoint set by an actual (layer, group) plan,
     e.g. one the round-off guard extended (group 4 = STREAM: a block input)."""
     L, h = cfg.n_layer, cfg.n_embd
-    group = dict(enumerate(lane_numbers(cfg))) | {STREAM: h}  # the lane groups, then the block input
     if mode == "block":
-        return (L - 1) * sum(group.values())
+        return (L - 1) * (sum(lane_numbers(cfg)) + h)
     if mode not in ("crnet", "reversible"):
         raise ValueError(f"no formula for recompute={mode!r}: 'none' keeps every intermediate")
-    groups = [g for g in group if g != STREAM or mode == "reversible"]
-    if store is None:
-        store = {(l, g) for l in checkpoint_layers(L, every) for g in groups}
-    kept = sum(group[g] for (l, g) in store if l or g != STREAM)  # a stored layer-1 input is the embedding output
-    return kept + z_numbers(cfg, keep_z) + route_numbers(cfg) + (L - 1) * h * (mode == "crnet")
+    x0 = h * (store is not None and (0, STREAM) in store)  # a stored layer-1 input is the embedding output
+    return (kept_numbers(cfg, mode, every, store) - x0 + z_numbers(cfg, keep_z) + route_numbers(cfg)
+            + (L - 1) * h * (mode == "crnet"))
+
+
+def kept_numbers(cfg, mode, every=8, store=None):
+    """Numbers per token of the lanes (and, reversible, block inputs as group STREAM) a crnet or reversible forward
+    stores: those of `store`, (layer, group)s as stored_lanes plans them, or of the checkpoint set."""
+    groups = dict(enumerate(lane_numbers(cfg))) | ({STREAM: cfg.n_embd} if mode == "reversible" else {})
+    store = store or {(l, g) for l in checkpoint_layers(cfg.n_layer, every) for g in groups}
+    return sum(groups[g] for _, g in store)
 
 
 def lane_numbers(cfg):
@@ -309,19 +314,16 @@ def activation_numbers(cfg, mode, bf16, every=8, keep_z=True, store=None):
             f32, act = f32 + f, act + a
         return f32 - h, act  # x_L was counted by the last layer too
     lanes = lane_numbers(cfg) if cfg.param == "crnet" else []
-    groups = dict(enumerate(lanes)) | ({STREAM: h} if mode == "reversible" else {})
-    store = store or {(l, g) for l in checkpoint_layers(L, every) for g in groups}
-    kept = sum(groups[g] for _, g in store)
     if mode == "reversible":
         # the stored inputs and lanes only (x_0 is not kept unless stored), and Z unless keep_z=False; in bf16
         # recompute.py keeps Z anyway (a Z recomputed in bf16 from a rebuilt input would not be the forward's)
-        return f32 - h + kept + route_numbers(cfg), act + z_numbers(cfg, keep_z or bf16)
+        return f32 - h + kept_numbers(cfg, mode, every, store) + route_numbers(cfg), act + z_numbers(cfg, keep_z or bf16)
     f32 += (L - 1) * h  # the inputs of blocks 2..L
     if mode == "block":  # and their input lanes, in the compute dtype
         return f32, act + (L - 1) * sum(lanes)
     if cfg.param != "crnet":
         raise ValueError(f"recompute={mode!r} needs param='crnet'")
-    return f32 + kept + route_numbers(cfg), act + z_numbers(cfg)
+    return f32 + kept_numbers(cfg, mode, every, store) + route_numbers(cfg), act + z_numbers(cfg)
 
 
 def plan(c, parallel, mode, gpus):

@@ -46,7 +46,6 @@ def test_activation_figures_match_counted_bytes(arch, param, mode, dtype):
     assert predicted == pytest.approx(held, rel=0.02), (predicted, held)
 
 
-
 @pytest.mark.parametrize("mode,beta_init", [("reversible", 0.5 ** 0.5), ("crnet", 0.5)])
 def test_activation_figures_count_what_the_guard_stores_at_the_initial_betas(mode, beta_init):
     """8 layers, every 8: at the initial betas the round-off guard stores more than the checkpoint set (reversible:
@@ -63,6 +62,7 @@ def test_activation_figures_count_what_the_guard_stores_at_the_initial_betas(mod
          "block_size": 32, "dtype": "float32", "recompute_every": 8}
     r, P = plan.plan(c, "ddp", mode, 1)
     assert r["activations"] == pytest.approx(held, rel=0.005), (r["activations"], held)
+
 
 def test_paper_table_matches_closed_form_counts(capsys):
     rows = plan.paper_table({**configurator.defaults("train.py"), **configurator.defaults("plan.py")})
