@@ -106,10 +106,10 @@ def load_train_state(out, say=print):
             say(f"note: checkpoint {bad} {why}; falling back to {path} (iteration {ckpt['iter']})")
         return {**ckpt, "damaged": [bad for bad, why in tried if why.damaged]}
     if not tried:
-        inside = Path(out).is_file() or Path(out).parent.name == DCP_DIR  # a checkpoint itself, not its run
-        raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)" + (
-            f"; give the run's directory, {Path(out).parent if Path(out).is_file() else Path(out).parent.parent}"
-            if inside else ""))
+        out = Path(out)  # a checkpoint itself (ckpt.pt, a DCP iter_ directory) instead of its run's directory?
+        run = out.parent if out.is_file() else out.parent.parent if out.parent.name == DCP_DIR else None
+        raise FileNotFoundError(f"no checkpoint in {out} (neither {CKPT_FILE} nor {DCP_DIR}/iter_*)"
+                                + (f"; give the run's directory, {run}" if run else ""))
     raise CheckpointError("no readable checkpoint: " + "; ".join(f"{p} {e}" for p, e in tried) + ". Restore the "
                           f"file (or start a new run there: train.py --out_dir={out} --init_from=scratch --overwrite)")
 
@@ -461,11 +461,7 @@ def check_tokenizer(c, ckpt, meta):
     """The model reads the token ids it was trained on; a resumed run also reads the same token files (its batches
     are a function of them), so data_dir prepared again since, from other text, is an error there too."""
     saved, src = ckpt["data_meta"], c["out_dir"] if c["init_from"] == "resume" else c["init_from"]
-    was, now = (TOKENIZER_IDS.get(t, t) for t in (saved["tokenizer"], meta["tokenizer"]))
-    if was != now:
-        raise ConfigError("data_dir", c["data_dir"], f"holds {meta['tokenizer']!r} tokens, but the checkpoint in {src} was "
-                          f"trained on {saved['tokenizer']!r} tokens: its embeddings would read other ids "
-                          f"(prepare the data with --tokenizer={saved['tokenizer']})")
+    check_same_tokenizer(saved, meta, c["data_dir"], src)
     changed = [f"{k} {saved[k]:,} -> {meta[k]:,}" for k in ("train_tokens", "val_tokens") if saved.get(k, meta[k]) != meta[k]]
     sha = saved.get("tokens_sha1"), meta.get("tokens_sha1")  # (checkpoints saved before the fingerprint lack it)
     if not changed and None not in sha and sha[0] != sha[1]:
@@ -474,6 +470,15 @@ def check_tokenizer(c, ckpt, meta):
         raise ConfigError("data_dir", c["data_dir"], f"was prepared again since the checkpoint in {src} was saved "
                           f"({', '.join(changed)}): a resumed run continues the same data; to train on this data, "
                           f"fine-tune: --init_from={src} --out_dir=<a new dir>")
+
+
+def check_same_tokenizer(saved, meta, data_dir, src):
+    """data_dir's tokens (meta) are the ones the checkpoint in src was trained on (its data_meta, saved)."""
+    was, now = (TOKENIZER_IDS.get(t, t) for t in (saved["tokenizer"], meta["tokenizer"]))
+    if was != now:
+        raise ConfigError("data_dir", data_dir, f"holds {meta['tokenizer']!r} tokens, but the checkpoint in {src} was "
+                          f"trained on {saved['tokenizer']!r} tokens: its embeddings would read other ids "
+                          f"(prepare the data with --tokenizer={saved['tokenizer']})")
 
 
 TOKENIZER_IDS = {"r50k_base": "gpt2"}  # names with identical token ids

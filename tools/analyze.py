@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 import configurator
-from checkpoint import check_tokenizer, load_for_inference
+from checkpoint import check_same_tokenizer, load_for_inference
 from tools.hf import load_gguf, load_pretrained
 from tools.plot import image_path, save_figure
 from prepare_data import ROOT, load_meta, prepare
@@ -491,8 +491,7 @@ def load(c):
                 "data_dir", str(data_dir), f"holds token ids up to {meta['max_token_id']} ({meta['tokenizer']} "
                                            f"tokenizer), beyond the model's vocabulary of {model.cfg.vocab_size}")
         if not c["hf"]:  # ids that fit the vocabulary may still be another tokenizer's
-            check_tokenizer({"data_dir": str(data_dir), "out_dir": c["out_dir"], "init_from": c["out_dir"], "eval_only": True},
-                            ckpt, meta)
+            check_same_tokenizer(ckpt["data_meta"], meta, str(data_dir), c["out_dir"])
     return model, data_dir, c["hf"] or c["out_dir"]
 
 
