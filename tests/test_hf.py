@@ -216,6 +216,8 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
     ours = Transformer(ModelConfig(**ckpt["model_config"]))
     ours.load_state_dict(ckpt["model"])
     assert_same_logits(theirs, ours.eval(), ours.cfg.vocab_size, ours.cfg.block_size)
+    eot = ckpt["data_meta"]["eot_token"]  # 256 of the byte tokenizer: generate() stops there
+    assert (theirs.config.bos_token_id, theirs.config.eos_token_id, theirs.generation_config.eos_token_id) == (eot,) * 3
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
     with pytest.raises(FileExistsError, match="export=.*hf: exists"):
         hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])

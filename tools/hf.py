@@ -465,11 +465,14 @@ def load_pretrained(name_or_dir, dtype=torch.float32, block_size=None):
 
 
 # ----------------------------------------------------------------------------- our checkpoint -> HF directory
-def hf_config(cfg):
+def hf_config(cfg, eot):
     """config.json for transformers' GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM with
-    our ModelConfig's shape."""
+    our ModelConfig's shape. eot: the data's end-of-text id, which prepare_data.py puts after every document, so it
+    is both the token that ends one (eos: where generate() stops) and the one a new one follows (bos). Left out,
+    generate() would not stop at a document's end (transformers leaves them unset)."""
+    ids = {"bos_token_id": eot, "eos_token_id": eot}
     if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
+        return {"model_type": "gpt2", **ids, "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.n_embd,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
                 "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.norm_eps_value, "n_inner": None,
                 "activation_function": "gelu_new" if cfg.gelu_approx == "tanh" else "gelu",
@@ -477,7 +480,7 @@ def hf_config(cfg):
     experts = {"num_experts": cfg.n_expert, "num_experts_per_tok": cfg.expert_top_k, "norm_topk_prob": cfg.norm_topk,
                "moe_intermediate_size": cfg.ff_dim, "router_aux_loss_coef": cfg.router_aux_coef, "decoder_sparse_step": 1,
                "mlp_only_layers": []} if cfg.n_expert else {}
-    return {"model_type": cfg.arch, **experts, "architectures": [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    return {"model_type": cfg.arch, **ids, **experts, "architectures": [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                                                   "qwen3_moe": "Qwen3MoeForCausalLM"}[cfg.arch]],
             "hidden_size": cfg.n_embd, "use_sliding_window": False,
             "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
@@ -540,7 +543,7 @@ def export(run_dir, dest):
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, ckpt["data_meta"]["eot_token"]), indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", hf_tensors(model))
         os.replace(tmp, dest)
     finally:
