@@ -476,11 +476,12 @@ def preflight(c, world, grad_accum, ckpt=None):
                          f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's {limit / gib:.1f} "
                          f"GiB: lower batch_size, use recompute or data_parallel='fsdp'")
     fits = f", fits of this GPU's {limit / gib:.1f} GiB" if limit else ""
+    reads = meta and c["max_iters"] * c["total_batch_tokens"] / meta["train_tokens"]
     print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
           f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
           f"{r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute={cp['recompute']}, "
           f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){fits}; "
-          f"data {'found in ' + str(data_dir) if meta else 'not here'}"
+          f"data {f'in {data_dir}, train read {reads:.3g} times by max_iters' if meta else 'not here'}"
           f"{'' if cp['vocab_size'] else ' (vocab 50257 assumed: set --vocab_size for a closer plan)'}")
 
 

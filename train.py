@@ -157,8 +157,8 @@ def main(argv):
     tokens_per_step = c["total_batch_tokens"]
     say("config:", json.dumps(c))
     say(f"model: {counts['total'] / 1e6:.2f}M parameters " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v and k != "total"))
-    say(f"data: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {len(train_data):,} train / {len(val_data):,} val tokens; "
-        f"val unigram entropy {unigram_entropy(val_data, meta['vocab_size']):.4f} nats")
+    say(f"data: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {len(train_data):,} train / {len(val_data):,} val tokens, train read "
+        f"{c['max_iters'] * tokens_per_step / len(train_data):.3g} times by max_iters; val unigram entropy {unigram_entropy(val_data, meta['vocab_size']):.4f} nats")
     say(f"batch: {tokens_per_step:,} tokens/step = {bsz} seq x {T} tok x {world} proc x {grad_accum} accum; "
         f"device {device}, {rt['dtype']}, {rt['threads']} threads/proc; recompute {mode}; "
         f"{flops_per_token / 1e6:.1f} MFLOP/token")

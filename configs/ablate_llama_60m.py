@@ -2,10 +2,10 @@
 #   python tools/ablate.py configs/ablate_llama_60m.py        (5.3 min on one H100 with --torch_compile: results/ablate_gpu_60m.md)
 # Dims: h 512, h_ff 1376, 8 heads, 8 layers. Non-embedding parameters: full 25.31M; CR-Net at r = 128 = h/4
 #   (layers 2..8) 11.92M = 0.471x; lowrank/cola at r = 152 (tools/ablate.py's match) 11.88M = 0.997x of CR-Net.
-# Data: the bundled Shakespeare in GPT-2 BPE (vocab 50257; 1.39M train tokens), because it needs no download.
-#   400 steps x 64 seq x 256 tok = 16,384 tokens/step = 6.6M tokens, ~4.7 epochs (on an H100 no variant's
+# Data: the bundled Shakespeare in GPT-2 BPE (vocab 50257; 1.41M train tokens), because it needs no download.
+#   400 steps x 64 seq x 256 tok = 16,384 tokens/step = 6.6M tokens, ~4.6 epochs (on an H100 no variant's
 #   val loss had turned up yet by step 400; the table shows best and final val loss). For the paper's setting (C4, 1.3B tokens):
-#   --data_dir=data/c4_gpt2 --total_batch_tokens=131072 --max_iters=10000 --warmup_iters=1000 (configs/crnet_llama_60m.py).
+#   --data_dir=data/c4_gpt2_1.3b --total_batch_tokens=131072 --max_iters=10000 --warmup_iters=1000 (configs/crnet_llama_60m.py).
 ablate_dir = "out/ablate_60m"         # an tools/ablate.py key
 data_dir = "data/shakespeare_gpt2"
 arch = "llama"

@@ -1,16 +1,17 @@
 # LLaMA-1B (crnet), the GaLore/C4 LLaMA dimensions that arXiv 2509.18993 trains.
 # Parameters: 582.4M with the paper's 32000-token vocabulary; 657.2M with GPT-2 BPE (50257), which we use.
-# Rank r = 448 in layers 2..24 (r = 448 gives the paper's 583M at 1B); layer 1 full-rank.
+# Rank r = 448 in layers 2..24 (the paper reports 583M at 1B); layer 1 full-rank.
 # Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 10.5 GB per GPU under DDP, before activations.
 # Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 32 seq x 256 tok per GPU
 #   -> grad_accum = 131072 / (32 * 256 * n_gpus) = 16 on 1 GPU, 2 on 8.
 # Schedule: 100,000 steps = 13.1B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
-# Data: data_recipe below (train.py prints it when data_dir has no prepared data).
+# Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
+#   train split holds every token the schedule reads, so no token is seen twice.
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_1b.py
 
 out_dir = "out/crnet_llama_1b"
-data_dir = "data/c4_gpt2"
-data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --max_tokens=1.34e+10 --out_dir=data/c4_gpt2"
+data_dir = "data/c4_gpt2_13b"
+data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --val_fraction=0.01 --max_tokens=1.34e+10 --out_dir=data/c4_gpt2_13b"
 arch = "llama"
 n_layer = 24
 n_head = 32

@@ -8,12 +8,13 @@
 # Batch: 512 sequences x 256 tokens = 131,072 tokens/step, as the LLaMA configs (the paper's protocol); 32 seq x 256
 #   tok per GPU -> grad_accum = 131072 / (32 * 256 * n_gpus) = 16 on 1 GPU, 2 on 8.
 # Schedule: 60,000 steps = 7.9B tokens, 10% warmup, cosine to 10% of peak.
-# Data: data_recipe below (train.py prints it when data_dir has no prepared data).
+# Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
+#   train split holds every token the schedule reads, so no token is seen twice.
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/crnet_qwen3_600m.py
 
 out_dir = "out/crnet_qwen3_600m"
-data_dir = "data/c4_gpt2"
-data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --max_tokens=8.02e+09 --out_dir=data/c4_gpt2"
+data_dir = "data/c4_gpt2_8b"
+data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --val_fraction=0.01 --max_tokens=8.02e+09 --out_dir=data/c4_gpt2_8b"
 arch = "qwen3"
 n_layer = 28
 n_head = 16

@@ -4,12 +4,13 @@
 # Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 64 seq x 256 tok per GPU
 #   -> grad_accum = 131072 / (64 * 256 * n_gpus) = 8 on 1 GPU, 1 on 8.
 # Schedule: 60,000 steps = 7.9B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
-# Data: data_recipe below (train.py prints it when data_dir has no prepared data).
+# Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
+#   train split holds every token the schedule reads, so no token is seen twice.
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/full_llama_350m.py
 
 out_dir = "out/full_llama_350m"
-data_dir = "data/c4_gpt2"
-data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --max_tokens=8.02e+09 --out_dir=data/c4_gpt2"
+data_dir = "data/c4_gpt2_8b"
+data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --val_fraction=0.01 --max_tokens=8.02e+09 --out_dir=data/c4_gpt2_8b"
 arch = "llama"
 n_layer = 24
 n_head = 16

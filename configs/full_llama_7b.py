@@ -1,16 +1,18 @@
 # LLaMA-7B (full), the GaLore/C4 LLaMA dimensions that arXiv 2509.18993 trains.
 # Parameters: 6738.4M with the paper's 32000-token vocabulary; 6888.0M with GPT-2 BPE (50257), which we use.
 # Memory: fp32 weights + grads + AdamW state = 16 bytes/param = 110.2 GB per GPU under DDP, before activations,
-#   so it shards with FSDP2: plan.py says 17.9 GiB per GPU on 8 GPUs.
+#   so it shards with FSDP2: plan.py says 29.9 GiB per GPU on 8 GPUs without recompute (what recompute="auto"
+#   picks on 80 GiB), 17.9 with block checkpointing.
 # Batch: the paper's 512 sequences x 256 tokens = 131,072 tokens/step; 8 seq x 256 tok per GPU
 #   -> grad_accum = 131072 / (8 * 256 * n_gpus) = 64 on 1 GPU, 8 on 8.
 # Schedule: 80,000 steps = 10.5B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
-# Data: data_recipe below (train.py prints it when data_dir has no prepared data).
+# Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
+#   train split holds every token the schedule reads, so no token is seen twice.
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/full_llama_7b.py
 
 out_dir = "out/full_llama_7b"
-data_dir = "data/c4_gpt2"
-data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --max_tokens=1.07e+10 --out_dir=data/c4_gpt2"
+data_dir = "data/c4_gpt2_11b"
+data_recipe = "python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --tokenizer=gpt2 --val_fraction=0.01 --max_tokens=1.07e+10 --out_dir=data/c4_gpt2_11b"
 arch = "llama"
 n_layer = 32
 n_head = 32

@@ -1,4 +1,5 @@
 """train.py: config handling, learning, exact resume, DDP equivalence, the non-finite stop, sample.py."""
+import glob
 import json
 import os
 import signal
@@ -479,6 +480,25 @@ def test_missing_data_prints_its_recipe(tmp_path):
     with pytest.raises(FileNotFoundError, match="make it with:\n  python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en"):
         train.main(["configs/crnet_llama_60m.py", f"--data_dir={tmp_path / 'c4'}", f"--out_dir={tmp_path}",
                     "--data_recipe=python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --out_dir=x"])
+
+
+def test_every_data_recipe_makes_its_own_data_dir_with_the_tokens_its_schedule_reads():
+    """A recipe's out_dir is its config's data_dir, which no other recipe writes (the first one run would otherwise
+    decide the data every other size trains on), and its train split holds max_iters x total_batch_tokens, so
+    no token is read twice; its val split holds eval_tokens."""
+    made = {}
+    for f in sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.py"))) - set(glob.glob(os.path.join(ROOT, "configs", "ablate_*")))):
+        c = configurator.load([f], "train.py")[0]
+        if not c["data_recipe"]:
+            continue
+        words = c["data_recipe"].split()
+        assert words[:2] == ["python", "prepare_data.py"], f
+        r = configurator.load(words[2:], "prepare_data.py")[0]
+        assert r["out_dir"] == c["data_dir"] and made.setdefault(r["out_dir"], c["data_recipe"]) == c["data_recipe"], f
+        train_tokens = r["max_tokens"] * (1 - r["val_fraction"]) * 0.999  # (val's share: within one document)
+        assert train_tokens >= c["max_iters"] * c["total_batch_tokens"], f
+        assert r["max_tokens"] * r["val_fraction"] * 0.999 >= c["eval_tokens"], f
+    assert len(made) == 6
 
 
 def test_config_file_errors_name_the_line_and_strings_stay_strings(tmp_path):
