@@ -140,3 +140,38 @@ def test_a_diverging_lr_counts_as_inf_not_a_crash(tmp_path):
                          "--lrs=1e30", "--seeds=1,2", "--plot=False"])
     assert json.loads((out / "full" / "lr1e+30_seed1" / "ablate.json").read_text())["diverged"] is True
     assert "| full | " in (table := (out / "results.md").read_text()) and "| 1e+30 | inf | - | inf |" in table
+
+
+def test_runner_checks_data_and_keys_before_making_a_run_dir(tmp_path, capsys):
+    """Missing data and train.py keys tools/ablate.py cannot honour are errors before any directory is made; a stamp
+    left by a launch that trained nothing does not refuse the corrected command."""
+    out = tmp_path / "abl"
+    with pytest.raises(FileNotFoundError, match="nowhere holds no prepared data"):
+        ablate.main(SMALL + [f"--ablate_dir={out}", "--variants=full", f"--data_dir={tmp_path / 'nowhere'}"])
+    for bad, match in [("--init_from=out/x", "init_from='out/x': is not for tools/ablate.py: every variant trains from scratch"),
+                       ("--preflight", "preflight=True: is not for tools/ablate.py"),
+                       ("--eval_only", "eval_only=True: is not for tools/ablate.py")]:
+        with pytest.raises(ValueError, match=match):
+            ablate.main(SMALL + [f"--ablate_dir={out}", "--variants=full", bad])
+    assert not out.exists()
+    (out / "full").mkdir(parents=True)  # what a launch that failed before its first checkpoint leaves
+    (out / "full" / "ablate.json").write_text(json.dumps({"args": ["--learning_rate=0.5"], "seconds": 0.0}))
+    assert ablate.main(SMALL + ["--max_iters=2", "--eval_interval=2", f"--ablate_dir={out}", "--variants=full"])[0]["val_loss"] < 6
+
+
+def test_runner_reuses_a_finished_run_only_on_the_same_tokens(tmp_path, tiny_data):
+    import shutil
+    from prepare_data import prepare
+    data, out = tmp_path / "data", tmp_path / "abl"
+    shutil.copytree(tiny_data, data)
+    argv = SMALL + ["--max_iters=2", "--eval_interval=2", f"--data_dir={data}", f"--ablate_dir={out}", "--variants=full"]
+    ablate.main(argv)
+    other = tmp_path / "other.txt"
+    other.write_text((ablate.HERE / "data" / "shakespeare.txt").read_text()[-300_000:])
+    prepare(data, tokenizer="byte", files=[other], piece_chars=5000)  # prepared again, from other text
+    log = (out / "full" / "train.log").read_text()
+    with pytest.raises(ValueError, match="holds variant 'full' trained on other tokens than its data_dir holds now"):
+        ablate.main(argv)
+    assert (out / "full" / "train.log").read_text() == log
+    ablate.main(argv + ["--overwrite=True"])  # trains it again, on the new tokens
+    assert (out / "full" / "train.log").read_text() != log

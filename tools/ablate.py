@@ -36,6 +36,7 @@ import configurator
 import checkpoint as ck
 import plan
 import recompute as rc
+from prepare_data import check_data, ready_data
 from model import Transformer, model_config
 from tools.plot import draw
 from runlog import write_atomic
@@ -149,6 +150,8 @@ def run_variant(name, args, run, a, max_iters):
     old = json.loads(stamp.read_text()) if stamp.is_file() else None
     if old is not None:  # a stamp written before configurator.RENAMED's keys were renamed
         old["args"] = [f"--{configurator.RENAMED.get(k[2:], k[2:])}{eq}{v}" for k, eq, v in (s.partition("=") for s in old["args"])]
+    if old is not None and not (ck.find_checkpoint(run)[0] or old.get("diverged")):
+        old = None  # stamped by a launch that failed before training anything: nothing here to keep
     if old is not None and old["args"] != args and not a["overwrite"]:
         raise ValueError(f"{run} holds variant {name!r} trained with other arguments ({' '.join(old['args'])}); "
                          f"pass --overwrite=True or another --ablate_dir")
@@ -156,6 +159,11 @@ def run_variant(name, args, run, a, max_iters):
         raise FileExistsError(f"{run} holds a checkpoint that tools/ablate.py did not write; pass --overwrite=True or another "
                               f"--ablate_dir")
     same = old is not None and old["args"] == args
+    if same and old.get("data", a["data"]) != a["data"]:  # (a stamp from before the fingerprint: taken as the same)
+        if not a["overwrite"]:
+            raise ValueError(f"{run} holds variant {name!r} trained on other tokens than its data_dir holds now (prepared "
+                             f"again since): one table must not mix them; pass --overwrite=True or another --ablate_dir")
+        same = False  # trained again, from scratch
     if same and finished(run, max_iters):
         print(f"== {name}: finished earlier in {run}, reused")
         return old["seconds"]
@@ -169,19 +177,25 @@ def run_variant(name, args, run, a, max_iters):
     (run / "diverged.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
     seconds = (old["seconds"] if resume else 0.0)
-    write_atomic(stamp, json.dumps({"args": args, "seconds": seconds}))  # before training: marks the dir as ours
-    with open(run / "train.log", "a" if resume else "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the log follows the run live
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if line.startswith(("eval", "model:", "error")):
-                print(f"   {line.rstrip()}", flush=True)
-    seconds += time.perf_counter() - t0
-    failed = proc.wait()
+    mark = lambda **k: write_atomic(stamp, json.dumps({"args": args, "seconds": seconds, "data": a["data"], **k}))
+    mark()  # before training: marks the dir as ours
+    try:
+        with open(run / "train.log", "a" if resume else "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the log follows the run live
+            echo = False  # from an error on, every line (an error's advice follows it)
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                echo = echo or line.startswith("error")
+                if echo or line.startswith(("eval", "model:")):
+                    print(f"   {line.rstrip()}", flush=True)
+        failed = proc.wait()
+    finally:  # Ctrl-C too: train.py saved its checkpoint, and the time it trained counts when it resumes
+        seconds += time.perf_counter() - t0
+        mark()
     diverged = failed and (run / "diverged.json").is_file()  # train.py's mark of its non-finite-loss stop
-    write_atomic(stamp, json.dumps({"args": args, "seconds": seconds, "diverged": bool(diverged)}))
+    mark(diverged=bool(diverged))
     if diverged:
         print(f"== {name}: diverged (train.py stopped on a non-finite loss); its val loss counts as inf", flush=True)
     elif failed:
@@ -231,9 +245,18 @@ def load_config(argv):
 def main(argv):
     a, c = load_config(argv)
     configurator.check_folder("ablate_dir", a["ablate_dir"])
+    base = configurator.defaults("train.py")  # (out_dir: a config file's is train.py's; runs go to ablate_dir/<variant>)
+    for key, why in (("init_from", "every variant trains from scratch (the same command again resumes them); "
+                                   "fine-tune one run with train.py --init_from"),
+                     ("preflight", "tools/ablate.py checks every variant's config before the first trains; "
+                                   "train.py --preflight checks one run's"),
+                     ("eval_only", "evaluate one variant's run with train.py --out_dir=<ablate_dir>/<variant> --eval_only")):
+        if c[key] != base[key]:
+            raise configurator.ConfigError(key, c[key], f"is not for tools/ablate.py: {why}")
+    data_dir, meta = ready_data(c)  # before any run directory is made (a bundled corpus is prepared here)
+    check_data(c, data_dir, meta)
+    a["data"] = meta["tokens_sha1"]  # stamped with each run: a finished run is reused only on the same tokens
     a["stop_iter"] = c["stop_iter"]  # every run stops there; the same command without it continues them
-
-    base = configurator.defaults("train.py")
 
     def run_args(name, **sweep):  # the whole config as explicit --key=value where it differs from train.py's
         # defaults, so the arguments stamped in a run dir are canonical, whichever files and flags produced them
