@@ -142,6 +142,7 @@ BATTERY = [
     (["tools/analyze.py"], ["--out_dir={w}/run", "--rank=1000"], "rank=1000"),
     (["tools/analyze.py"], ["--out_dir={w}/foreign"], "not a train.py checkpoint"),
     (["tools/analyze.py"], ["--out_dir={w}/gpt2_labelled", "--data_dir={w}/data"], "holds 'byte' tokens, but the checkpoint in"),
+    (["tools/analyze.py"], ["--out_dir={w}/gpt2_labelled"], "holds 'byte' tokens, but the checkpoint in"),  # its own data_dir
     (["plan.py"], ["--init_from=resume", "--out_dir={w}/run"], "init_from='resume': plan.py plans the config it is given"),
     (["tools/analyze.py"], ["--out_dir={w}/run", "--plot=False"], "plot='False': needs an image extension"),
     (["prepare_data.py"], ["--files={w}/docs.jsonl", "--out_dir={w}/p1"], "docs.jsonl"),

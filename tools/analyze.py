@@ -61,7 +61,7 @@ import configurator
 from checkpoint import check_same_tokenizer, load_for_inference
 from tools.hf import load_gguf, load_pretrained
 from tools.plot import image_path, save_figure
-from prepare_data import ROOT, load_meta, prepare
+from prepare_data import ROOT, load_meta, prepare, ready_data
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out"    # checkpoint directory written by train.py: ckpt.pt or ckpt_dcp/iter_*
@@ -483,15 +483,15 @@ def load(c):
         data_dir = hf_data_dir(c, model.cfg)
     else:
         model, ckpt = load_for_inference(c["out_dir"])
-        data_dir = Path(c["data_dir"] or ckpt["config"]["data_dir"])
-    if c["hf"] or c["data_dir"]:
-        meta = load_meta(data_dir)
-        if meta["max_token_id"] >= model.cfg.vocab_size:
-            raise configurator.ConfigError(
-                "data_dir", str(data_dir), f"holds token ids up to {meta['max_token_id']} ({meta['tokenizer']} "
-                                           f"tokenizer), beyond the model's vocabulary of {model.cfg.vocab_size}")
-        if not c["hf"]:  # ids that fit the vocabulary may still be another tokenizer's
-            check_same_tokenizer(ckpt["data_meta"], meta, str(data_dir), c["out_dir"])
+        # the run's own data_dir, found as train.py finds it (a bundled one from anywhere), may be prepared again since
+        data_dir = Path(c["data_dir"]) if c["data_dir"] else ready_data(ckpt["config"])[0]
+    meta = load_meta(data_dir)
+    if meta["max_token_id"] >= model.cfg.vocab_size:
+        raise configurator.ConfigError(
+            "data_dir", str(data_dir), f"holds token ids up to {meta['max_token_id']} ({meta['tokenizer']} "
+                                       f"tokenizer), beyond the model's vocabulary of {model.cfg.vocab_size}")
+    if not c["hf"]:  # ids that fit the vocabulary may still be another tokenizer's
+        check_same_tokenizer(ckpt["data_meta"], meta, str(data_dir), c["out_dir"])
     return model, data_dir, c["hf"] or c["out_dir"]
 
 
