@@ -2,6 +2,7 @@
 Transformer, the same logits; plus the loader's errors and the model fields it relies on."""
 import json
 import re
+import struct
 
 import pytest
 import torch
@@ -117,6 +118,24 @@ def test_our_safetensors_reader_matches_the_library(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 20)
     with pytest.raises(ValueError, match="not a safetensors file"):
         list(hf.read_safetensors(tmp_path / "bad.safetensors"))
+    head = lambda h: struct.pack("<Q", len(h)) + h + b"\0" * 16
+    for header, match in [(b"[1, 2]", r"its header is a JSON list, not an object"),
+                          (b'{"w": {"dtype": "F32", "shape": [2]}}', r"tensor w: data_offsets=None is not \[begin, end\]"),
+                          (b'{"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}', "tensor w: shape='2' is not")]:
+        (tmp_path / "h.safetensors").write_bytes(head(header))
+        with pytest.raises(ValueError, match=match):
+            list(hf.read_safetensors(tmp_path / "h.safetensors"))
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 12345\n"
+    for name in ("model.safetensors", "pytorch_model.bin"):  # a clone made without git-lfs
+        (tmp_path / name).write_bytes(lfs)
+        with pytest.raises(ValueError, match=f"{name}: not a .*it is a Git LFS pointer, not the weights: run `git lfs pull`"):
+            list(hf.read_tensors(tmp_path / name))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"garbage" * 30)
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: not a PyTorch state dict \(\w+Error: "):
+        list(hf.read_tensors(tmp_path / "pytorch_model.bin"))
+    torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: holds a list, not a state dict of tensors"):
+        list(hf.read_tensors(tmp_path / "pytorch_model.bin"))
 
 
 def test_longer_llama_context_is_capped_and_overridable(tmp_path):
@@ -236,7 +255,13 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"/config.json: rope_parameters=.* only plain RoPE"),
     ({"attention_bias": True}, "/config.json: attention_bias=True is not supported"),
     ({"hidden_act": "gelu"}, "/config.json: hidden_act='gelu' is not supported"),
-    ({"num_key_value_heads": 3}, "^n_kv_head=3: must divide n_head=4"),
+    ({"num_key_value_heads": 3}, "/config.json: num_key_value_heads=3: must divide num_attention_heads=4"),
+    ({"num_attention_heads": 0}, "/config.json: num_attention_heads=0: must be an integer >= 1$"),
+    ({"max_position_embeddings": None}, "/config.json: max_position_embeddings=None: must be an integer >= 1$"),
+    ({"head_dim": "8"}, "/config.json: head_dim='8': must be an integer >= 1 or null"),
+    ({"rope_parameters": "x"}, "/config.json: rope_parameters='x': must be an object or null"),
+    ({"rope_parameters": {"rope_theta": -1}}, "/config.json: rope_theta=-1: must be a number > 0"),
+    ({"rms_norm_eps": "1e-6"}, "/config.json: rms_norm_eps='1e-6': must be a number > 0"),
     ({"vocab_size": 97}, r"^model.safetensors: model.embed_tokens.weight has shape \(96, 32\), but wte.weight needs "
                          r"\(97, 32\): config.json does not match the weights|^model.safetensors: lm_head.weight has"),
 ])

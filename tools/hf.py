@@ -64,6 +64,26 @@ IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^layers\.\d+\.self_att
 
 
 # ----------------------------------------------------------------------------- reading weights
+def lfs_pointer(path):
+    """A Git LFS pointer file where the weights should be (a clone made without git-lfs): the advice, else ""."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return "; it is a Git LFS pointer, not the weights: run `git lfs pull` there" if head.startswith(b"version https://git-lfs") else ""
+
+
+def header_entry(info):
+    """Why a safetensors header entry is not {dtype: str, shape: [int >= 0], data_offsets: [begin, end]}, or ""."""
+    if not isinstance(info, dict):
+        return "not an object"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    nat = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not (isinstance(shape, list) and all(map(nat, shape))):
+        return f"shape={shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(nat, offsets)) and offsets[0] <= offsets[1]):
+        return f"data_offsets={offsets!r} is not [begin, end]"
+    return "" if isinstance(info.get("dtype"), str) else f"dtype={info.get('dtype')!r} is not a name"
+
+
 def read_safetensors(path):
     """Yield (name, tensor) for every tensor of a .safetensors file, one at a time, in file order."""
     if sys.byteorder != "little":
@@ -73,12 +93,17 @@ def read_safetensors(path):
         raw = f.read(8)
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if not 2 <= n <= size - 8:
-            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+            raise ValueError(f"{path}: not a safetensors file (bad header length){lfs_pointer(path)}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
         header.pop("__metadata__", None)
+        for name, info in header.items():
+            if header_entry(info):
+                raise ValueError(f"{path}: tensor {name}: {header_entry(info)}: the header is corrupt")
         start = 8 + n
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = SAFETENSORS_DTYPES.get(info["dtype"])
@@ -102,7 +127,14 @@ def read_tensors(path):
     if path.suffix == ".safetensors":
         yield from read_safetensors(path)
     else:  # pytorch_model.bin: a pickled state dict; weights_only refuses anything but tensors
-        yield from torch.load(path, map_location="cpu", weights_only=True).items()
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the zip reader, pickle, weights_only's refusal: all mean not a state dict of tensors
+            raise ValueError(f"{path}: not a PyTorch state dict ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:100] if str(e) else 'empty'}){lfs_pointer(path)}") from None
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+        yield from state.items()
 
 
 def read_json(path):
@@ -142,6 +174,27 @@ class KeyProblem(ValueError):
 
 def unsupported(key, value, why):
     return KeyProblem(f"{key}={value!r} is not supported: {why}")
+
+
+SIZES = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "hidden_size", "num_attention_heads",
+         "num_hidden_layers", "intermediate_size", "max_position_embeddings", "moe_intermediate_size", "num_experts",
+         "num_local_experts", "num_experts_per_tok", "num_key_value_heads", "head_dim", "sliding_window", "n_inner")
+NULLABLE = ("num_key_value_heads", "head_dim", "sliding_window", "n_inner")  # null: derived, or none
+POSITIVE = ("layer_norm_epsilon", "rms_norm_eps", "rope_theta")
+
+
+def check_values(hf):
+    """The config.json values the mappers read, by their config.json names, before any is used."""
+    for key, value in hf.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in SIZES and not (value is None and key in NULLABLE or number and isinstance(value, int) and value >= 1):
+            raise KeyProblem(f"{key}={value!r}: must be an integer >= 1" + (" or null" if key in NULLABLE else ""))
+        if key in POSITIVE and not (number and value > 0):
+            raise KeyProblem(f"{key}={value!r}: must be a number > 0")
+        if key in ("rope_parameters", "rope_scaling") and value is not None:
+            if not isinstance(value, dict):
+                raise KeyProblem(f"{key}={value!r}: must be an object or null")
+            check_values({k: v for k, v in value.items() if k == "rope_theta"})
 
 
 def gpt2_config(hf):
@@ -194,19 +247,28 @@ def llama_config(hf, block_size=None):
                          f"{' / sliding_window' if window is not None else ''})")
     experts = dict(n_expert=n_expert, expert_top_k=hf.get("num_experts_per_tok", 8), router_aux_coef=hf.get(
         "router_aux_loss_coef", 0.001), norm_topk=hf.get("norm_topk_prob", False)) if moe else {}
-    return ModelConfig(arch=model_type if qwen3 else "llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh,
-                       n_embd=h, head_dim=hf.get("head_dim") or 0, **experts,
-                       intermediate_size=hf.get("moe_intermediate_size", 768) if moe else hf["intermediate_size"],
-                       vocab_size=hf["vocab_size"], block_size=block_size or min(limit, MAX_BLOCK),
-                       n_kv_head=hf.get("num_key_value_heads") or nh,
-                       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
+    kw = dict(arch=model_type if qwen3 else "llama", param="full", n_layer=hf["num_hidden_layers"], n_head=nh,
+              n_embd=h, head_dim=hf.get("head_dim") or 0, **experts,
+              intermediate_size=hf.get("moe_intermediate_size", 768) if moe else hf["intermediate_size"],
+              vocab_size=hf["vocab_size"], block_size=block_size or min(limit, MAX_BLOCK),
+              n_kv_head=hf.get("num_key_value_heads") or nh,
+              rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
+              norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:  # ModelConfig's check, named as config.json names what it checked
+        raise KeyProblem(re.sub(r"\b(n_kv_head|n_head|n_embd|n_layer)=", lambda m: HF_NAMES[m[1]] + "=", str(e))) from None
+
+
+HF_NAMES = {"n_kv_head": "num_key_value_heads", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+            "n_layer": "num_hidden_layers"}
 
 
 def model_config(hf, block_size=None, source="config.json"):
     """Our ModelConfig for an HF config.json dict; source: the file it came from, which errors about its keys name."""
     kind = hf.get("model_type")
     try:
+        check_values(hf)
         if kind == "gpt2":
             if block_size not in (None, hf["n_positions"]):
                 raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
@@ -436,8 +498,9 @@ def resolve(name_or_dir):
         if not any(d.glob("*.safetensors")):
             d = Path(snapshot_download(name, allow_patterns=["config.json", "pytorch_model*.bin*"]))
     except Exception as e:  # offline, unknown name, gated model, ...: say which, and what to do instead (one line)
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else "no message"
         raise FileNotFoundError(f"{name}: no such directory, and the Hugging Face hub could not provide it "
-                      f"({type(e).__name__}: {e}); download it where the hub is reachable and pass the directory "
+                      f"({type(e).__name__}: {why}); download it where the hub is reachable and pass the directory "
                       f"holding config.json and model.safetensors") from e
     return d
 
