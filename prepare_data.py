@@ -578,6 +578,10 @@ def main(argv):
     if (where / "meta.json").is_file() and not c["overwrite"]:  # a run may be training on it
         raise configurator.ConfigError("out_dir", out, "already holds prepared data (meta.json); pass --overwrite "
                                                        "to replace it, or choose another out_dir")
+    held = [n for n in ("train.bin", "val.bin") if (where / n).exists()]
+    if held and not c["overwrite"]:  # e.g. nanoGPT's data (meta.pkl), or a landing cut short
+        raise configurator.ConfigError("out_dir", out, f"holds {' and '.join(held)} without meta.json (another tool's "
+                                                       f"data?); pass --overwrite to replace them, or choose another out_dir")
     meta = prepare(where, **{k: v for k, v in c.items() if k not in ("out_dir", "overwrite")})
     print(f"wrote {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['train_documents']} / {meta['val_documents']} documents), tokenizer {meta['tokenizer']}")
