@@ -160,9 +160,11 @@ def scripts():
     return tuple(p.relative_to(HERE).as_posix() for p in paths if BEGIN in p.read_text().splitlines())
 
 
-def owner(key, exclude):
-    """The script (other than `exclude`) whose config has `key`, if any."""
-    return next((s for s in scripts() if s not in exclude and key in spec(s)), None)
+def owner(key, exclude, beside=()):
+    """The script (other than `exclude`) whose config has `key`, if any; of several, the one that has the most of the
+    keys `beside` it (a config file's others: out_dir alone is prepare_data.py's as well as train.py's)."""
+    having = [s for s in scripts() if s not in exclude and key in spec(s)]
+    return max(having, key=lambda s: sum(k in spec(s) for k in beside), default=None)
 
 
 def read_file(path):
@@ -228,8 +230,8 @@ def load(argv, script, extends=(), positional=None, doc=None):
     cfg = {k: v.default for k, v in keys.items()}
     given, origins = set(), {}
 
-    def unknown(key, origin):
-        other = owner(key, scripts)
+    def unknown(key, origin, beside=()):
+        other = owner(key, scripts, beside)
         if other:
             return ValueError(f"{key!r} ({'command line' if origin == 'command line' else 'in ' + origin}) is a key of "
                               f"{other}, not of {script}"
@@ -264,7 +266,7 @@ def load(argv, script, extends=(), positional=None, doc=None):
             where = {k: f"{arg}:{n}" for k, n in lines.items()}
             bad = [k for k in updates if k not in keys]
             if bad:
-                raise unknown(bad[0], arg)
+                raise unknown(bad[0], arg, updates)
         for key, value in updates.items():
             try:
                 cfg[key] = keys[key].coerce(value)

@@ -43,6 +43,8 @@ def test_config_merging_and_type_checks(tmp_path):
         f.write_text(bad)
         with pytest.raises(ValueError, match=words):
             configurator.load([str(f)], "train.py")[0]
+    with pytest.raises(ValueError, match="'out_dir' .* is a key of train.py, not of tools/plot.py: .* is a config for train.py"):
+        configurator.load(["configs/crnet_llama_60m.py"], "tools/plot.py")  # (out_dir is prepare_data.py's too)
     for arg, words in [("--n_layer=three", "n_layer='three': expected int"), ("--torch_compile=1", "torch_compile=1: expected bool"),
                        ("--max_iters=2.5", "max_iters=2.5: expected int"), ("--n_layer", "n_layer=None: needs a value"),
                        ("--max_iters=-5", "max_iters=-5: must be >= 1"), ("--grad_clip=-1", "grad_clip=-1.0: must be >= 0"),
