@@ -229,7 +229,7 @@ def test_hub_path_is_one_load_dataset_call(tmp_path, monkeypatch):
     assert not (tmp_path / "p").exists()
 
 
-def test_an_unreachable_hub_and_a_prepared_out_dir_are_one_line_errors(tmp_path, monkeypatch):
+def test_an_unreachable_hub_and_a_prepared_out_dir_are_one_line_errors(tmp_path, monkeypatch, capsys):
     import datasets
     import prepare_data
 
@@ -249,11 +249,15 @@ def test_an_unreachable_hub_and_a_prepared_out_dir_are_one_line_errors(tmp_path,
     assert {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()} == before
     prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'd'}", "--tokenizer=gpt2", "--overwrite", "--piece_chars=50"])
     assert (tmp_path / "d" / "meta.json").read_bytes() != before["meta.json"]  # replaced, with --overwrite
+    (tmp_path / ".n.tmp-abc").mkdir()  # what a prepare killed (SIGKILL) while tokenizing leaves
     (tmp_path / "n").mkdir()  # token files from another tool (nanoGPT writes train.bin, val.bin, meta.pkl)
     (tmp_path / "n" / "train.bin").write_bytes(b"keep")
     with pytest.raises(ValueError, match=r"out_dir=.*n': holds train.bin without meta.json .*; pass --overwrite"):
         prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'n'}", "--piece_chars=50"])
     assert (tmp_path / "n" / "train.bin").read_bytes() == b"keep"
+    capsys.readouterr()
+    prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'n'}", "--piece_chars=50", "--overwrite"])
+    assert f"note: {tmp_path / '.n.tmp-abc'} is what an earlier prepare_data.py" in capsys.readouterr().out
 
 
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
