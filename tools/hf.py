@@ -187,8 +187,9 @@ def check_values(hf):
     """The config.json values the mappers read, by their config.json names, before any is used."""
     for key, value in hf.items():
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key in SIZES and not (value is None and key in NULLABLE or number and isinstance(value, int) and value >= 1):
-            raise KeyProblem(f"{key}={value!r}: must be an integer >= 1" + (" or null" if key in NULLABLE else ""))
+        least = 0 if key in ("num_experts", "num_local_experts") else 1  # 0 experts: transformers' dense MLPs
+        if key in SIZES and not (value is None and key in NULLABLE or number and isinstance(value, int) and value >= least):
+            raise KeyProblem(f"{key}={value!r}: must be an integer >= {least}" + (" or null" if key in NULLABLE else ""))
         if key in POSITIVE and not (number and value > 0):
             raise KeyProblem(f"{key}={value!r}: must be a number > 0")
         if key in ("rope_parameters", "rope_scaling") and value is not None:
