@@ -118,6 +118,12 @@ def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL
     return store
 
 
+def from_stale(min_s):
+    """LanePlanner's CUDA plan from the previous forward's min |s| (host numbers): (1/|s| with each |s| lowered by
+    BETA_DRIFT, a beta's largest safe move in one step, to plan from; 1/|s| exactly, to check that plan against)."""
+    return (1.0 / (min_s - BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / min_s).tolist()
+
+
 class LanePlanner:
     """stored_lanes before each training forward (recompute.py), without waiting on the GPU. On CUDA it plans from
     the betas of the previous forward, copied to pinned host memory since, each |s| lowered by BETA_DRIFT; one step
@@ -142,7 +148,7 @@ class LanePlanner:
             done.synchronize()
             return (1.0 / host).tolist(), None
         previous[1].synchronize()  # recorded a whole step ago: long done
-        return (1.0 / (previous[0] - BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / previous[0]).tolist()
+        return from_stale(previous[0])
 
     def __call__(self, dtype, keep_z):
         inv_s, exact_before = self.inv_scales()

@@ -228,9 +228,12 @@ def test_gpt2_small_full_is_124m():
 
 
 # ---------------------------------------------------------------- optimizer groups
-@pytest.mark.parametrize("arch,param", [("llama", "crnet"), ("gpt2", "crnet"), ("llama", "full"), ("gpt2", "cola")])
+@pytest.mark.parametrize("arch,param", [("llama", "crnet"), ("gpt2", "crnet"), ("llama", "full"), ("gpt2", "cola"),
+                                        ("qwen3", "crnet"), ("qwen3_moe", "crnet"), ("qwen3_moe", "full")])
 def test_optimizer_groups_cover_every_parameter_once(arch, param):
-    m = Transformer(cfg(arch=arch, param=param, bias=arch == "gpt2"))
+    """(qwen3: QK-norm weights, no decay; qwen3_moe: the router and every expert's factors decay)"""
+    moe = dict(n_expert=3, expert_top_k=2) if arch == "qwen3_moe" else {}
+    m = Transformer(cfg(arch=arch, param=param, bias=arch == "gpt2", **moe))
     opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
     assert not decay & no_decay and decay | no_decay == {id(p) for p in m.parameters()}
@@ -309,6 +312,27 @@ def test_init_output_variance_matches_full_rank_at_every_depth(param):
     if param == "crnet":  # (lowrank and cola scatter +-15% per position: a 64-dim bottleneck's sampling noise)
         outliers = {k for k, r in ratios.items() if (r - 1).abs().max() > 0.1}
         assert outliers <= {f"blocks.{l}.o" for l in range(1, 8)}, outliers
+
+
+def test_moe_init_output_variance_matches_full_rank_at_every_depth():
+    """Qwen-3-MoE: the MoE group's output (D plus the lane, Y^moe) at init has the full-rank model's std in every
+    layer (measured 0.98-1.05x), which needs a lane-fed down expert's B scaled as a crnet projection's."""
+    kw = dict(arch="qwen3_moe", n_layer=8, n_head=4, n_embd=256, intermediate_size=256, vocab_size=256, block_size=64,
+              rank=64, n_expert=4, expert_top_k=2)
+
+    def moe_stds(m):
+        stds = {}
+        hooks = [b.moe.register_forward_hook(lambda mod, i, o, l=l: stds.__setitem__(l, (o[0] if isinstance(o, tuple) else o).std()))
+                 for l, b in enumerate(m.blocks)]
+        with torch.no_grad():
+            m(idx)
+        for h in hooks:
+            h.remove()
+        return torch.stack([stds[l] for l in range(len(m.blocks))])
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (8, 64))
+    ratios = moe_stds(Transformer(cfg(param="crnet", **kw))) / moe_stds(Transformer(cfg(param="full", **kw)))
+    assert ((ratios - 1).abs() < 0.1).all(), ratios  # down's B scaled as lowrank's: 1.22-1.48x from layer 2 on
 
 
 def test_flops_and_mfu():

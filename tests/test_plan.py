@@ -81,6 +81,29 @@ def test_paper_table_matches_closed_form_counts(capsys):
     assert seven["crnet_llama_7b.py"][0]["total"] < 0.9 * 80 * plan.GiB  # ...CR-Net 7B with crnet recompute does not
 
 
+@pytest.mark.parametrize("mode", ["none", "crnet"])
+def test_fsdp_params_grads_and_backward_by_hand(mode):
+    """The module docstring's FSDP arithmetic on counted tensors: each GPU holds 4P/N of the float32 parameters and
+    gradients; gathered bf16 copies of the root (embeddings, head, final norm) and two blocks (the current one and
+    the prefetched one); unsharded gradients of the root and one block. Backward: the float32 logits' gradient and
+    its bf16 copy (4 + 2 bytes per logit), plus one layer replayed under recompute."""
+    c = {**configurator.defaults("train.py"), "n_layer": 4, "n_head": 4, "n_embd": 64, "intermediate_size": 160,
+         "vocab_size": 97, "block_size": 32, "rank": 16, "batch_size": 3, "dtype": "bfloat16"}
+    m = Transformer(plan.model_config(c))
+    P = sum(p.numel() for p in m.parameters())
+    block = sum(p.numel() for p in m.blocks[1].parameters())  # layers 2..L: CR-Net's; layer 1 (full rank) is larger
+    block = max(block, sum(p.numel() for p in m.blocks[0].parameters()))
+    root = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("blocks."))
+    r, _ = plan.plan(c, "fsdp", mode, 4)
+    assert r["params"] == pytest.approx(4 * P / 4 + 2 * (root + 2 * block))
+    assert r["grads"] == pytest.approx(4 * P / 4 + 2 * (root + block))
+    tokens, replayed = 3 * 32, 0
+    if mode != "none":
+        f, a = plan.layer_numbers(m.cfg, 2, True, True)
+        replayed = tokens * (4 * f + 2 * a)
+    assert r["backward"] == tokens * 97 * (4 + 2) + replayed
+
+
 def test_report_and_errors(capsys):
     plan.main(["configs/crnet_llama_7b.py", "--gpus=4", "--gpu_gib=40"])
     out = capsys.readouterr().out

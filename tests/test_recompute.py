@@ -263,6 +263,18 @@ def test_reversible_backward_drops_each_rebuilt_block_input_once_used(monkeypatc
     assert set(stashes[-1].lanes) <= store  # after backward, nothing rebuilt is left (a second one rebuilds again)
 
 
+@pytest.mark.parametrize("mode", ["crnet", "reversible"])
+def test_held_bytes_of_a_mixture_of_experts_are_the_formulas_exactly(mode):
+    """Qwen-3-MoE: besides the lanes (one MoE lane a layer) recompute keeps each layer's chosen experts (int64 indices)
+    and the D that feeds the lane; the count is exact, as for the dense models."""
+    m = make(mode, arch="qwen3_moe", n_layer=5, recompute_every=2, n_expert=4, expert_top_k=2, n_kv_head=1, head_dim=12)
+    idx = torch.randint(0, 50, (3, 16))
+    store = stored_lanes(m.blocks, 2, torch.float32, mode == "reversible")
+    held, _ = held_activation_bytes(m, idx, idx)
+    assert plan.route_numbers(m.cfg) == 2 * 2 * 5  # top 2 experts x 5 layers, an int64 (2 float32 numbers) each
+    assert held == stored_numbers_per_token(m.cfg, mode, 2, store) * 4 * idx.numel()
+
+
 def test_guard_lanes_are_counted():
     m = make("crnet", n_layer=6)
     with torch.no_grad():
@@ -450,7 +462,7 @@ def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypa
         now = min_scales(self.blocks)
         before = history[-1] if history else now
         history.append(now)
-        return (1.0 / (before - plan.BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / before).tolist()
+        return plan.from_stale(before)
 
     monkeypatch.setattr(plan.LanePlanner, "inv_scales", stale)
     idx = torch.randint(0, 50, (2, 16))
@@ -465,6 +477,8 @@ def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypa
             m(idx, idx)[1].backward()                  # ...which the next forward finds out
         assert any("moved by more than BETA_DRIFT" in str(w.message) for w in caught) == warned, jump
         assert rc.planner.last_plan is not None
+    margin, exact = plan.from_stale(torch.tensor([[0.5, 0.25]]))  # the margin, by hand
+    assert exact == [[2.0, 4.0]] and margin[0] == pytest.approx([1 / (0.5 - plan.BETA_DRIFT), 1 / (0.25 - plan.BETA_DRIFT)])
 
 
 def test_a_compiled_model_deep_copies_with_its_own_weights():

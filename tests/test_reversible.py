@@ -296,6 +296,36 @@ def fsdp_mixed_precision_worker():
     os._exit(0)
 
 
+def fsdp_float32_reduction_worker():
+    """One of two processes: FSDP2 with bf16 parameters computes bf16 gradients, and reduces them in float32
+    (reduce_dtype): the mean of two ranks' bf16 gradients then keeps the bit a bf16 reduction would round away."""
+    import torch.distributed as dist
+
+    import parallel as par
+    from model import ModelConfig
+    dist.init_process_group("gloo")
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, intermediate_size=48, vocab_size=50, block_size=16, rank=8)
+    model, raw = par.build_model(cfg, "fsdp", torch.device("cpu"), 0, True)
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(dist.get_rank()))  # other data per rank
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)[1].backward()
+    g = torch.cat([p.grad.to_local().flatten() for p in raw.parameters() if p.grad is not None])
+    assert g.dtype == torch.float32 and (g != g.bfloat16().float()).float().mean() > 0.3  # reduce_dtype bf16: 0
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_fsdp_reduces_bf16_gradients_in_float32():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; " \
+           f"t.fsdp_float32_reduction_worker()"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                        sys.executable, "-c", code],
+                       cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
 def test_fsdp_mixed_precision_keeps_the_lanes_the_inversion_needs():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; " \
