@@ -583,7 +583,8 @@ def main(argv):
         raise configurator.ConfigError("out_dir", out, f"holds {' and '.join(held)} without meta.json (another tool's "
                                                        f"data?); pass --overwrite to replace them, or choose another out_dir")
     for left in sorted(where.parent.glob(f".{where.name}.tmp-*")):  # a killed prepare cannot remove its own
-        print(f"note: {left} is what an earlier prepare_data.py into {out} left when it was killed; delete it to free its space")
+        print(f"note: {left} is an unfinished prepare_data.py into {out}: one killed (delete it to free its space) or "
+              f"one still running")
     meta = prepare(where, **{k: v for k, v in c.items() if k not in ("out_dir", "overwrite")})
     print(f"wrote {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['train_documents']} / {meta['val_documents']} documents), tokenizer {meta['tokenizer']}")

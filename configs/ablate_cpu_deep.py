@@ -4,7 +4,7 @@
 # Dims: llama h 256, h_ff 688 (~8/3 h), 4 heads, 8 layers, CR-Net rank 64 = h/4 in layers 2..8.
 # Data: byte-level Shakespeare (vocab 257), because GPT-2 BPE's 50257-wide head costs 4/5 of every CPU step at
 #   this width (measured: 737 tok/s vs 3,175 tok/s byte-level for the full model); note that on bytes layer 1's
-#   q/k/v see at most 85 distinct input rows (the bytes in the train split), so the low-rank-first-layer ablation loses little there.
+#   q/k/v see at most 85 distinct input rows (84 byte values and end-of-text), so the low-rank-first-layer ablation loses little there.
 # Batch: 16 seq x 128 tok x 2 accum = 4,096 tokens/step; 400 steps = 1.64M tokens (~0.36 epoch; windows start at random, so some overlap).
 # Measured on a 2-core CPU (20 steps alone): full 3,175 tok/s, crnet 3,863 tok/s, i.e. ~8.5 and ~7 min per run
 #   with the 5 evaluations; four variants ~28 min per learning rate.

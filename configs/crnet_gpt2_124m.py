@@ -2,7 +2,7 @@
 # CR-Net: rank 192 = h/4 in layers 2..12, layer 1 full-rank.
 # Batch: 12 seq x 1024 tok x 8 GPUs x 5 accum = 491,520 tokens/step (nanoGPT's).
 # Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
-#   train split holds every token the schedule reads, so no token is seen twice.
+#   train split holds as many tokens as the schedule reads (windows start at random: each is read about once).
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/crnet_gpt2_124m.py
 
 out_dir = "out/crnet_gpt2_124m"

@@ -6,7 +6,7 @@
 #   -> grad_accum = 131072 / (32 * 256 * n_gpus) = 16 on 1 GPU, 2 on 8.
 # Schedule: 100,000 steps = 13.1B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
 # Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
-#   train split holds every token the schedule reads, so no token is seen twice.
+#   train split holds as many tokens as the schedule reads (windows start at random: each is read about once).
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/crnet_llama_1b.py
 
 out_dir = "out/crnet_llama_1b"

@@ -1,7 +1,7 @@
 # GPT-2 small (124M full-rank; tied embeddings, learned positions) as full: 124.5M parameters at vocab 50304.
 # Batch: 12 seq x 1024 tok x 8 GPUs x 5 accum = 491,520 tokens/step (nanoGPT's).
 # Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
-#   train split holds every token the schedule reads, so no token is seen twice.
+#   train split holds as many tokens as the schedule reads (windows start at random: each is read about once).
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/full_gpt2_124m.py
 
 out_dir = "out/full_gpt2_124m"

@@ -7,7 +7,7 @@
 #   -> grad_accum = 131072 / (8 * 256 * n_gpus) = 64 on 1 GPU, 8 on 8.
 # Schedule: 80,000 steps = 10.5B tokens, 10% warmup, cosine to 10% of peak (GaLore protocol).
 # Data: data_recipe below (train.py prints it when data_dir has no prepared data): a folder of its own, whose 99%
-#   train split holds every token the schedule reads, so no token is seen twice.
+#   train split holds as many tokens as the schedule reads (windows start at random: each is read about once).
 # Launch: torchrun --standalone --nproc_per_node=8 train.py configs/full_llama_7b.py
 
 out_dir = "out/full_llama_7b"

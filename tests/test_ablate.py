@@ -166,6 +166,11 @@ def test_runner_reuses_a_finished_run_only_on_the_same_tokens(tmp_path, tiny_dat
     shutil.copytree(tiny_data, data)
     argv = SMALL + ["--max_iters=2", "--eval_interval=2", f"--data_dir={data}", f"--ablate_dir={out}", "--variants=full"]
     ablate.main(argv)
+    for f in (out / "full").glob("ckpt*.pt"):  # deleted after the sweep to free the disk: metrics.jsonl has the result
+        f.unlink()
+    log = (out / "full" / "train.log").read_text()
+    ablate.main(argv)  # reused, not trained again
+    assert (out / "full" / "train.log").read_text() == log
     other = tmp_path / "other.txt"
     other.write_text((ablate.HERE / "data" / "shakespeare.txt").read_text()[-300_000:])
     prepare(data, tokenizer="byte", files=[other], piece_chars=5000)  # prepared again, from other text

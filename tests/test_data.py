@@ -257,7 +257,7 @@ def test_an_unreachable_hub_and_a_prepared_out_dir_are_one_line_errors(tmp_path,
     assert (tmp_path / "n" / "train.bin").read_bytes() == b"keep"
     capsys.readouterr()
     prepare_data.main([f"--files={src}", f"--out_dir={tmp_path / 'n'}", "--piece_chars=50", "--overwrite"])
-    assert f"note: {tmp_path / '.n.tmp-abc'} is what an earlier prepare_data.py" in capsys.readouterr().out
+    assert f"note: {tmp_path / '.n.tmp-abc'} is an unfinished prepare_data.py into" in capsys.readouterr().out
 
 
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):

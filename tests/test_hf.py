@@ -251,6 +251,7 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
 @pytest.mark.parametrize("config, match", [
     ({"model_type": "bert"}, r"model_type='bert' .* is not supported: tools/hf.py loads 'gpt2', the LLaMA family .*, "
                              r"'qwen3' and 'qwen3_moe'"),
+    ({"model_type": "gpt_neo", "intermediate_size": None}, r"model_type='gpt_neo' .* is not supported"),  # its null is its own
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"/config.json: rope_scaling=.*llama3.* only plain RoPE"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"/config.json: rope_parameters=.* only plain RoPE"),
     ({"attention_bias": True}, "/config.json: attention_bias=True is not supported"),

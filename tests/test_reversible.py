@@ -307,8 +307,11 @@ def fsdp_float32_reduction_worker():
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, intermediate_size=48, vocab_size=50, block_size=16, rank=8)
     model, raw = par.build_model(cfg, "fsdp", torch.device("cpu"), 0, True)
     idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(dist.get_rank()))  # other data per rank
+    seen = []
+    raw.blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(mod.qkv.A.dtype))  # gathered for the forward
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx, idx)[1].backward()
+    assert seen == [torch.bfloat16]
     g = torch.cat([p.grad.to_local().flatten() for p in raw.parameters() if p.grad is not None])
     assert g.dtype == torch.float32 and (g != g.bfloat16().float()).float().mean() > 0.3  # reduce_dtype bf16: 0
     dist.destroy_process_group()

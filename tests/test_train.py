@@ -486,8 +486,8 @@ def test_missing_data_prints_its_recipe(tmp_path):
 
 def test_every_data_recipe_makes_its_own_data_dir_with_the_tokens_its_schedule_reads():
     """A recipe's out_dir is its config's data_dir, which no other recipe writes (the first one run would otherwise
-    decide the data every other size trains on), and its train split holds max_iters x total_batch_tokens, so
-    no token is read twice; its val split holds eval_tokens."""
+    decide the data every other size trains on), and its train split holds max_iters x total_batch_tokens (a
+    token is read about once on average: windows start at random); its val split holds eval_tokens."""
     made = {}
     for f in sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.py"))) - set(glob.glob(os.path.join(ROOT, "configs", "ablate_*")))):
         c = configurator.load([f], "train.py")[0]

@@ -150,7 +150,7 @@ def run_variant(name, args, run, a, max_iters):
     old = json.loads(stamp.read_text()) if stamp.is_file() else None
     if old is not None:  # a stamp written before configurator.RENAMED's keys were renamed
         old["args"] = [f"--{configurator.RENAMED.get(k[2:], k[2:])}{eq}{v}" for k, eq, v in (s.partition("=") for s in old["args"])]
-    if old is not None and not (ck.find_checkpoint(run)[0] or old.get("diverged")):
+    if old is not None and not (ck.find_checkpoint(run)[0] or old.get("diverged") or read_metrics(run)):
         old = None  # stamped by a launch that failed before training anything: nothing here to keep
     if old is not None and old["args"] != args and not a["overwrite"]:
         raise ValueError(f"{run} holds variant {name!r} trained with other arguments ({' '.join(old['args'])}); "

@@ -176,26 +176,34 @@ def unsupported(key, value, why):
     return KeyProblem(f"{key}={value!r} is not supported: {why}")
 
 
-SIZES = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "hidden_size", "num_attention_heads",
-         "num_hidden_layers", "intermediate_size", "max_position_embeddings", "moe_intermediate_size", "num_experts",
-         "num_local_experts", "num_experts_per_tok", "num_key_value_heads", "head_dim", "sliding_window", "n_inner")
-NULLABLE = ("num_key_value_heads", "head_dim", "sliding_window", "n_inner")  # null: derived, or none
-POSITIVE = ("layer_norm_epsilon", "rms_norm_eps", "rope_theta")
+# the config.json values each model type's mapper reads, and what each must be (only those: a key another
+# architecture gives another meaning is not ours to judge). count: num_experts 0 is transformers' dense MLPs,
+# which the Qwen-3-MoE check refuses, saying why
+RULES = {"size": "an integer >= 1", "size?": "an integer >= 1 or null", "count": "an integer >= 0",
+         "positive": "a number > 0", "object": "an object or null"}
+GPT2_KEYS = dict(n_embd="size", n_layer="size", n_head="size", n_positions="size", vocab_size="size", n_inner="size?",
+                 layer_norm_epsilon="positive")
+LLAMA_KEYS = dict(hidden_size="size", num_attention_heads="size", num_hidden_layers="size", intermediate_size="size",
+                  vocab_size="size", max_position_embeddings="size", num_key_value_heads="size?", head_dim="size?",
+                  rms_norm_eps="positive", rope_theta="positive", rope_parameters="object", rope_scaling="object")
+MOE_KEYS = dict(moe_intermediate_size="size", num_experts="count", num_local_experts="count", num_experts_per_tok="size")
 
 
-def check_values(hf):
-    """The config.json values the mappers read, by their config.json names, before any is used."""
-    for key, value in hf.items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        least = 0 if key in ("num_experts", "num_local_experts") else 1  # 0 experts: transformers' dense MLPs
-        if key in SIZES and not (value is None and key in NULLABLE or number and isinstance(value, int) and value >= least):
-            raise KeyProblem(f"{key}={value!r}: must be an integer >= {least}" + (" or null" if key in NULLABLE else ""))
-        if key in POSITIVE and not (number and value > 0):
-            raise KeyProblem(f"{key}={value!r}: must be a number > 0")
-        if key in ("rope_parameters", "rope_scaling") and value is not None:
-            if not isinstance(value, dict):
-                raise KeyProblem(f"{key}={value!r}: must be an object or null")
-            check_values({k: v for k, v in value.items() if k == "rope_theta"})
+def obeys(value, rule):
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    return {"size": integer and value >= 1, "size?": value is None or integer and value >= 1, "count": integer and value >= 0,
+            "positive": isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            "object": value is None or isinstance(value, dict)}[rule]
+
+
+def check_values(hf, keys):
+    """hf's values of `keys` ({config.json key: rule}), named as config.json names them, before any is used."""
+    for key, rule in keys.items():
+        if key in hf and not obeys(hf[key], rule):
+            value = repr(hf[key]) if len(repr(hf[key])) <= 40 else repr(hf[key])[:37] + "..."
+            raise KeyProblem(f"{key}={value}: must be {RULES[rule]}")
+        if rule == "object" and hf.get(key):
+            check_values(hf[key], {"rope_theta": "positive"})
 
 
 def gpt2_config(hf):
@@ -258,23 +266,26 @@ def llama_config(hf, block_size=None):
     try:
         return ModelConfig(**kw)
     except ValueError as e:  # ModelConfig's check, named as config.json names what it checked
-        raise KeyProblem(re.sub(r"\b(n_kv_head|n_head|n_embd|n_layer)=", lambda m: HF_NAMES[m[1]] + "=", str(e))) from None
+        raise KeyProblem(re.sub(rf"\b({'|'.join(HF_NAMES)})=", lambda m: HF_NAMES[m[1]] + "=", str(e))) from None
 
 
 HF_NAMES = {"n_kv_head": "num_key_value_heads", "n_head": "num_attention_heads", "n_embd": "hidden_size",
-            "n_layer": "num_hidden_layers"}
+            "n_layer": "num_hidden_layers", "n_expert": "num_experts", "expert_top_k": "num_experts_per_tok"}
 
 
 def model_config(hf, block_size=None, source="config.json"):
     """Our ModelConfig for an HF config.json dict; source: the file it came from, which errors about its keys name."""
     kind = hf.get("model_type")
     try:
-        check_values(hf)
         if kind == "gpt2":
+            check_values(hf, GPT2_KEYS)
             if block_size not in (None, hf["n_positions"]):
                 raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
             return gpt2_config(hf)
         if kind in ("llama", "mistral", "qwen3", "qwen3_moe"):
+            use_window = hf.get("use_sliding_window", kind != "qwen3")  # (llama_config's rule: read only when used)
+            check_values(hf, {**LLAMA_KEYS, **({"sliding_window": "size?"} if use_window else {}),
+                              **(MOE_KEYS if kind == "qwen3_moe" else {})})
             return llama_config(hf, block_size)
         raise KeyProblem(f"model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: tools/hf.py "
                          f"loads 'gpt2', the LLaMA family ('llama', 'mistral'), 'qwen3' and 'qwen3_moe'")
