@@ -68,6 +68,33 @@ def test_split_is_seeded(tmp_path):
     assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
     assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
     assert a["val_tokens"] == b["val_tokens"]
+    rng = np.random.default_rng(0)  # the seed alone (same val_fraction) picks other documents
+    src.write_text("".join(json.dumps({"text": f"doc {i} " + "x" * int(rng.integers(20, 400))}) + "\n" for i in range(200)))
+    vals = {prepare(tmp_path / f"s{s}", files=[src], seed=s) and (tmp_path / f"s{s}" / "val.bin").read_bytes() for s in range(4)}
+    assert len(vals) == 4
+
+
+def test_two_documents_at_a_tiny_val_fraction_still_give_each_split_one(tmp_path):
+    """The coin may send every document one way; the fix-up moves one whole document (bytes, not tokens) across."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "first document"}) + "\n" + json.dumps({"text": "second"}) + "\n")
+    for seed in range(5):
+        m = prepare(tmp_path / f"o{seed}", files=[src], val_fraction=0.01, seed=seed)
+        assert load_meta(tmp_path / f"o{seed}") and m["train_documents"] == m["val_documents"] == 1
+        assert m["train_tokens"] + m["val_tokens"] == len("first document") + len("second") + 2  # + an end-of-text each
+
+
+def test_token_ids_equal_to_the_vocabulary_are_refused_and_one_below_pass(tmp_path):
+    from prepare_data import check_token_ids
+    import torch
+    c, meta = {"block_size": 4, "eval_tokens": 8, "vocab_size": 10}, {"vocab_size": 10, "max_token_id": 9}
+    ok = np.full(20, 9, np.uint16)
+    bad = ok.copy()
+    bad[2] = 10
+    first = [(torch.tensor([9]), torch.tensor([9]))]
+    check_token_ids(c, tmp_path, meta, (ok, ok), first, torch.device("cpu"))
+    with pytest.raises(ValueError, match="holds token id 10"):
+        check_token_ids(c, tmp_path, meta, (ok, bad), first, torch.device("cpu"))
 
 
 def test_text_files_are_cut_into_pieces_at_paragraphs(tmp_path):

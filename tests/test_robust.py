@@ -240,6 +240,42 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer(tiny_data, t
     assert max(train_losses(tmp_path / "ft")) == 6
 
 
+def test_a_resumed_run_keeps_the_best_val_loss_it_had(tiny_data, tmp_path):
+    args = ["--max_iters=6", "--eval_interval=2", "--keep_best"]
+    run(tiny_data, tmp_path, *args, "--stop_iter=2")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    torch.save({**ckpt, "best_val_loss": -1.0}, tmp_path / "ckpt.pt")  # a best no later eval can beat
+    run(tiny_data, tmp_path, *args, "--init_from=resume")
+    assert ck.load_train_state(tmp_path)["best_val_loss"] == -1.0 and ck.load_train_state(tmp_path / "best")["iter"] == 2
+
+
+def test_write_atomic_leaves_the_old_file_when_the_write_is_cut(tmp_path, monkeypatch):
+    from pathlib import Path
+    from runlog import write_atomic
+    p = tmp_path / "config.json"
+    p.write_text("old")
+    real = Path.write_text
+
+    def half(self, text, *a, **k):  # a kill midway through the write
+        real(self, text[: len(text) // 2])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(p, "new contents")
+    monkeypatch.undo()
+    assert p.read_text() == "old"
+
+
+def test_a_train_split_of_one_block_is_a_clear_error(tiny_data, tmp_path):
+    d = tmp_path / "d"
+    shutil.copytree(tiny_data, d)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[: 2 * 33])  # block_size 32 + 1 target
+    (d / "meta.json").write_text(json.dumps({**meta, "train_tokens": 33}))
+    with pytest.raises(ValueError, match="holds 33 tokens, not more than one block"):
+        run(d, tmp_path / "o", "--max_iters=1")
+
+
 def test_keep_best_links_the_best_val_checkpoint(tiny_data, tmp_path):
     run(tiny_data, tmp_path, "--max_iters=8", "--eval_interval=2", "--keep_best", "--learning_rate=0.05", "--warmup_iters=1")
     evals = {r["iter"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -30,6 +31,10 @@ def test_config_merging_and_type_checks(tmp_path):
     c = configurator.load([str(f), "--n_layer=3", "--out_dir=somewhere", "--max_iters=1e3", "--torch_compile"], "train.py")[0]
     assert (c["n_layer"], c["learning_rate"], c["rank"], c["out_dir"], c["max_iters"]) == (3, 1.0, [8, 4], "somewhere", 1000)
     assert isinstance(c["learning_rate"], float) and c["torch_compile"] is True and c["eval_tokens"] == 1280
+    for text, value in (("false", False), ("False", False), ("true", True)):  # a string, not bool("false") == True
+        assert configurator.load([f"--torch_compile={text}"], "train.py")[0]["torch_compile"] is value
+    with pytest.raises(ValueError, match="learning_rate=True: expected float"):  # a bool is not a number here
+        configurator.load(["--learning_rate=True"], "train.py")
     rank = configurator.load(["--rank=[8, 1e1, 4.0]"], "train.py")[0]["rank"]  # whole floats in a list, as alone
     assert rank == [8, 10, 4] and all(type(r) is int for r in rank)
     with pytest.raises(ValueError, match="unknown config key 'lerning_rate' on the command line \\(did you mean 'learning_rate'\\?\\); python train.py --help"):
@@ -71,6 +76,8 @@ def test_lr_schedule():
     c = dict(learning_rate=1.0, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
     assert train.lr_at(0, c) == pytest.approx(0.1) and train.lr_at(9, c) == pytest.approx(1.0)
     assert train.lr_at(60, c) == pytest.approx(0.55) and train.lr_at(110, c) == pytest.approx(0.1)
+    c["learning_rate"] = 3e-3  # the floor is a ratio of the peak (at 1.0 the two read the same)
+    assert train.lr_at(110, c) == pytest.approx(3e-4) and train.lr_at(60, c) == pytest.approx(1.65e-3)
 
 
 def test_a_warmup_longer_than_the_run_is_noted_with_the_peak_it_reaches(tiny_data, tmp_path, capsys):
@@ -154,6 +161,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, arch):
     assert max(train_losses(tmp_path / "b")) == 8
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # rows an interrupted run wrote past its checkpoint
         f.write('{"iter": 9, "loss": 123.0}\n{"iter": 10, "lo')  # and a line cut short by a kill
+    torch.manual_seed(999)  # a fresh process's generator, not the one the stopped run left: the checkpoint's counts
     run(tiny_data, tmp_path / "b", *args, "--init_from=resume")
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert list(b) == list(range(1, 17))
@@ -218,10 +226,25 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny_data, tmp_path, mo
     run(tiny_data, tmp_path, "--max_iters=20", "--stop_iter=2", "--eval_interval=100")
     before = (tmp_path / "ckpt.pt").read_bytes()
     monkeypatch.setattr(train, "lr_at", lambda it, c: 1e30)  # the resumed run's first step blows the weights up
+    steps = []  # the optimizer steps train.py's loop takes (not those of a library that builds optimizer state)
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
+        steps.append(any(f.filename.endswith("train.py") and f.name == "main" for f in traceback.extract_stack()[-6:])),
+        real_step(self, *a, **k))[1])
     with pytest.raises(SystemExit, match="iteration 3: non-finite loss .* stopped before the optimizer step"):
         run(tiny_data, tmp_path, "--init_from=resume")
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and steps.count(True) == 1  # iteration 2's, not 3's
     assert json.loads((tmp_path / "diverged.json").read_text())["iter"] == 3  # the mark tools/ablate.py reads
+    with pytest.raises(SystemExit, match="iteration 3: non-finite loss"):  # saving every step: the step that
+        run(tiny_data, tmp_path, "--init_from=resume", "--checkpoint_interval=1")  # diverged is never saved
+    assert ck.load_train_state(tmp_path)["iter"] == 3
+
+
+def test_clip_grad_norm_returns_the_norm_before_clipping_and_clips_to_max():
+    ps = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    ps[0].grad, ps[1].grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # norm 5, by hand
+    assert par.clip_grad_norm(ps, 1.0).item() == pytest.approx(5.0)
+    assert torch.cat([p.grad for p in ps]).norm().item() == pytest.approx(1.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda:1"), (False, True, "mps"), (False, False, "cpu")])
