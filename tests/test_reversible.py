@@ -319,24 +319,22 @@ def fsdp_float32_reduction_worker():
     os._exit(0)
 
 
-def test_fsdp_reduces_bf16_gradients_in_float32():
+def run_worker(name, nproc):
+    """tests/test_reversible.py's function `name` in nproc processes under torch.distributed.run (gloo)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; " \
-           f"t.fsdp_float32_reduction_worker()"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
-                        sys.executable, "-c", code],
+    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; t.{name}()"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        "--no-python", sys.executable, "-c", code],
                        cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_fsdp_reduces_bf16_gradients_in_float32():
+    run_worker("fsdp_float32_reduction_worker", 2)
 
 
 def test_fsdp_mixed_precision_keeps_the_lanes_the_inversion_needs():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; " \
-           f"t.fsdp_mixed_precision_worker()"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--no-python",
-                        sys.executable, "-c", code],
-                       cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_worker("fsdp_mixed_precision_worker", 1)
 
 
 @pytest.mark.parametrize("arch", [[], ["--arch=qwen3", "--n_kv_head=1", "--head_dim=12"]], ids=["llama", "qwen3-gqa"])
