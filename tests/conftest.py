@@ -33,3 +33,8 @@ def read_metrics(out_dir):
 
 def train_losses(out_dir):
     return {r["iter"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def table_cells(line):
+    """The cells of one markdown table row, stripped."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]

@@ -1,5 +1,7 @@
 """tools/ablate.py: ranks against models counted one by one, the runner end to end (reuse, resume, refusals)."""
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import configurator
 import train
 from checkpoint import load_for_inference
 from model import ModelConfig, Transformer
+from conftest import table_cells
 
 
 def counted(c, **changes):
@@ -180,3 +183,53 @@ def test_runner_reuses_a_finished_run_only_on_the_same_tokens(tmp_path, tiny_dat
     assert (out / "full" / "train.log").read_text() == log
     ablate.main(argv + ["--overwrite=True"])  # trains it again, on the new tokens
     assert (out / "full" / "train.log").read_text() != log
+
+
+@pytest.mark.parametrize("n_layer,rank", [(5, 10), (6, 7), (8, 128), (7, 33)])
+def test_middle_heavy_rounds_up_the_largest_remainders(n_layer, rank):
+    w = [math.sin(math.pi * k / n_layer) for k in range(1, n_layer)]
+    exact = [(n_layer - 1) * rank * x / sum(w) for x in w]
+    got = ablate.middle_heavy_ranks(n_layer, rank)[1:]
+    up = [e - math.floor(e) for g, e in zip(got, exact) if g > math.floor(e)]
+    down = [e - math.floor(e) for g, e in zip(got, exact) if g == math.floor(e)]
+    assert all(g in (math.floor(e), math.floor(e) + 1) for g, e in zip(got, exact))
+    assert not up or not down or min(up) >= max(down) - 1e-12
+
+
+def ablation_row(variant, param, ne, vs_crnet, tps, val, best):
+    return {"variant": variant, "param": param, "rank": 8, "non_embedding": ne, "vs_crnet": vs_crnet, "total": ne + 10,
+            "val_loss": val, "best_val": best, "train_loss": 3.0, "tokens_per_s": tps, "peak_mem_mb": 100.0,
+            "seconds": 60.0}
+
+
+def test_ablate_table_columns_and_ratios():
+    c = configurator.defaults("train.py")
+    text = ablate.table([ablation_row("full", "full", 2000, 2.0, 1000.0, 1.5, 1.4),
+                         ablation_row("crnet", "crnet", 1000, 1.0, 1500.0, 1.25, 1.2)], c, "cpu")
+    lines = [l for l in text.splitlines() if l.startswith("|")]
+    head = table_cells(lines[0])
+    row = table_cells(lines[3])
+    assert row[head.index("final val loss")] == "1.2500" and row[head.index("best val")] == "1.2000"
+    assert row[4] == "0.500" and row[10] == "1.500"  # vs full: non-emb params, tokens/s (crnet / full)
+
+
+def test_summarize_vs_crnet_is_variant_over_crnet(tmp_path):
+    c = {**configurator.defaults("train.py"), "param": "full", "vocab_size": 257}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 1, "loss": 3.0, "tokens_per_s": 10, "peak_mem_mb": 1}\n'
+                                            '{"iter": 1, "val_loss": 2.5, "train_loss": 3.0}\n')
+    base = ablate.non_embedding_params(c, param="crnet", rank=c["rank"])
+    r = ablate.summarize("full", tmp_path, 1.0, base)
+    assert r["vs_crnet"] == pytest.approx(r["non_embedding"] / base) and r["vs_crnet"] > 1
+
+
+def test_resumed_run_keeps_its_earlier_seconds(tmp_path, monkeypatch):
+    run = tmp_path / "crnet"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"x")  # found, not opened: resume
+    args = ["--param='crnet'"]
+    (run / "ablate.json").write_text(json.dumps({"args": args, "seconds": 100.0, "data": "d"}))
+    fake = SimpleNamespace(stdout=iter(["step\n"]), wait=lambda: 0, returncode=0)
+    monkeypatch.setattr(ablate.subprocess, "Popen", lambda *a, **k: fake)
+    a = {"overwrite": False, "data": "d", "nproc": 1, "stop_iter": 0}
+    assert ablate.run_variant("crnet", args, run, a, 8) >= 100.0

@@ -8,7 +8,8 @@ import torch
 
 from tools import analyze
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, table_cells
+from model import ModelConfig
 
 
 def explicit_tail(m, r):
@@ -246,3 +247,18 @@ def test_measure_in_the_forward_equals_the_reference_on_collected_outputs(traine
             ref = analyze.observation(ys[(l - 1, p)], ys[(l, p)], r)
             assert row[f"r{r}"]["best_ratio"] == pytest.approx(ref["best_ratio"], abs=1e-5)
             assert row[f"r{r}"]["direct"] == pytest.approx(ref["direct"], abs=1e-5)
+
+
+def test_analyze_table_columns_match_the_header(capsys):
+    o = {"cosine": 0.111, "direct": 0.2222, "ls_ratio": 0.333, "best_ratio": 0.444, "best_beta": 0.555}
+    analyze.print_table([(2, "q", {**o, "at": {4: o}})], [4], 0.95)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|")]
+    row = dict(zip(table_cells(lines[0]), table_cells(lines[2])))
+    assert row["cosine"] == "0.111" and row["direct r=4"] == "0.2222" and row["ratio LS r=4"] == "0.333"
+    assert row["ratio best r=4 (beta)"] == "0.444 (0.555)"
+
+
+def test_structure_note_ignores_layer_one_rank():
+    cfg = ModelConfig(param="crnet", n_layer=3, n_head=2, n_embd=64, intermediate_size=128, rank=[48, 8, 8])
+    note = analyze.structure_note(cfg)
+    assert "rank(X A B) <= 8 at" in note

@@ -383,3 +383,69 @@ def test_analyze_a_pretrained_llama_needs_its_tokens(small_llama, tiny_data, tmp
     with pytest.raises(configurator.ConfigError, match=r"^rank=16: must be 1 <= rank <= 15: below the narrowest "
                                                        r"projection width \(16\)"):
         analyze.main([f"--hf={d}", f"--data_dir={tiny_data}", "--tokens=256", "--rank=16"])
+
+
+# ---------------------------------------------------------------- defaults, sliding window, export variants
+GPT2 = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=24, vocab_size=96)
+
+
+def test_gpt2_config_defaults_are_transformers_defaults():
+    """openai-community/gpt2's config.json has neither key: transformers' GPT2Config defaults apply (tied, 1e-5)."""
+    cfg, want = hf.model_config(dict(GPT2)), transformers.GPT2Config()
+    assert cfg.tied is want.tie_word_embeddings is True
+    assert cfg.norm_eps == want.layer_norm_epsilon
+
+
+def test_mistral_sliding_window_caps_block_size():
+    c = dict(model_type="mistral", hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=48,
+             vocab_size=96, max_position_embeddings=64, sliding_window=16)
+    assert hf.model_config(c).block_size == 16
+    with pytest.raises(ValueError, match=r"block_size=20: must be in \[1, 16\]"):
+        hf.model_config(c, block_size=20)
+
+
+@torch.no_grad()
+def export_and_compare(cfg, tmp_path):
+    """Our random model -> hf_config + hf_tensors -> transformers: same logits (the export's oracle)."""
+    torch.manual_seed(0)
+    ours = Transformer(cfg).eval()
+    for p in ours.parameters():
+        p.add_(torch.randn_like(p) * 0.3)
+    (tmp_path / "config.json").write_text(json.dumps(hf.hf_config(cfg, 0)))
+    hf.write_safetensors(tmp_path / "model.safetensors", hf.hf_tensors(ours))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(1))
+    a, b = ours(idx)[0], theirs(idx).logits
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    return theirs
+
+
+def test_export_keeps_rope_theta(tmp_path):
+    cfg = ModelConfig(arch="llama", param="full", n_layer=2, n_head=4, n_embd=32, intermediate_size=48,
+                      vocab_size=96, block_size=32, rope_theta=50.0)
+    export_and_compare(cfg, tmp_path)
+
+
+def test_export_gpt2_exact_gelu(tmp_path):
+    cfg = ModelConfig(arch="gpt2", param="full", n_layer=2, n_head=4, n_embd=32, intermediate_size=128,
+                      vocab_size=96, block_size=16, bias=True, gelu_approx="none")
+    export_and_compare(cfg, tmp_path)
+
+
+def test_export_bias_free_gpt2_writes_zero_biases(tmp_path):
+    cfg = ModelConfig(arch="gpt2", param="full", n_layer=2, n_head=4, n_embd=32, intermediate_size=128,
+                      vocab_size=96, block_size=16, bias=False)
+    ours = Transformer(cfg)
+    params = dict(ours.named_parameters())
+    made = [(n, t) for n, t in hf.hf_tensors(ours) if n.endswith(".bias")
+            and hf.tensor_map(cfg)[hf.strip_prefix(n, "gpt2")][0] not in params]
+    assert made and all(torch.count_nonzero(t) == 0 for _, t in made)
+    export_and_compare(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_tie_word_embeddings(tie):
+    cfg = ModelConfig(arch="llama", param="full", n_layer=2, n_head=4, n_embd=32, intermediate_size=48,
+                      vocab_size=96, block_size=32, tie_embeddings=tie)
+    assert hf.hf_config(cfg, 0)["tie_word_embeddings"] is tie
+    assert ("lm_head.weight" in dict(hf.hf_tensors(Transformer(cfg)))) is not tie

@@ -18,6 +18,7 @@ import parallel as par
 import sample
 import train
 from conftest import ROOT, TINY, read_metrics, train_losses
+from model import ModelConfig, Transformer
 
 
 def run(tiny_data, out, *extra):
@@ -64,7 +65,6 @@ def test_config_merging_and_type_checks(tmp_path):
 
 def test_every_shipped_config_loads_and_builds():
     from tools import ablate
-    from model import ModelConfig
     configs = sorted((ROOT / "configs").glob("*.py"))
     assert len(configs) >= 13
     for path in configs:  # ablate_*.py may also set tools/ablate.py's keys
@@ -634,3 +634,42 @@ def test_two_processes_stop_together_on_one_signal_and_resume_exactly(tiny_data,
     assert ck.load_train_state(tmp_path / "b")["iter"] == 5
     torchrun(2, tiny_data, tmp_path / "b", *args, "--init_from=resume")
     same_metrics(tmp_path / "ref", tmp_path / "b", rel=1e-6)
+
+
+# ---------------------------------------------------------------- sample.py, tools/plot.py
+def test_greedy_generate_follows_the_last_position():
+    from sample import generate
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, intermediate_size=64, rank=8, vocab_size=50,
+                                block_size=16)).eval()
+    idx = torch.randint(0, 50, (2, 5))
+    want = idx
+    with torch.no_grad():
+        for _ in range(6):
+            want = torch.cat((want, m(want[:, -16:])[0][:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(generate(m, idx, 6, temperature=0), want)
+
+
+def test_sample_with_an_empty_start(tiny_data, tmp_path, capsys):
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1"])
+    sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=3", "--start=''"])
+    assert capsys.readouterr().out.count("-" * 60) == 1
+
+
+def test_sample_passes_the_tokenizer_vocab(tiny_data, tmp_path, monkeypatch):
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1"])
+    seen = {}
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: seen.update(k) or real(*a, **k))
+    sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=2"])
+    assert seen["vocab"] == json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
+
+
+def test_plot_tokens_axis_is_iter_times_tokens_per_step(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from tools import plot
+    figs = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: figs.append(fig))
+    rows = [{"iter": i, "loss": 3.0, "lr": 1e-3, "tokens": 128 * i} for i in (2, 3, 4)]  # (a resumed run: the first row is not iter 1)
+    plot.draw([("a", rows)], tmp_path / "c.png", x="tokens")
+    assert list(figs[0].axes[0].lines[0].get_xdata()) == [256, 384, 512]
