@@ -8,12 +8,12 @@ every document) plus meta.json, which train.py checks before it trains.
     python prepare_data.py --files=a.txt,b.txt --out_dir=data/mine
     python prepare_data.py --files='corpus/*.jsonl' --text_column=body --out_dir=data/mine
     python prepare_data.py --files=corpus/ --tokenizer=gpt2 --out_dir=data/mine      # every supported file inside
-    python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --max_tokens=1.4e9 --tokenizer=gpt2 ...
+    python prepare_data.py --hf_dataset=allenai/c4 --hf_config=en --streaming --max_tokens=1.34e9 --tokenizer=gpt2 ...
 
 Memory stays flat however large the corpus: documents are read, tokenized and appended to the output a batch
 at a time. Plain .txt files are cut into documents of about --piece_chars characters at paragraph breaks, so
 that a single-file corpus still gets a random split. val gets a share of the tokens within one document of
---val_fraction (Splits says how). Output appears only when complete: files are written to a temporary folder
+--val_fraction (each document goes whole to one side: see Splits below). Output appears only when complete: files are written to a temporary folder
 next to out_dir and moved into place, meta.json last. A run that fails leaves out_dir as it was; one killed
 leaves it as it was, or (killed among the final renames) without meta.json, which load_meta refuses, and a
 .<out_dir>.tmp-* folder beside it that may be deleted.

@@ -238,6 +238,8 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
     eot = ckpt["data_meta"]["eot_token"]  # 256 of the byte tokenizer: generate() stops there
     assert (theirs.config.bos_token_id, theirs.config.eos_token_id, theirs.generation_config.eos_token_id) == (eot,) * 3
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "made").mkdir()  # the export's permissions are a plain directory's, not its temporary one's 0700
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == (tmp_path / "made").stat().st_mode & 0o777
     with pytest.raises(FileExistsError, match="export=.*hf: exists"):
         hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])
     with pytest.raises(ValueError, match=r"^export='.*hf/config.json/sub': .*hf/config.json is a file, not a directory"):

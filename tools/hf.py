@@ -617,6 +617,9 @@ def export(run_dir, dest):
     checkpoint.load_weights(ckpt, model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become dest's: a directory others could not load
     try:
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, ckpt["data_meta"]["eot_token"]), indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", hf_tensors(model))
