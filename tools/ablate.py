@@ -188,7 +188,7 @@ def run_variant(name, args, run, a, max_iters):
                 log.write(line)
                 log.flush()
                 echo = echo or line.startswith("error")
-                if echo or line.startswith(("eval", "model:")):
+                if echo or line.startswith(("eval", "model:", "note:")):
                     print(f"   {line.rstrip()}", flush=True)
         failed = proc.wait()
     finally:  # Ctrl-C too: train.py saved its checkpoint, and the time it trained counts when it resumes
