@@ -127,7 +127,7 @@ class ModelConfig:
     @classmethod
     def field_names(cls, pretrained=False):
         """The fields a training config sets (train.py's keys); pretrained=True adds those only pretrained
-        checkpoints change (rope_theta .. gelu_approx), which training keeps at their defaults."""
+        checkpoints change (rope_theta .. norm_topk), which training keeps at their defaults."""
         names = [f.name for f in fields(cls)]
         return names if pretrained else names[:names.index("rope_theta")]
 
@@ -378,8 +378,8 @@ class Transformer(nn.Module):
     | norm weights                   | 1 (biases 0)                            | standard |
     | projection biases (GPT-2)      | 0                                       | standard |
 
-    So at init every projection of every parameterization outputs (to first order) the variance of
-    the full-rank model's, at every depth; tools/bench.py --init measures it.
+    So at init a projection of any parameterization outputs about the full-rank model's variance, but CR-Net's o
+    (0.58-0.72x: its lane carries the layer below's smaller one); python tools/bench.py init measures it.
     """
 
     def __init__(self, cfg: ModelConfig):

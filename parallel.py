@@ -14,7 +14,7 @@ outside (model.py knows nothing of them). Checkpoints are checkpoint.py's.
 
 Both modes build the model on the meta device and draw every full parameter tensor, in a fixed order, from
 one seeded CPU generator; each process keeps its own shard. So every mode and process count starts from
-bit-identical weights, and a 7B model is never materialized whole on one process (one tensor at a time).
+bit-identical weights; under FSDP a 7B model is never materialized whole on one process (one tensor at a time).
 """
 import os
 import resource
@@ -70,7 +70,7 @@ def build_model(mcfg, data_parallel, device, seed, mixed_precision=False, compil
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
         # Blocks take their inputs as given, as under DDP, not cast to param_dtype: the float32 lanes recompute.apply
         # asks for under crnet and reversible must stay float32 (inverting Eq. 6 grows a bf16 lane's rounding by
-        # 1/|s| per rebuilt layer). x and other lanes come from bf16 parameters, bf16 already; the float32 RoPE tables
+        # 1/|s| per rebuilt layer), and so must x, which adding them makes float32; the float32 RoPE tables
         # are cast in apply_rope (inductor may fuse that cast away: compiled RoPE then rounds less). Autocast still
         # runs the matmuls in bf16.
         block_mp = MixedPrecisionPolicy(mp.param_dtype, mp.reduce_dtype, cast_forward_inputs=False)
@@ -185,7 +185,7 @@ def close():
         dist.destroy_process_group()
 
 
-# Dense bf16 tensor-core peak FLOP/s from vendor datasheets, matched against torch.cuda.get_device_name()
+# Dense bf16 (V100, T4: fp16, which have no bf16) tensor-core peak FLOP/s from vendor datasheets, matched against torch.cuda.get_device_name()
 # (longest matching key wins, so "H100 PCIe" beats "H100"). Not listed: pass peak_flops explicitly.
 PEAK_FLOPS = {
     "H200": 989e12, "H200 NVL": 835e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,

@@ -10,17 +10,17 @@ apply(model, mode, every) changes each block's training step; evaluation and no_
              backward, block l:  Y_l is stored, or was handed down by block l + 1
                                  Y_{l-1} = (Y_l - Z_l B_l - b_l) / s_l      Eq. 6 inverted; handed to block l - 1
                                  replay block l from x_l, Y_{l-1}, Z_l and backpropagate through the replay
-           The replay redoes no matmul: X A is the kept Z, Z B the product the inversion formed (both enter through
-           Known, whose backward is the matmul's). Each parameter is touched only in its own block's forward and
-           backward, so DDP's hooks fire as usual and FSDP2 gathers a block around its own backward.
+           The replay redoes no projection matmul (attention's and MoE experts' it does): X A is the kept Z, Z B the
+           product the inversion formed (both enter through Known, whose backward is the matmul's). Each parameter is
+           touched only in its own block's forward and backward: DDP's hooks fire, FSDP2 gathers a block around both.
   "reversible": beyond the paper. A block only adds its own lanes to the residual stream, x_{l+1} = x_l +
            drop(Y^o_l) + drop(Y^down_l), so backward subtracts them from x_{l+1} (no division: no amplified
            round-off) and keeps x_l only at the stored layers. keep_z=False also drops Z: x_l and Y_l give every
            projection input of block l, so backward forms X A again first (recompute_z).
 
-Lanes are float32 under "crnet" and "reversible" (apply sets Projection.lane_dtype): inverting Eq. 6 divides by
-s, amplifying a lane's rounding by 1/|s| per layer. Before each training forward plan.LanePlanner (the round-off
-guard) stores a lane wherever that bound would pass rtol, without waiting on the GPU.
+Lanes of layers 2..L are float32 under "crnet" and "reversible" (apply sets Projection.lane_dtype): inverting Eq. 6
+divides by s, amplifying a lane's rounding by 1/|s| per layer. Before each training forward plan.LanePlanner (the
+round-off guard) stores a lane wherever that bound would pass rtol, without waiting on the GPU.
 
 Compiled (apply(..., compile=True)): CRNetBlock stays a thin eager autograd.Function (one that hands lanes between
 blocks through a Python stash cannot be traced) and its bodies are torch.compile'd: pure functions of a block and
