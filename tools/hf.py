@@ -102,8 +102,8 @@ def read_safetensors(path):
             raise ValueError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
         header.pop("__metadata__", None)
         for name, info in header.items():
-            if header_entry(info):
-                raise ValueError(f"{path}: tensor {name}: {header_entry(info)}: the header is corrupt")
+            if why := header_entry(info):
+                raise ValueError(f"{path}: tensor {name}: {why}: the header is corrupt")
         start = 8 + n
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = SAFETENSORS_DTYPES.get(info["dtype"])
@@ -227,8 +227,11 @@ def gpt2_config(hf):
 def llama_config(hf, block_size=None):
     """LLaMA, Mistral, Qwen-3 (arch "qwen3": QK-norm, whose head_dim is often not hidden_size / heads) and Qwen-3-MoE
     (a key it lacks takes transformers' Qwen3MoeConfig default, as transformers would)."""
-    h, nh, model_type = hf["hidden_size"], hf["num_attention_heads"], hf.get("model_type")
+    model_type = hf.get("model_type")
     qwen3, moe = model_type in ("qwen3", "qwen3_moe"), model_type == "qwen3_moe"
+    use_window = hf.get("use_sliding_window", not qwen3)  # Qwen-3: off unless asked
+    check_values(hf, {**LLAMA_KEYS, **({"sliding_window": "size?"} if use_window else {}), **(MOE_KEYS if moe else {})})
+    h, nh = hf["hidden_size"], hf["num_attention_heads"]
     n_expert = hf.get("num_experts", hf.get("num_local_experts", 128))  # transformers >= 5 writes the second
     for key, ok in (("mlp_only_layers", not hf.get("mlp_only_layers")), ("num_experts", n_expert),
                     ("decoder_sparse_step", hf.get("decoder_sparse_step", 1) == 1)):
@@ -248,7 +251,7 @@ def llama_config(hf, block_size=None):
         if kind != "default":
             raise unsupported(key, value, "only plain RoPE (rope_scaling None / rope_type 'default') is")
     limit = hf.get("max_position_embeddings", MAX_BLOCK)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", not qwen3) else None  # Qwen-3: off unless asked
+    window = hf.get("sliding_window") if use_window else None
     if window is not None:
         limit = min(limit, window)  # within the window, sliding-window attention is causal attention
     if block_size is not None and not 1 <= block_size <= limit:
@@ -283,9 +286,6 @@ def model_config(hf, block_size=None, source="config.json"):
                 raise ValueError(f"block_size={block_size}: a GPT-2 model's is its n_positions={hf['n_positions']}")
             return gpt2_config(hf)
         if kind in ("llama", "mistral", "qwen3", "qwen3_moe"):
-            use_window = hf.get("use_sliding_window", kind != "qwen3")  # (llama_config's rule: read only when used)
-            check_values(hf, {**LLAMA_KEYS, **({"sliding_window": "size?"} if use_window else {}),
-                              **(MOE_KEYS if kind == "qwen3_moe" else {})})
             return llama_config(hf, block_size)
         raise KeyProblem(f"model_type={kind!r} (architectures {hf.get('architectures')}) is not supported: tools/hf.py "
                          f"loads 'gpt2', the LLaMA family ('llama', 'mistral'), 'qwen3' and 'qwen3_moe'")
