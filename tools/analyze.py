@@ -61,7 +61,7 @@ import configurator
 from checkpoint import check_same_tokenizer, load_for_inference
 from tools.hf import load_gguf, load_pretrained
 from tools.plot import image_path, save_figure
-from prepare_data import ROOT, load_meta, prepare, ready_data
+from prepare_data import load_meta, ready_data
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out"    # checkpoint directory written by train.py: ckpt.pt or ckpt_dcp/iter_*
@@ -75,7 +75,7 @@ controls = False   # also the residual stream, the projection inputs and, for a 
 plot = ""          # image path for the errors per layer, written if matplotlib is installed; "" = no plot
 # -----------------------------------------------------------------------------
 
-GPT2_DATA = ROOT / "data" / "shakespeare_gpt2"  # the bundled corpus as GPT-2 BPE, as train.py prepares it
+GPT2_DATA = "data/shakespeare_gpt2"  # the bundled corpus as GPT-2 BPE, found and prepared as train.py does
 GPT2_VOCAB = 50257
 GRID = 41                     # uniform grid points over [-2 rho, 2 rho]; see best_beta
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -458,15 +458,11 @@ def structure_note(cfg):
     return None
 
 
-def hf_data_dir(c, cfg):
-    """Where a pretrained model's validation tokens are: data_dir, or the bundled corpus for GPT-2's BPE."""
-    if c["data_dir"]:
-        return Path(c["data_dir"])
+def hf_data_source(c, cfg):
+    """The train.py config whose data_dir holds a pretrained model's validation tokens, when --data_dir is not
+    given: the bundled corpus for GPT-2's BPE; other vocabularies need their own tokenizer's data."""
     if cfg.arch == "gpt2" and cfg.vocab_size == GPT2_VOCAB:
-        if not (GPT2_DATA / "meta.json").is_file():
-            print(f"preparing {GPT2_DATA} from the bundled corpus (tiktoken gpt2)")
-            prepare(GPT2_DATA, tokenizer="gpt2")
-        return GPT2_DATA
+        return {"data_dir": GPT2_DATA, "data_recipe": ""}
     raise configurator.ConfigError(
         "data_dir", c["data_dir"], f"{c['hf']} is a {cfg.arch} model with a {cfg.vocab_size}-token vocabulary, not "
                                    f"GPT-2's BPE: pass --data_dir=DIR with val.bin prepared (prepare_data.py) with that "
@@ -480,12 +476,12 @@ def load(c):
             raise configurator.ConfigError("hf", c["hf"], "is a file, not a model: --hf takes a Hugging Face model "
                                                           "directory (config.json and weights), a hub name or a .gguf file")
         model = load_pretrained(c["hf"])
-        data_dir = hf_data_dir(c, model.cfg)
+        source = None if c["data_dir"] else hf_data_source(c, model.cfg)
     else:
         model, ckpt = load_for_inference(c["out_dir"])
-        # the run's own data_dir, found as train.py finds it (a bundled one from anywhere), may be prepared again since
-        data_dir = Path(c["data_dir"]) if c["data_dir"] else ready_data(ckpt["config"])[0]
-    meta = load_meta(data_dir)
+        source = ckpt["config"]  # the run's own data_dir, which may have been prepared again since
+    # found as train.py finds it (a bundled corpus from any directory, prepared on first use)
+    data_dir, meta = (Path(c["data_dir"]), load_meta(c["data_dir"])) if c["data_dir"] else ready_data(source)
     if meta["max_token_id"] >= model.cfg.vocab_size:
         raise configurator.ConfigError(
             "data_dir", str(data_dir), f"holds token ids up to {meta['max_token_id']} ({meta['tokenizer']} "
