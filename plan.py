@@ -461,7 +461,7 @@ def preflight(c, world, grad_accum, ckpt=None):
     ckpt's tokenizer when fine-tuning) and the memory plan, against this GPU's memory if there is one."""
     # imported here, so that recompute.py's import of this module (the guard above) does not pull them in
     from checkpoint import check_tokenizer
-    from prepare_data import check_data, find_data, tokens_sha1
+    from prepare_data import check_data, find_data, schedule_reads, tokens_sha1
     try:
         data_dir, meta = find_data(c)
     except FileNotFoundError as e:
@@ -482,12 +482,11 @@ def preflight(c, world, grad_accum, ckpt=None):
                          f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's {limit / gib:.1f} "
                          f"GiB: lower batch_size, use recompute or data_parallel='fsdp'")
     fits = f", fits of this GPU's {limit / gib:.1f} GiB" if limit else ""
-    reads = meta and c["max_iters"] * c["total_batch_tokens"] / meta["train_tokens"]
     print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
           f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
           f"{r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute={cp['recompute']}, "
           f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){fits}; "
-          f"data {f'in {data_dir}, train read {reads:.3g} times by max_iters' if meta else 'not here'}"
+          f"data {f'in {data_dir}, {schedule_reads(c, meta)}' if meta else 'not here'}"
           f"{'' if cp['vocab_size'] else ' (vocab 50257 assumed: set --vocab_size for a closer plan)'}")
 
 

@@ -509,6 +509,11 @@ def check_data(c, data_dir, meta):
                           f"{meta['tokenizer']!r} in {data_dir}): token ids would overflow the embedding")
 
 
+def schedule_reads(c, meta):
+    """How many times max_iters reads the train split (train.py's data line, the preflight): above 1, tokens repeat."""
+    return f"train read {c['max_iters'] * c['total_batch_tokens'] / meta['train_tokens']:.3g} times by max_iters"
+
+
 def ready_data(c, proc=0, world=1, say=print):
     """train.py's data dir and meta. A bundled corpus's dir is prepared on first use, by process 0 while the
     others wait."""

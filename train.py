@@ -31,7 +31,7 @@ import plan
 import recompute as rc  # not `recompute`: the config key below of that name is a module global
 from configurator import ConfigError
 from model import model_config
-from prepare_data import check_token_ids, open_splits, ready_data, unigram_entropy
+from prepare_data import check_token_ids, open_splits, ready_data, schedule_reads, unigram_entropy
 from runlog import check_sinks, fmt_time, start_logs, write_atomic
 
 # ----------------------------------------------------------------------------- config
@@ -157,8 +157,8 @@ def main(argv):
     tokens_per_step = c["total_batch_tokens"]
     say("config:", json.dumps(c))
     say(f"model: {counts['total'] / 1e6:.2f}M parameters " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v and k != "total"))
-    say(f"data: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {len(train_data):,} train / {len(val_data):,} val tokens, train read "
-        f"{c['max_iters'] * tokens_per_step / len(train_data):.3g} times by max_iters; val unigram entropy {unigram_entropy(val_data, meta['vocab_size']):.4f} nats")
+    say(f"data: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {len(train_data):,} train / {len(val_data):,} val tokens, "
+        f"{schedule_reads(c, meta)}; val unigram entropy {unigram_entropy(val_data, meta['vocab_size']):.4f} nats")
     say(f"batch: {tokens_per_step:,} tokens/step = {bsz} seq x {T} tok x {world} proc x {grad_accum} accum; "
         f"device {device}, {rt['dtype']}, {rt['threads']} threads/proc; recompute {mode}; "
         f"{flops_per_token / 1e6:.1f} MFLOP/token")
