@@ -650,18 +650,14 @@ def test_greedy_generate_follows_the_last_position():
     assert torch.equal(generate(m, idx, 6, temperature=0), want)
 
 
-def test_sample_with_an_empty_start(tiny_data, tmp_path, capsys):
-    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1"])
-    sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=3", "--start=''"])
-    assert capsys.readouterr().out.count("-" * 60) == 1
-
-
-def test_sample_passes_the_tokenizer_vocab(tiny_data, tmp_path, monkeypatch):
-    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1"])
+def test_sample_with_an_empty_start_and_the_tokenizers_vocabulary(tiny_data, tmp_path, monkeypatch, capsys):
+    run(tiny_data, tmp_path, "--max_iters=1", "--eval_interval=1")
     seen = {}
     real = sample.generate
     monkeypatch.setattr(sample, "generate", lambda *a, **k: seen.update(k) or real(*a, **k))
-    sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=2"])
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=3", "--start=''"])
+    assert capsys.readouterr().out.count("-" * 60) == 1
     assert seen["vocab"] == json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
 
 
