@@ -17,9 +17,11 @@ train.py's side: start() turns init_from (scratch, resume, auto, a run to fine-t
 checkpoint, restore() loads it into the model, optimizer and RNG, save() writes one; StopSignals turns a
 preemption notice into a save at the end of the step.
 """
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import threading
 import warnings
 from dataclasses import asdict
@@ -178,12 +180,15 @@ def save_checkpoint(out, data_parallel, model, optimizer, train_state, proc, bes
         if proc == 0:
             tmp = out / (CKPT_FILE + ".tmp")
             torch.save({"model": msd, "optimizer": osd, **train_state}, tmp)
+            fsync(tmp)
             if final.exists():  # ckpt.pt keeps its name throughout: linked (or copied) to ckpt.prev.pt, then replaced
                 prev_tmp = out / (PREV_FILE + ".tmp")
                 prev_tmp.unlink(missing_ok=True)
                 link_or_copy(final, prev_tmp)
+                fsync(prev_tmp)
                 os.replace(prev_tmp, out / PREV_FILE)
             os.replace(tmp, final)
+            fsync(out)
             prune(out, final)
     else:
         root = out / DCP_DIR
@@ -193,13 +198,15 @@ def save_checkpoint(out, data_parallel, model, optimizer, train_state, proc, bes
             shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
         dist.barrier()
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)  # returns once every process has written
-        if proc == 0:
+        if proc == 0:  # (and synced: DCP's file writer fsyncs each file by default)
             torch.save(train_state, tmp / "train_state.pt")
+            fsync(tmp / "train_state.pt")
             if final.exists():  # the same iteration saved again: iter_N.old is listed until the new one is in
                 old = final.with_name(final.name + ".old")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
+            fsync(root)
             prune(out, final)
     if best and proc == 0:
         link_best(final, out / "best")
@@ -273,6 +280,18 @@ def recover_best(out):
         os.replace(old, best)
 
 
+def fsync(path):
+    """Force a file's data (a directory: its renames) to disk. A rename publishes a file as complete, so without it a
+    power or machine loss soon after a save could leave ckpt.pt (and its fallback) empty: a killed process cannot."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # (a file system that cannot sync a directory)
+        pass
+    finally:
+        os.close(fd)
+
+
 def link_or_copy(src, dst):
     try:
         os.link(src, dst)
@@ -330,12 +349,50 @@ def start(c, given):
 
 def refuse_to_clobber(c):
     """A new run in an out_dir that holds one would remove its checkpoints and best/: only with overwrite. Checked
-    after the config, so that a config error is reported first."""
+    after the config, so that a config error is reported first. A training run (rank 0) locks an out_dir that exists
+    now (hold_out_dir; start_logs locks one it makes)."""
+    if Path(c["out_dir"]).is_dir() and not (c["preflight"] or c["eval_only"]) and os.environ.get("RANK", "0") == "0":
+        hold_out_dir(c["out_dir"])
     latest, best = find_checkpoint(c["out_dir"])[1], find_checkpoint(Path(c["out_dir"]) / "best")[1]
     if c["init_from"] != "resume" and not c["overwrite"] and (latest or best):
         how = ("continue it with --init_from=resume" if latest else  # best/ alone: nothing to resume in out_dir itself
                f"start from its weights with --init_from={Path(c['out_dir']) / 'best'} and another --out_dir")
         raise FileExistsError(f"{latest or best} exists: {how}, or pass --overwrite or another --out_dir to start over")
+
+
+HELD = {}  # the out_dir this process trains in -> its open lock file (one at a time)
+
+
+def hold_out_dir(out):
+    """One run per out_dir: two at once (a job requeued while the old one still saves, torchrun workers that outlived
+    their launcher) would interleave metrics.jsonl and race on ckpt.pt.tmp. Rank 0 holds an flock on out_dir/.lock
+    until its process ends (the kernel releases it on any exit, SIGKILL too: no stale lock). A file system without
+    locks leaves the run unguarded rather than stopped."""
+    out = Path(out).resolve()
+    if out in HELD:  # this process already runs here (train.main called again, as tests do)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        f = open(out / ".lock", "a+")
+    except OSError:  # (not writable: the run's first write says so, naming the file)
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise FileExistsError(f"out_dir={out} is in use by another run ({who} holds {out / '.lock'}): wait for it to "
+                              f"end or stop it, or choose another out_dir") from None
+    except OSError:
+        return f.close()
+    for old in HELD.values():
+        old.close()
+    HELD.clear()
+    f.truncate(0)
+    f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+    f.flush()
+    HELD[out] = f
 
 
 def say0(*a):

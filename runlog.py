@@ -34,7 +34,7 @@ def start_logs(c, out, start_iter):
     A new run (scratch or fine-tuning; train.py asks for --overwrite where out_dir holds a checkpoint) removes what
     an earlier run left there (checkpoints, best/, TensorBoard), but only once wandb, the one sink that can fail,
     has started. Returns log(row): appends the row to metrics.jsonl and hands it to the log_to sinks."""
-    out.mkdir(parents=True, exist_ok=True)
+    ck.hold_out_dir(out)  # (if refuse_to_clobber has not: an out_dir made now)
     wandb_sink = [open_sink("wandb", c, out, start_iter)] if "wandb" in sinks(c) else []
     (out / "diverged.json").unlink(missing_ok=True)
     if c["init_from"] != "resume":
@@ -93,7 +93,10 @@ def open_sink(name, c, out, start_iter):
 
 def write_atomic(path, text):
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename publishes it
     os.replace(tmp, path)
 
 

@@ -250,20 +250,81 @@ def test_a_resumed_run_keeps_the_best_val_loss_it_had(tiny_data, tmp_path):
 
 
 def test_write_atomic_leaves_the_old_file_when_the_write_is_cut(tmp_path, monkeypatch):
-    from pathlib import Path
-    from runlog import write_atomic
+    import runlog
     p = tmp_path / "config.json"
     p.write_text("old")
-    real = Path.write_text
+    calls = []
 
-    def half(self, text, *a, **k):  # a kill midway through the write
-        real(self, text[: len(text) // 2])
+    def cut(fd):  # a kill once the new text is written, before it is on disk and renamed
+        calls.append(os.fstat(fd).st_size)
         raise KeyboardInterrupt
-    monkeypatch.setattr(Path, "write_text", half)
+    monkeypatch.setattr(runlog.os, "fsync", cut)
     with pytest.raises(KeyboardInterrupt):
-        write_atomic(p, "new contents")
+        runlog.write_atomic(p, "new contents")
     monkeypatch.undo()
-    assert p.read_text() == "old"
+    assert p.read_text() == "old" and calls == [len("new contents")]  # synced whole, before the rename
+    runlog.write_atomic(p, "new contents")
+    assert p.read_text() == "new contents" and [f.name for f in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_save_syncs_each_file_before_the_rename_that_publishes_it(tiny_data, tmp_path, monkeypatch, parallel):
+    """A rename publishes a checkpoint as complete; without an fsync first, a power or machine loss could leave a
+    complete-looking but empty ckpt.pt (and fallback). Order checked on a real save (the second: ckpt.pt is linked
+    to ckpt.prev.pt first), then the directory synced, so that the renames themselves last."""
+    run(tiny_data, tmp_path / "o", "--max_iters=2", "--eval_interval=1", f"--data_parallel={parallel}")
+    events, real_replace = [], os.replace
+    monkeypatch.setattr(ck, "fsync", lambda path: events.append(("fsync", str(path))))
+    monkeypatch.setattr(ck.os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    run(tiny_data, tmp_path / "o", "--max_iters=3", "--init_from=resume")
+    monkeypatch.undo()
+    published = [a for kind, a in events if kind == "replace" and ("ckpt" in a) and not a.endswith(".old")]
+    assert published, events
+    for a in published:  # each published file (DCP: its train_state.pt) synced before its rename, the folder after
+        first = a if parallel == "ddp" else os.path.join(a, "train_state.pt")
+        i = events.index(("replace", a))
+        assert ("fsync", first) in events[:i] and any(k == "fsync" and os.path.isdir(p) for k, p in events[i:]), events
+
+
+HOLDER = "import sys, time; sys.path.insert(0, '.'); import checkpoint; checkpoint.hold_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+
+
+def test_one_run_per_out_dir_and_no_stale_lock_after_a_kill(tiny_data, tmp_path):
+    """A second run in an out_dir another process trains in (a requeue while the old job still saves, workers that
+    outlived their launcher) is refused, naming the holder, before it changes anything: two at once interleaved
+    metrics.jsonl and raced on ckpt.pt.tmp. The lock dies with its process (SIGKILL included); a run in a new
+    out_dir takes it when it makes the folder."""
+    out = tmp_path / "o"
+    run(tiny_data, out, "--max_iters=2", "--eval_interval=2")
+    for f in ck.HELD.values():  # this test process's own run has ended: as if its process had
+        f.close()
+    ck.HELD.clear()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(out)
+        with pytest.raises(FileExistsError, match=rf"out_dir={out} is in use by another run \(\S+ pid {holder.pid} holds "):
+            run(tiny_data, out, "--max_iters=4", "--init_from=auto")
+        assert snapshot(out) == before
+        train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={out}", "--eval_only", "--init_from=resume"])  # reads
+    finally:
+        holder.kill()
+        holder.wait()
+    run(tiny_data, out, "--max_iters=4", "--init_from=auto")  # the kill freed it
+    assert ck.load_train_state(out)["iter"] == 4
+
+    import runlog
+    new = tmp_path / "new"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(new)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        c = configurator.load(TINY + [f"--out_dir={new}"], "train.py")[0]
+        with pytest.raises(FileExistsError, match="is in use by another run"):
+            runlog.start_logs(c, new, 0)
+        assert sorted(p.name for p in new.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_train_split_of_one_block_is_a_clear_error(tiny_data, tmp_path):
@@ -439,7 +500,7 @@ def test_overwrite_removes_the_old_run_once_every_check_passed(tiny_data, tmp_pa
     assert snapshot(tmp_path) == files
     with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):
         run(tiny_data, tmp_path, "--max_iters=4", "--overwrite", "--learning_rate=1e30")
-    assert sorted(snapshot(tmp_path)) == ["config.json", "diverged.json", "metrics.jsonl"]
+    assert sorted(snapshot(tmp_path)) == [".lock", "config.json", "diverged.json", "metrics.jsonl"]
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         run(tiny_data, tmp_path, "--init_from=resume")
 
