@@ -233,3 +233,52 @@ def test_resumed_run_keeps_its_earlier_seconds(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate.subprocess, "Popen", lambda *a, **k: fake)
     a = {"overwrite": False, "data": "d", "nproc": 1, "stop_iter": 0}
     assert ablate.run_variant("crnet", args, run, a, 8) >= 100.0
+
+
+def test_a_signal_reaches_the_run_in_progress_which_saves_before_the_ablation_stops(tmp_path):
+    """SIGTERM to tools/ablate.py alone (a scheduler's notice): passed on to train.py, which saves at the end of its
+    step while ablate.py goes on reading its output (exiting first closed the pipe, and train.py died on its next
+    printed line, before the save); exit 0, the next variant not started. Then Ctrl-C to the whole process group
+    during the same command repeated: it resumed from that checkpoint, saves again, exits 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    from checkpoint import load_train_state
+    out, run = tmp_path / "abl", tmp_path / "abl" / "full"
+    cmd = [sys.executable, "tools/ablate.py", "configs/cpu_debug.py", "--variants=full,crnet", "--max_iters=5000",
+           "--eval_interval=5000", "--log_interval=1", "--plot=False", "--cpu_threads=1", f"--ablate_dir={out}"]
+
+    def signalled(signum, group, after):
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        t0 = time.time()
+        log = run / "train.log"
+        while not log.is_file() or sum(l.startswith("iter ") for l in log.read_text().splitlines()) < after:
+            assert p.poll() is None and time.time() - t0 < 120, p.stdout.read()
+            time.sleep(0.05)
+        os.killpg(p.pid, signum) if group else p.send_signal(signum)
+        text = p.communicate(timeout=120)[0]
+        stopped = [l for l in (run / "train.log").read_text().splitlines() if l.startswith("stopped at iteration")]
+        return p.returncode, text, int(stopped[-1].split()[3][:-1])
+
+    status, text, n = signalled(signal.SIGTERM, False, 3)
+    assert status == 0 and "== full: stopped by SIGTERM, train.py exit 0" in text, text
+    assert load_train_state(run)["iter"] == n >= 3 and not (out / "crnet").exists()
+    status, text, m = signalled(signal.SIGINT, True, n + 3)
+    assert status == 130 and "== full: stopped by SIGINT, train.py exit 130" in text and "Traceback" not in text, text
+    assert load_train_state(run)["iter"] == m > n and not (out / "crnet").exists()
+    assert json.loads((run / "ablate.json").read_text())["seconds"] > 0
+
+
+def test_read_metrics_skips_a_row_cut_short_and_names_a_damaged_one(tmp_path):
+    """A kill during an append leaves the last row cut short: skipped, as train.py skips it on resuming (ablate.py
+    once stopped on it, naming no file). A damaged row before the last is an error naming the file and line."""
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 1, "loss": 3.0}\n{"iter": 2, "lo')
+    assert ablate.read_metrics(tmp_path) == [{"iter": 1, "loss": 3.0}]
+    assert ablate.read_metrics(tmp_path / "none") == []
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 1, "lo\n{"iter": 2, "loss": 3.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1 is not a JSON row"):
+        ablate.read_metrics(tmp_path)

@@ -15,7 +15,8 @@ parameter count is nearest CR-Net's (an error if none is within 2%); crnet_middl
 total rank over layers 2..L as sin(pi k / L), k = 1..L-1, so its count equals crnet's exactly;
 crnet_lowrank_first keeps the rank and simply drops layer 1's full-rank weights (fewer parameters, shown).
 Each run writes to ablate_dir/<variant>/ (its train.log, metrics.jsonl, checkpoint). Running the same command
-again reuses finished runs, resumes interrupted ones from their checkpoint, and refuses (naming the variant) a
+again reuses finished runs, resumes interrupted ones from their checkpoint (Ctrl-C, SIGTERM and SIGUSR1 are passed
+on to the run in progress, which saves before the ablation stops), and refuses (naming the variant) a
 directory trained with other arguments unless --overwrite=True. --stop_iter=N stops every run at N, to split an
 ablation across several sittings. Config files and --key=value set train.py's keys (shared by every run) and
 tools/ablate.py's own keys below; each run is launched with the merged config spelled out as --key=value.
@@ -23,6 +24,7 @@ tools/ablate.py's own keys below; each run is launched with the merged config sp
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +40,7 @@ import plan
 import recompute as rc
 from prepare_data import check_data, ready_data
 from model import Transformer, model_config
-from tools.plot import draw
+from tools.plot import draw, read_rows
 from runlog import write_atomic
 
 # ----------------------------------------------------------------------------- config
@@ -130,8 +132,8 @@ def check_run(args, a):
 
 
 def read_metrics(run):
-    m = run / "metrics.jsonl"
-    return [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.is_file() else []
+    """A run's metrics rows (none yet: []), read as tools/plot.py reads them: a last line a kill cut short is skipped."""
+    return read_rows(run) if (run / "metrics.jsonl").is_file() else []
 
 
 def diverged(run):
@@ -179,10 +181,23 @@ def run_variant(name, args, run, a, max_iters):
     seconds = (old["seconds"] if resume else 0.0)
     mark = lambda **k: write_atomic(stamp, json.dumps({"args": args, "seconds": seconds, "data": a["data"], **k}))
     mark()  # before training: marks the dir as ours
+    stop, proc = [], None
+
+    def handle(signum, frame):
+        # Ctrl-C, SIGTERM or SIGUSR1 (a preemption notice): passed on to train.py, which finishes its step, saves and
+        # exits, while this loop goes on reading its output: exiting now would close the pipe, and train.py would
+        # die on its next print, before its save. (A signal sent to the whole group reaches train.py twice: it
+        # keeps the first.)
+        stop.append(signum)
+        if len(stop) == 1 and proc is not None:
+            proc.send_signal(signum)
+    old_handlers = {sig: signal.signal(sig, handle) for sig in ck.StopSignals.SIGNALS}
     try:
         with open(run / "train.log", "a" if resume else "w") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the log follows the run live
+            if stop:  # a signal while it started
+                proc.send_signal(stop[0])
             echo = False  # from an error on, every line (an error's advice follows it)
             for line in proc.stdout:
                 log.write(line)
@@ -191,9 +206,15 @@ def run_variant(name, args, run, a, max_iters):
                 if echo or line.startswith(("eval", "model:", "note:")):
                     print(f"   {line.rstrip()}", flush=True)
         failed = proc.wait()
-    finally:  # Ctrl-C too: train.py saved its checkpoint, and the time it trained counts when it resumes
+    finally:  # the time it trained counts when it resumes
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
         seconds += time.perf_counter() - t0
         mark()
+    if stop:  # the next variant does not start; the same command continues the ablation where it stopped
+        print(f"== {name}: stopped by {signal.Signals(stop[0]).name}, train.py exit {proc.returncode} (its log: "
+              f"{run / 'train.log'}); run the same command to continue", flush=True)
+        raise SystemExit(130 if stop[0] == signal.SIGINT else 0)  # as train.py exits
     diverged = failed and (run / "diverged.json").is_file()  # train.py's mark of its non-finite-loss stop
     mark(diverged=bool(diverged))
     if diverged:
