@@ -520,6 +520,8 @@ def ready_data(c, proc=0, world=1, say=print):
     data_dir, meta = find_data(c)
     if meta is None:
         if proc == 0:
+            for left in unfinished(data_dir):
+                say(f"note: {left} is an unfinished preparation of {data_dir}: one killed (delete it) or one still running")
             say(f"preparing {data_dir} from the bundled corpus")
             prepare(data_dir, tokenizer=BUNDLED_DIRS[c["data_dir"]])
         if world > 1:
@@ -527,6 +529,12 @@ def ready_data(c, proc=0, world=1, say=print):
             torch.distributed.barrier()
         meta = load_meta(data_dir)
     return data_dir, {**meta, "tokens_sha1": tokens_sha1(data_dir)}  # saved with each checkpoint
+
+
+def unfinished(where):
+    """The .<name>.tmp-* folders beside `where` that a writer killed mid-way (prepare, tools/hf.py's export) left:
+    only a finished one is renamed into place, and a killed process cannot remove its own."""
+    return sorted(Path(where).parent.glob(f".{Path(where).name}.tmp-*"))
 
 
 def tokens_sha1(data_dir, n=2 ** 20):
@@ -587,7 +595,7 @@ def main(argv):
     if held and not c["overwrite"]:  # e.g. nanoGPT's data (meta.pkl), or a landing cut short
         raise configurator.ConfigError("out_dir", out, f"holds {' and '.join(held)} without meta.json (another tool's "
                                                        f"data?); pass --overwrite to replace them, or choose another out_dir")
-    for left in sorted(where.parent.glob(f".{where.name}.tmp-*")):  # a killed prepare cannot remove its own
+    for left in unfinished(where):
         print(f"note: {left} is an unfinished prepare_data.py into {out}: one killed (delete it to free its space) or "
               f"one still running")
     meta = prepare(where, **{k: v for k, v in c.items() if k not in ("out_dir", "overwrite")})

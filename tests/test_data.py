@@ -287,6 +287,25 @@ def test_an_unreachable_hub_and_a_prepared_out_dir_are_one_line_errors(tmp_path,
     assert f"note: {tmp_path / '.n.tmp-abc'} is an unfinished prepare_data.py into" in capsys.readouterr().out
 
 
+def test_train_notes_what_a_killed_preparation_of_the_bundled_data_left(tmp_path, monkeypatch):
+    """train.py prepares a bundled data dir on first use; one killed mid-way leaves .<dir>.tmp-* beside it, which only
+    a person can tell from one still running: named in a note before the next preparation starts."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare_data, "ROOT", tmp_path)
+    (tmp_path / "data" / ".shakespeare_byte.tmp-abc").mkdir(parents=True)
+    said = []
+
+    def prepared(d, tokenizer):
+        said.append(f"prepare {tokenizer}")
+        raise KeyboardInterrupt  # (the test ends here)
+    monkeypatch.setattr(prepare_data, "prepare", prepared)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.ready_data({"data_dir": "data/shakespeare_byte", "data_recipe": ""}, say=said.append)
+    assert said == [f"note: {tmp_path / 'data' / '.shakespeare_byte.tmp-abc'} is an unfinished preparation of "
+                    f"{tmp_path / 'data' / 'shakespeare_byte'}: one killed (delete it) or one still running",
+                    f"preparing {tmp_path / 'data' / 'shakespeare_byte'} from the bundled corpus", "prepare byte"]
+
+
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     """A corpus held whole would add 120 MB of text and 240 MB of tokens; read a batch at a time, it adds little
     (what it adds is batches in flight in the tokenizer threads: 7-45 MB measured on 2 cores, hence the margin).

@@ -218,7 +218,7 @@ def test_hub_names_fail_clearly_when_the_hub_is_unreachable(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "qwen3_moe"])
-def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_data, tmp_path):
+def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_data, tmp_path, capsys):
     """python tools/hf.py --out_dir=RUN --export=DIR writes config.json + model.safetensors that transformers'
     AutoModelForCausalLM loads with our logits (gpt2: tied, biases; llama: untied; qwen3: GQA, a head_dim of
     its own; qwen3_moe: 3 experts, top 2); CR-Net runs are refused."""
@@ -229,7 +229,10 @@ def test_a_full_rank_run_exports_to_transformers_with_equal_logits(arch, tiny_da
                        "--max_iters=3", "--eval_interval=3"] + (["--bias"] if arch == "gpt2" else [])
                + (["--n_kv_head=1", "--head_dim=12"] if arch.startswith("qwen3") else [])
                + (["--n_expert=3", "--expert_top_k=2", "--intermediate_size=24"] if arch == "qwen3_moe" else []))
+    (tmp_path / ".hf.tmp-abc").mkdir()  # what an export killed mid-way leaves: named, not touched
     hf.main([f"--out_dir={run}", f"--export={tmp_path / 'hf'}"])
+    assert (tmp_path / ".hf.tmp-abc").is_dir()
+    assert f"note: {tmp_path / '.hf.tmp-abc'} is an unfinished export to {tmp_path / 'hf'}" in capsys.readouterr().out
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     ours = Transformer(ModelConfig(**ckpt["model_config"]))
