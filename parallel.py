@@ -17,6 +17,7 @@ one seeded CPU generator; each process keeps its own shard. So every mode and pr
 bit-identical weights; under FSDP a 7B model is never materialized whole on one process (one tensor at a time).
 """
 import os
+import re
 import resource
 import sys
 import types
@@ -186,16 +187,17 @@ def close():
 
 
 # Dense bf16 (V100, T4: fp16, which have no bf16) tensor-core peak FLOP/s from vendor datasheets, matched against torch.cuda.get_device_name()
-# (longest matching key wins, so "H100 PCIe" beats "H100"). Not listed: pass peak_flops explicitly.
+# as whole words (so "L4" is not an "L40"), the longest matching key winning ("H100 PCIe" beats "H100"). Not listed:
+# pass peak_flops explicitly.
 PEAK_FLOPS = {
     "H200": 989e12, "H200 NVL": 835e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
     "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
 
 
 def peak_flops_for(device_name):
-    keys = [k for k in PEAK_FLOPS if k.lower() in (device_name or "").lower()]
+    keys = [k for k in PEAK_FLOPS if re.search(rf"(?<![a-z0-9]){re.escape(k.lower())}(?![a-z0-9])", (device_name or "").lower())]
     return PEAK_FLOPS[max(keys, key=len)] if keys else None
 
 

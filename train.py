@@ -98,7 +98,7 @@ dtype = "auto"                      # "auto" = bfloat16 autocast on cuda, float3
 torch_compile = False               # torch.compile each block, the embedding and the head (parallel.compile_regions)
 data_parallel = "ddp"               # "ddp": a replica per process; "fsdp": FSDP2 shards params/grads/AdamW {ddp|fsdp}
 cpu_threads = 0                     # 0 = torch's default, divided among local processes under torchrun [>=0]
-peak_flops = 0.0                    # 0 = look the device up in parallel.PEAK_FLOPS; MFU is n/a when unknown [>=0]
+peak_flops = 0.0                    # one GPU's; 0 = look it up in parallel.PEAK_FLOPS; MFU is n/a when unknown [>=0]
 preflight = False                   # run every check a launch makes (config, batch, data, memory plan), then exit
 world_size = 0                      # preflight: the number of processes to check for; 0 = this launch's [>=0]
 TYPES = {"rank": (int, list), "vocab_size": (int, None), "tie_embeddings": (bool, None)}
@@ -201,7 +201,7 @@ def main(argv):
             if done % c["log_interval"] == 0 or done == c["max_iters"]:
                 dt, train_time, timed_iters = train_time / timed_iters, 0.0, 0
                 tps = tokens_per_step / dt
-                mfu = par.estimate_mfu(flops_per_token, tps, peak)
+                mfu = par.estimate_mfu(flops_per_token, tps / world, peak)  # tps: all processes'; peak: one GPU's
                 elapsed = t1 - t_start
                 end = c["stop_iter"] if c["stop_iter"] >= done else c["max_iters"]
                 eta = elapsed / (done - start_iter) * (end - done)

@@ -344,6 +344,9 @@ def test_flops_and_mfu():
     assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
     assert peak_flops_for("NVIDIA H200") == 989e12 and peak_flops_for("NVIDIA H200 NVL") == 835e12
     assert peak_flops_for("NVIDIA A100-SXM4-40GB") == 312e12
+    # whole words: an L40 is not an L4, an A10G not an A10, a GH200 not an H200
+    assert [peak_flops_for(f"NVIDIA {n}") for n in ("L4", "L40", "L40S", "A10", "A10G", "GH200 480GB")] == [
+        121e12, 181e12, 362e12, 125e12, 70e12, 989e12]
     assert peak_flops_for("") is None and estimate_mfu(1e6, 1e3, None) is None
     assert estimate_mfu(1e9, 1e5, 1e15) == pytest.approx(0.1)
 

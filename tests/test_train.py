@@ -412,7 +412,11 @@ def ddp_matches_single_process(tiny_data, tmp_path, *extra, two_procs=(), rel=1e
 
 
 def test_ddp_two_processes_match_one(tiny_data, tmp_path):
-    ddp_matches_single_process(tiny_data, tmp_path)
+    """And MFU is per GPU: tokens/s counts both processes' tokens, the peak is one device's, so the same tokens/s
+    is half the MFU on two (it once divided by one peak: 2x too high, 8x on 8 GPUs)."""
+    ddp_matches_single_process(tiny_data, tmp_path, "--peak_flops=1e9")
+    (one, two) = ([r["mfu"] / r["tokens_per_s"] for r in read_metrics(tmp_path / d) if "mfu" in r] for d in ("one", "two"))
+    assert one and len(one) == len(two) and all(b == pytest.approx(a / 2) for a, b in zip(one, two))
 
 
 def test_ddp_with_crnet_recompute_matches_one_process(tiny_data, tmp_path):
