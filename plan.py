@@ -473,6 +473,8 @@ def preflight(c, world, grad_accum, ckpt=None):
         check_data(c, data_dir, meta)
     cp, gib = {**c, "vocab_size": c["vocab_size"] or (meta or {}).get("vocab_size")}, 2 ** 30
     limit = device_memory(torch.device("cuda", 0)) if torch.cuda.is_available() else None  # this GPU's
+    if c["dtype"] == "auto" and c["device"] in ("cpu", "mps"):
+        cp["dtype"] = "float32"  # as train.py resolves auto there (bf16 autocast on CUDA only)
     if c["recompute"] == "auto":
         cp["recompute"], why = auto_recompute(cp, world, c["device_gib"] * gib or limit or 80 * gib)
         print(why + ("" if limit or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
@@ -482,10 +484,12 @@ def preflight(c, world, grad_accum, ckpt=None):
                          f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's {limit / gib:.1f} "
                          f"GiB: lower batch_size, use recompute or data_parallel='fsdp'")
     fits = f", fits of this GPU's {limit / gib:.1f} GiB" if limit else ""
+    if cp["dtype"] == "auto" and c["device"] == "auto" and not limit:  # planned for CUDA; a run here is float32
+        fits += f"; {plan({**cp, 'dtype': 'float32'}, c['data_parallel'], cp['recompute'], world)[0]['total'] / gib:.1f} GiB in float32 (a run here, without CUDA)"
     print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
           f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
-          f"{r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute={cp['recompute']}, "
-          f"{'bf16' if c['dtype'] in ('auto', 'bfloat16') else 'float32'}){fits}; "
+          f"{r['total'] / gib:.1f} GiB per {'process' if c['device'] in ('cpu', 'mps') else 'GPU'} ({c['data_parallel']}, recompute={cp['recompute']}, "
+          f"{'bf16' if cp['dtype'] in ('auto', 'bfloat16') else 'float32'}){fits}; "
           f"data {f'in {data_dir}, {schedule_reads(c, meta)}' if meta else 'not here'}"
           f"{'' if cp['vocab_size'] else ' (vocab 50257 assumed: set --vocab_size for a closer plan)'}")
 

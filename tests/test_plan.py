@@ -139,3 +139,19 @@ def test_preflight_and_train_report_what_auto_chose(tiny_data, tmp_path, capsys)
     assert "recompute auto -> crnet" in out and "recompute=crnet" in out  # 1B at 32 x 256: none needs 34.8 GiB
     train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'r'}", "--recompute=auto", "--max_iters=2"])
     assert "recompute auto -> none" in capsys.readouterr().out  # a tiny model fits anywhere
+
+
+def test_preflight_plans_the_dtype_the_run_will_have(capsys):
+    """dtype='auto' is bf16 autocast on CUDA and float32 elsewhere (parallel.setup): --device=cpu plans float32;
+    device auto on a machine without CUDA plans CUDA's bf16 and names what a run here (float32) would need."""
+    import train
+    base = ["configs/laptop_60m.py", "--preflight", "--vocab_size=50257"]
+    c = configurator.load(base[:1] + base[2:], "train.py")[0]
+    f32, bf16 = (plan.plan({**c, "dtype": d}, "ddp", "none", 1)[0]["total"] / plan.GiB for d in ("float32", "auto"))
+    assert f32 > bf16 * 1.1
+    train.main(base + ["--device=cpu"])
+    assert f"planned {f32:.1f} GiB per process (ddp, recompute=none, float32); data" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        train.main(base)
+        assert (f"planned {bf16:.1f} GiB per GPU (ddp, recompute=none, bf16); {f32:.1f} GiB in float32 (a run here, "
+                f"without CUDA); data") in capsys.readouterr().out
