@@ -2,7 +2,7 @@
 #   python tools/ablate.py configs/ablate_cpu_deep.py                      # 4 variants x 3 lrs, one seed: ~90 min, 2 cores
 #   python tools/ablate.py configs/ablate_cpu_deep.py --seeds=1337,1338    # and a second seed: ~3 h (--stop_iter=N splits it)
 # Dims: llama h 256, h_ff 688 (~8/3 h), 4 heads, 8 layers, CR-Net rank 64 = h/4 in layers 2..8.
-# Data: byte-level Shakespeare (vocab 257), because GPT-2 BPE's 50257-wide head costs 4/5 of every CPU step at
+# Data: byte-level Shakespeare (vocab 257), because GPT-2 BPE's 50257-wide head costs 3/4 of every CPU step at
 #   this width (measured: 737 tok/s vs 3,175 tok/s byte-level for the full model); note that on bytes layer 1's
 #   q/k/v see at most 85 distinct input rows (84 byte values and end-of-text), so the low-rank-first-layer ablation loses little there.
 # Batch: 16 seq x 128 tok x 2 accum = 4,096 tokens/step; 400 steps = 1.64M tokens (~0.36 epoch; windows start at random, so some overlap).
