@@ -205,6 +205,7 @@ def save_checkpoint(out, data_parallel, model, optimizer, train_state, proc, bes
                 old = final.with_name(final.name + ".old")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
+            fsync(tmp)
             os.replace(tmp, final)
             fsync(root)
             prune(out, final)
@@ -222,8 +223,8 @@ class StopSignals:
     ranks with the step's loss, so every rank stops and saves at the same iteration."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
-        self.signum, self.old = 0, {}
+    def __init__(self, out=None):
+        self.signum, self.old, self.out = 0, {}, out
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python runs handlers only there
@@ -236,6 +237,8 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
+        if self.out is not None:  # the loop is over, its last save made: out_dir is free for the next run
+            release_out_dir(self.out)
 
 
 def prune(out, final):
@@ -281,13 +284,16 @@ def recover_best(out):
 
 
 def fsync(path):
-    """Force a file's data (a directory: its renames) to disk. A rename publishes a file as complete, so without it a
-    power or machine loss soon after a save could leave ckpt.pt (and its fallback) empty: a killed process cannot."""
+    """Force a file's data (a directory: its entries) to disk. A rename publishes a file as complete, so without it a
+    power or machine loss soon after a save could leave ckpt.pt (and its fallback) empty: a killed process cannot.
+    A file's write error that only fsync reports (EIO, a full disk) is raised, before the rename."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # (a file system that cannot sync a directory)
-        pass
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+        # (some file systems cannot sync a directory)
     finally:
         os.close(fd)
 
@@ -349,15 +355,15 @@ def start(c, given):
 
 def refuse_to_clobber(c):
     """A new run in an out_dir that holds one would remove its checkpoints and best/: only with overwrite. Checked
-    after the config, so that a config error is reported first. A training run (rank 0) locks an out_dir that exists
-    now (hold_out_dir; start_logs locks one it makes)."""
-    if Path(c["out_dir"]).is_dir() and not (c["preflight"] or c["eval_only"]) and os.environ.get("RANK", "0") == "0":
-        hold_out_dir(c["out_dir"])
+    after the config, so that a config error is reported first. Then a training run (rank 0) locks an out_dir that
+    exists now (hold_out_dir; start_logs locks one it makes)."""
     latest, best = find_checkpoint(c["out_dir"])[1], find_checkpoint(Path(c["out_dir"]) / "best")[1]
     if c["init_from"] != "resume" and not c["overwrite"] and (latest or best):
         how = ("continue it with --init_from=resume" if latest else  # best/ alone: nothing to resume in out_dir itself
                f"start from its weights with --init_from={Path(c['out_dir']) / 'best'} and another --out_dir")
         raise FileExistsError(f"{latest or best} exists: {how}, or pass --overwrite or another --out_dir to start over")
+    if Path(c["out_dir"]).is_dir() and not (c["preflight"] or c["eval_only"]) and os.environ.get("RANK", "0") == "0":
+        hold_out_dir(c["out_dir"])
 
 
 HELD = {}  # the out_dir this process trains in -> its open lock file (one at a time)
@@ -366,10 +372,10 @@ HELD = {}  # the out_dir this process trains in -> its open lock file (one at a 
 def hold_out_dir(out):
     """One run per out_dir: two at once (a job requeued while the old one still saves, torchrun workers that outlived
     their launcher) would interleave metrics.jsonl and race on ckpt.pt.tmp. Rank 0 holds an flock on out_dir/.lock
-    until its process ends (the kernel releases it on any exit, SIGKILL too: no stale lock). A file system without
-    locks leaves the run unguarded rather than stopped."""
+    until the run ends (release_out_dir) or its process does: the kernel releases it on any exit, SIGKILL too. A
+    file system without locks leaves the run unguarded, with a note, rather than stopped."""
     out = Path(out).resolve()
-    if out in HELD:  # this process already runs here (train.main called again, as tests do)
+    if out in HELD:  # this process holds it already (a train.main that raised, called again)
         return
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -384,15 +390,21 @@ def hold_out_dir(out):
         f.close()
         raise FileExistsError(f"out_dir={out} is in use by another run ({who} holds {out / '.lock'}): wait for it to "
                               f"end or stop it, or choose another out_dir") from None
-    except OSError:
-        return f.close()
-    for old in HELD.values():
-        old.close()
-    HELD.clear()
-    f.truncate(0)
-    f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-    f.flush()
+    except OSError as e:
+        f.close()
+        return print(f"note: cannot lock {out / '.lock'} ({e.strerror}): nothing stops a second run in out_dir={out}")
+    for other in list(HELD):
+        release_out_dir(other)
     HELD[out] = f
+    f.truncate(0)
+    f.write(f"{socket.gethostname()} pid {os.getpid()}\n")  # (only what the refusal names: the lock is the flock)
+    f.flush()
+
+
+def release_out_dir(out):
+    f = HELD.pop(Path(out).resolve(), None)
+    if f is not None:
+        f.close()
 
 
 def say0(*a):

@@ -166,7 +166,7 @@ def main(argv):
     # ---- the loop: step `it` takes the model from iteration it to it + 1
     t_start = t0 = time.perf_counter()
     train_time, timed_iters = 0.0, 0  # since the last log line; evaluation excluded
-    with ck.StopSignals() as signals:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, save, stop
+    with ck.StopSignals(out) as signals:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, save, stop; then out_dir's lock
         for it in range(start_iter, c["max_iters"]):
             lr = lr_at(it, c)
             for group in optimizer.param_groups:

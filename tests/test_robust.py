@@ -5,6 +5,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,12 +279,26 @@ def test_a_save_syncs_each_file_before_the_rename_that_publishes_it(tiny_data, t
     monkeypatch.setattr(ck.os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
     run(tiny_data, tmp_path / "o", "--max_iters=3", "--init_from=resume")
     monkeypatch.undo()
-    published = [a for kind, a in events if kind == "replace" and ("ckpt" in a) and not a.endswith(".old")]
+    published = [a for kind, a in events if kind == "replace" and "ckpt" in os.path.relpath(a, tmp_path) and not a.endswith(".old")]
     assert published, events
     for a in published:  # each published file (DCP: its train_state.pt) synced before its rename, the folder after
-        first = a if parallel == "ddp" else os.path.join(a, "train_state.pt")
+        first = [a] if parallel == "ddp" else [os.path.join(a, "train_state.pt"), a]  # DCP: and its folder's entries
         i = events.index(("replace", a))
-        assert ("fsync", first) in events[:i] and any(k == "fsync" and os.path.isdir(p) for k, p in events[i:]), events
+        assert all(("fsync", f) in events[:i] for f in first) and any(k == "fsync" and os.path.isdir(p) for k, p in events[i:]), events
+
+
+def test_fsync_raises_a_files_write_error_and_lets_a_directory_pass(tmp_path, monkeypatch):
+    """A write error only fsync reports (EIO, a full disk) must stop the save before the rename publishes the file;
+    some file systems cannot sync a directory at all, which is no reason to stop."""
+    import errno
+    (tmp_path / "f").write_text("x")
+
+    def failing(fd):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(ck.os, "fsync", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        ck.fsync(tmp_path / "f")
+    ck.fsync(tmp_path)
 
 
 HOLDER = "import sys, time; sys.path.insert(0, '.'); import checkpoint; checkpoint.hold_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)"
@@ -295,15 +310,12 @@ def test_one_run_per_out_dir_and_no_stale_lock_after_a_kill(tiny_data, tmp_path)
     metrics.jsonl and raced on ckpt.pt.tmp. The lock dies with its process (SIGKILL included); a run in a new
     out_dir takes it when it makes the folder."""
     out = tmp_path / "o"
-    run(tiny_data, out, "--max_iters=2", "--eval_interval=2")
-    for f in ck.HELD.values():  # this test process's own run has ended: as if its process had
-        f.close()
-    ck.HELD.clear()
+    run(tiny_data, out, "--max_iters=2", "--eval_interval=2")  # ended: its lock released, though this process lives on
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         before = snapshot(out)
-        with pytest.raises(FileExistsError, match=rf"out_dir={out} is in use by another run \(\S+ pid {holder.pid} holds "):
+        with pytest.raises(FileExistsError, match=rf"out_dir={re.escape(str(out))} is in use by another run \(\S+ pid {holder.pid} holds "):
             run(tiny_data, out, "--max_iters=4", "--init_from=auto")
         assert snapshot(out) == before
         train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={out}", "--eval_only", "--init_from=resume"])  # reads
