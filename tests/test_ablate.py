@@ -231,7 +231,7 @@ def test_resumed_run_keeps_its_earlier_seconds(tmp_path, monkeypatch):
     (run / "ablate.json").write_text(json.dumps({"args": args, "seconds": 100.0, "data": "d"}))
     fake = SimpleNamespace(stdout=iter(["step\n"]), wait=lambda: 0, returncode=0)
     monkeypatch.setattr(ablate.subprocess, "Popen", lambda *a, **k: fake)
-    a = {"overwrite": False, "data": "d", "nproc": 1, "stop_iter": 0}
+    a = {"overwrite": False, "data": "d", "nproc": 1, "stop_iter": 0, "ablate_dir": str(tmp_path)}
     assert ablate.run_variant("crnet", args, run, a, 8) >= 100.0
 
 
@@ -239,7 +239,8 @@ def test_a_signal_reaches_the_run_in_progress_which_saves_before_the_ablation_st
     """SIGTERM to tools/ablate.py alone (a scheduler's notice): passed on to train.py, which saves at the end of its
     step while ablate.py goes on reading its output (exiting first closed the pipe, and train.py died on its next
     printed line, before the save); exit 0, the next variant not started. Then Ctrl-C to the whole process group
-    during the same command repeated: it resumed from that checkpoint, saves again, exits 130."""
+    during the same command repeated: it resumed from that checkpoint, saves again, exits 130. Then SIGUSR1 with the
+    run under torchrun (2 processes), which passes on only the signals it is told to: saved again, exit 0."""
     import os
     import signal
     import subprocess
@@ -251,17 +252,22 @@ def test_a_signal_reaches_the_run_in_progress_which_saves_before_the_ablation_st
     cmd = [sys.executable, "tools/ablate.py", "configs/cpu_debug.py", "--variants=full,crnet", "--max_iters=5000",
            "--eval_interval=5000", "--log_interval=1", "--plot=False", "--cpu_threads=1", f"--ablate_dir={out}"]
 
-    def signalled(signum, group, after):
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    def signalled(signum, group, after, *extra):
+        p = subprocess.Popen(cmd + list(extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        t0 = time.time()
-        log = run / "train.log"
-        while not log.is_file() or sum(l.startswith("iter ") for l in log.read_text().splitlines()) < after:
-            assert p.poll() is None and time.time() - t0 < 120, p.stdout.read()
-            time.sleep(0.05)
-        os.killpg(p.pid, signum) if group else p.send_signal(signum)
-        text = p.communicate(timeout=120)[0]
+        try:
+            t0, log = time.time(), run / "train.log"
+            while not log.is_file() or sum(l.startswith("iter ") for l in log.read_text().splitlines()) < after:
+                assert p.poll() is None and time.time() - t0 < 120, (p.poll(), log.is_file() and log.read_text()[-2000:])
+                time.sleep(0.05)
+            os.killpg(p.pid, signum) if group else p.send_signal(signum)
+            text = p.communicate(timeout=120)[0]
+        finally:  # (its own session: pytest would not stop it)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         stopped = [l for l in (run / "train.log").read_text().splitlines() if l.startswith("stopped at iteration")]
+        assert stopped, text
         return p.returncode, text, int(stopped[-1].split()[3][:-1])
 
     status, text, n = signalled(signal.SIGTERM, False, 3)
@@ -270,6 +276,9 @@ def test_a_signal_reaches_the_run_in_progress_which_saves_before_the_ablation_st
     status, text, m = signalled(signal.SIGINT, True, n + 3)
     assert status == 130 and "== full: stopped by SIGINT, train.py exit 130" in text and "Traceback" not in text, text
     assert load_train_state(run)["iter"] == m > n and not (out / "crnet").exists()
+    status, text, k = signalled(signal.SIGUSR1, False, m + 6, "--nproc=2")
+    assert status == 0 and "== full: stopped by SIGUSR1, torchrun exit" in text, text
+    assert load_train_state(run)["iter"] == k > m and not (out / "crnet").exists()
     assert json.loads((run / "ablate.json").read_text())["seconds"] > 0
 
 

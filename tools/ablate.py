@@ -146,8 +146,14 @@ def finished(run, max_iters):
     return diverged(run) or any(r.get("iter") == max_iters and "val_loss" in r for r in read_metrics(run))
 
 
+TORCHRUN_SIGNALS = "--signals_to_handle=SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT"
+
+
 def run_variant(name, args, run, a, max_iters):
     """Train one variant into `run` (or reuse/resume it); returns the wall seconds of its training so far."""
+    # one ablation per ablate_dir: a second would rewrite this run's stamp and log before its train.py, refused by
+    # the run's own lock, stopped
+    ck.hold_out_dir(a["ablate_dir"])
     stamp = run / "ablate.json"
     old = json.loads(stamp.read_text()) if stamp.is_file() else None
     if old is not None:  # a stamp written before configurator.RENAMED's keys were renamed
@@ -171,10 +177,12 @@ def run_variant(name, args, run, a, max_iters):
         return old["seconds"]
     resume = same and ck.find_checkpoint(run)[0] is not None
     extra = ["--init_from='auto'"] if resume else ["--overwrite=True"]  # auto: a run already at stop_iter exits 0
+    # torchrun passes on SIGTERM and SIGINT only, unless told (SIGUSR1 would kill it and leave its workers
+    # training), and SIGKILLs its workers 30 s after a signal unless given the time for a step and a save
     launch = [sys.executable] if a["nproc"] == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                       f"--nproc_per_node={a['nproc']}"]
+                                                       f"--nproc_per_node={a['nproc']}", TORCHRUN_SIGNALS, "--shutdown_timeout=900"]
     cmd = [*launch, str(HERE / "train.py"), *args, f"--out_dir={str(run)!r}", *extra, f"--stop_iter={a['stop_iter']}"]
-    print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 3:])}", flush=True)
+    print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 5:])}", flush=True)
     run.mkdir(parents=True, exist_ok=True)
     (run / "diverged.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -198,10 +206,11 @@ def run_variant(name, args, run, a, max_iters):
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the log follows the run live
             if stop:  # a signal while it started
                 proc.send_signal(stop[0])
-            echo = False  # from an error on, every line (an error's advice follows it)
+            echo = saved = False  # echo: from an error on, every line (an error's advice follows it)
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
+                saved = saved or line.startswith("stopped at iteration")  # train.py's last line after a stop's save
                 echo = echo or line.startswith("error")
                 if echo or line.startswith(("eval", "model:", "note:")):
                     print(f"   {line.rstrip()}", flush=True)
@@ -211,12 +220,16 @@ def run_variant(name, args, run, a, max_iters):
             signal.signal(sig, h)
         seconds += time.perf_counter() - t0
         mark()
-    if stop:  # the next variant does not start; the same command continues the ablation where it stopped
-        print(f"== {name}: stopped by {signal.Signals(stop[0]).name}, train.py exit {proc.returncode} (its log: "
-              f"{run / 'train.log'}); run the same command to continue", flush=True)
-        raise SystemExit(130 if stop[0] == signal.SIGINT else 0)  # as train.py exits
     diverged = failed and (run / "diverged.json").is_file()  # train.py's mark of its non-finite-loss stop
     mark(diverged=bool(diverged))
+    if stop:  # the next variant does not start; the same command continues the ablation where it stopped
+        who = "train.py" if a["nproc"] == 1 else "torchrun"
+        print(f"== {name}: stopped by {signal.Signals(stop[0]).name}, {who} exit {proc.returncode} (its log: "
+              f"{run / 'train.log'}); run the same command to continue", flush=True)
+        if not (saved or finished(run, max_iters)):  # (torchrun exits 1 after its workers' clean stop: their line tells)
+            raise SystemExit(f"variant {name}: no save at the stop (a signal before training began, or a failure; exit "
+                             f"{failed}); its log: {run / 'train.log'}")
+        raise SystemExit(130 if stop[0] == signal.SIGINT else 0)  # as train.py exits
     if diverged:
         print(f"== {name}: diverged (train.py stopped on a non-finite loss); its val loss counts as inf", flush=True)
     elif failed:
@@ -287,24 +300,27 @@ def main(argv):
     names = [v.strip() for v in a["variants"].split(",") if v.strip()]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"variants={a['variants']!r}: give distinct names from {', '.join(VARIANTS)}")
-    if a["lrs"] or a["seeds"]:
-        return sweep(a, c, names, run_args)
-    if a["seeds_at"] != "all":
-        raise configurator.ConfigError("seeds_at", a["seeds_at"], "applies to a sweep: give --seeds (and --lrs)")
-    plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
-    for args in plans.values():
-        check_run(args, a)
-    out = Path(a["ablate_dir"])
-    base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
-    seconds = {n: run_variant(n, args, out / n, a, c["max_iters"]) for n, args in plans.items()}
-    unfinished = [n for n in plans if not finished(out / n, c["max_iters"])]
-    if unfinished:
-        raise SystemExit(f"not finished: {', '.join(unfinished)} (stop_iter={c['stop_iter']}); run the same command "
-                         f"without --stop_iter to continue them from their checkpoints")
-    results = [summarize(n, out / n, seconds[n], base_ne) for n in plans]
-    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    publish(out, table(results, c, device), results, a["plot"])
-    return results
+    try:  # ablate_dir is locked by the first run_variant (ck.hold_out_dir), for the whole ablation
+        if a["lrs"] or a["seeds"]:
+            return sweep(a, c, names, run_args)
+        if a["seeds_at"] != "all":
+            raise configurator.ConfigError("seeds_at", a["seeds_at"], "applies to a sweep: give --seeds (and --lrs)")
+        plans = {n: run_args(n) for n in names}  # every rank is derived (and checked) up front
+        for args in plans.values():
+            check_run(args, a)
+        out = Path(a["ablate_dir"])
+        base_ne = non_embedding_params(c, param="crnet", rank=c["rank"])
+        seconds = {n: run_variant(n, args, out / n, a, c["max_iters"]) for n, args in plans.items()}
+        unfinished = [n for n in plans if not finished(out / n, c["max_iters"])]
+        if unfinished:
+            raise SystemExit(f"not finished: {', '.join(unfinished)} (stop_iter={c['stop_iter']}); run the same command "
+                             f"without --stop_iter to continue them from their checkpoints")
+        results = [summarize(n, out / n, seconds[n], base_ne) for n in plans]
+        device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        publish(out, table(results, c, device), results, a["plot"])
+        return results
+    finally:
+        ck.release_out_dir(a["ablate_dir"])
 
 
 def publish(out, text, curves, with_plot):
