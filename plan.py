@@ -472,7 +472,8 @@ def preflight(c, world, grad_accum, ckpt=None):
             check_tokenizer(c, ckpt, {**meta, "tokens_sha1": tokens_sha1(data_dir)})
         check_data(c, data_dir, meta)
     cp, gib = {**c, "vocab_size": c["vocab_size"] or (meta or {}).get("vocab_size")}, 2 ** 30
-    limit = device_memory(torch.device("cuda", 0)) if torch.cuda.is_available() else None  # this GPU's
+    gpu = torch.cuda.is_available() and c["device"] not in ("cpu", "mps")
+    limit = device_memory(torch.device("cuda", 0)) if gpu else None  # this GPU's, where the run will use it
     if c["dtype"] == "auto" and c["device"] in ("cpu", "mps"):
         cp["dtype"] = "float32"  # as train.py resolves auto there (bf16 autocast on CUDA only)
     if c["recompute"] == "auto":

@@ -347,6 +347,7 @@ def test_flops_and_mfu():
     # whole words: an L40 is not an L4, an A10G not an A10, a GH200 not an H200
     assert [peak_flops_for(f"NVIDIA {n}") for n in ("L4", "L40", "L40S", "A10", "A10G", "GH200 480GB")] == [
         121e12, 181e12, 362e12, 125e12, 70e12, 989e12]
+    assert peak_flops_for("Tesla V100S-PCIE-32GB") == 130e12 and peak_flops_for("Tesla V100-SXM2-32GB") == 125e12
     assert peak_flops_for("") is None and estimate_mfu(1e6, 1e3, None) is None
     assert estimate_mfu(1e9, 1e5, 1e15) == pytest.approx(0.1)
 
