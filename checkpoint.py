@@ -369,7 +369,7 @@ def refuse_to_clobber(c):
 HELD = {}  # the out_dir this process trains in -> its open lock file (one at a time)
 
 
-def hold_out_dir(out):
+def hold_out_dir(out, key="out_dir"):
     """One run per out_dir: two at once (a job requeued while the old one still saves, torchrun workers that outlived
     their launcher) would interleave metrics.jsonl and race on ckpt.pt.tmp. Rank 0 holds an flock on out_dir/.lock
     until the run ends (release_out_dir) or its process does: the kernel releases it on any exit, SIGKILL too. A
@@ -388,12 +388,13 @@ def hold_out_dir(out):
         f.seek(0)
         who = f.read().strip() or "another process"
         f.close()
-        raise FileExistsError(f"out_dir={out} is in use by another run ({who} holds {out / '.lock'}): wait for it to "
-                              f"end or stop it, or choose another out_dir") from None
+        raise FileExistsError(f"{key}={out} is in use by another run ({who} holds {out / '.lock'}): wait for it to "
+                              f"end or stop it, or choose another {key}") from None
     except OSError as e:
         f.close()
-        return print(f"note: cannot lock {out / '.lock'} ({e.strerror}): nothing stops a second run in out_dir={out}")
-    for other in list(HELD):
+        HELD[out] = None  # (said once)
+        return print(f"note: cannot lock {out / '.lock'} ({e.strerror}): nothing stops a second run in {key}={out}")
+    for other in list(HELD):  # one run at a time per process
         release_out_dir(other)
     HELD[out] = f
     f.truncate(0)

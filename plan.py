@@ -476,9 +476,10 @@ def preflight(c, world, grad_accum, ckpt=None):
     limit = device_memory(torch.device("cuda", 0)) if gpu else None  # this GPU's, where the run will use it
     if c["dtype"] == "auto" and c["device"] in ("cpu", "mps"):
         cp["dtype"] = "float32"  # as train.py resolves auto there (bf16 autocast on CUDA only)
-    if c["recompute"] == "auto":
-        cp["recompute"], why = auto_recompute(cp, world, c["device_gib"] * gib or limit or 80 * gib)
-        print(why + ("" if limit or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
+    if c["recompute"] == "auto":  # sized as train.py sizes it: device_gib, else the device's memory (a CPU's: RAM)
+        host = device_memory(torch.device("cpu")) if c["device"] in ("cpu", "mps") else None
+        cp["recompute"], why = auto_recompute(cp, world, c["device_gib"] * gib or limit or host or 80 * gib)
+        print(why + ("" if limit or host or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
     r, P = plan(cp, c["data_parallel"], cp["recompute"], world)
     if limit and r["total"] > 0.9 * limit:
         raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute="

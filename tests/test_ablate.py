@@ -262,7 +262,7 @@ def test_a_signal_reaches_the_run_in_progress_which_saves_before_the_ablation_st
                 time.sleep(0.05)
             os.killpg(p.pid, signum) if group else p.send_signal(signum)
             text = p.communicate(timeout=120)[0]
-        finally:  # (its own session: pytest would not stop it)
+        finally:  # (its own process group: pytest would not stop it)
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
@@ -291,3 +291,46 @@ def test_read_metrics_skips_a_row_cut_short_and_names_a_damaged_one(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 1, "lo\n{"iter": 2, "loss": 3.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:1 is not a JSON row"):
         ablate.read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("said,status", [(["iter 5\n", "stopped at iteration 5; resume with: ...\n"], 0),
+                                         (["model: ...\n"], "variant crnet: no save at the stop")],
+                         ids=["saved", "not-saved"])
+def test_after_a_signal_ablate_exits_cleanly_only_if_the_run_said_it_saved(tmp_path, monkeypatch, said, status):
+    """torchrun exits 1 after its workers' clean stop, so the exit status cannot tell a saved stop from a run that
+    died (a signal before its handlers were in place): the run's own last line does. The signal is passed on."""
+    import os
+    import signal
+    sent = []
+
+    def lines():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the run prints
+        yield from said
+    fake = SimpleNamespace(stdout=lines(), wait=lambda: 1, returncode=1, send_signal=sent.append)
+    monkeypatch.setattr(ablate.subprocess, "Popen", lambda *a, **k: fake)
+    a = {"overwrite": False, "data": "d", "nproc": 2, "stop_iter": 0, "ablate_dir": str(tmp_path)}
+    with pytest.raises(SystemExit) as e:
+        ablate.run_variant("crnet", ["--param='crnet'"], tmp_path / "crnet", a, 8)
+    assert sent == [signal.SIGTERM] and (e.value.code == status if status == 0 else status in str(e.value.code))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # its handlers are gone
+
+
+def test_one_ablation_per_ablate_dir(tmp_path):
+    """A second ablation in an ablate_dir another one runs in is refused, naming the key, before it touches a run:
+    it had rewritten the running variant's stamp and log before its train.py was refused."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "abl"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); import checkpoint; "
+                               "checkpoint.hold_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FileExistsError, match=f"ablate_dir={out} is in use by another run .* choose another ablate_dir"):
+            ablate.main(SMALL + [f"--ablate_dir={out}", "--variants=crnet"])
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -141,6 +141,19 @@ def test_preflight_and_train_report_what_auto_chose(tiny_data, tmp_path, capsys)
     assert "recompute auto -> none" in capsys.readouterr().out  # a tiny model fits anywhere
 
 
+def test_preflight_for_a_cpu_run_ignores_the_gpu_beside_it(monkeypatch, capsys):
+    """--device=cpu on a machine with a (here: 1 GiB) GPU: the run will not use it, so its memory is no limit."""
+    import train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(plan, "device_memory", lambda d, available=False: plan.GiB if d.type == "cuda" else 64 * plan.GiB)
+    base = ["configs/laptop_60m.py", "--preflight", "--vocab_size=50257"]
+    with pytest.raises(ValueError, match="over 90% of this GPU's 1.0 GiB"):
+        train.main(base)
+    train.main(base + ["--device=cpu", "--recompute=auto"])
+    out = capsys.readouterr().out
+    assert "recompute auto -> none" in out and "fits 90% of 64.0 GiB" in out and "GPU" not in out.split("preflight ok")[1]
+
+
 def test_preflight_plans_the_dtype_the_run_will_have(capsys):
     """dtype='auto' is bf16 autocast on CUDA and float32 elsewhere (parallel.setup): --device=cpu plans float32;
     device auto on a machine without CUDA plans CUDA's bf16 and names what a run here (float32) would need."""

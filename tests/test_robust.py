@@ -301,6 +301,20 @@ def test_fsync_raises_a_files_write_error_and_lets_a_directory_pass(tmp_path, mo
     ck.fsync(tmp_path)
 
 
+def test_a_file_system_without_locks_leaves_the_run_unguarded_with_one_note(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    for _ in range(2):  # refuse_to_clobber, then start_logs
+        ck.hold_out_dir(tmp_path)
+    assert capsys.readouterr().out == (f"note: cannot lock {tmp_path / '.lock'} (No locks available): nothing stops a "
+                                       f"second run in out_dir={tmp_path}\n")
+    ck.release_out_dir(tmp_path)
+
+
 HOLDER = "import sys, time; sys.path.insert(0, '.'); import checkpoint; checkpoint.hold_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)"
 
 

@@ -153,7 +153,7 @@ def run_variant(name, args, run, a, max_iters):
     """Train one variant into `run` (or reuse/resume it); returns the wall seconds of its training so far."""
     # one ablation per ablate_dir: a second would rewrite this run's stamp and log before its train.py, refused by
     # the run's own lock, stopped
-    ck.hold_out_dir(a["ablate_dir"])
+    ck.hold_out_dir(a["ablate_dir"], "ablate_dir")
     stamp = run / "ablate.json"
     old = json.loads(stamp.read_text()) if stamp.is_file() else None
     if old is not None:  # a stamp written before configurator.RENAMED's keys were renamed
@@ -177,12 +177,12 @@ def run_variant(name, args, run, a, max_iters):
         return old["seconds"]
     resume = same and ck.find_checkpoint(run)[0] is not None
     extra = ["--init_from='auto'"] if resume else ["--overwrite=True"]  # auto: a run already at stop_iter exits 0
-    # torchrun passes on SIGTERM and SIGINT only, unless told (SIGUSR1 would kill it and leave its workers
-    # training), and SIGKILLs its workers 30 s after a signal unless given the time for a step and a save
+    # torchrun passes on SIGTERM, SIGINT, SIGHUP and SIGQUIT only, unless told (SIGUSR1 would kill it and leave its
+    # workers training), and SIGKILLs its workers 30 s after a signal unless given the time for a step and a save
     launch = [sys.executable] if a["nproc"] == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        f"--nproc_per_node={a['nproc']}", TORCHRUN_SIGNALS, "--shutdown_timeout=900"]
     cmd = [*launch, str(HERE / "train.py"), *args, f"--out_dir={str(run)!r}", *extra, f"--stop_iter={a['stop_iter']}"]
-    print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 5:])}", flush=True)
+    print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 3:])}", flush=True)  # (from --nproc_per_node)
     run.mkdir(parents=True, exist_ok=True)
     (run / "diverged.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
