@@ -356,14 +356,16 @@ def start(c, given):
 def refuse_to_clobber(c):
     """A new run in an out_dir that holds one would remove its checkpoints and best/: only with overwrite. Checked
     after the config, so that a config error is reported first. Then a training run (rank 0) locks an out_dir that
-    exists now (hold_out_dir; start_logs locks one it makes)."""
+    exists now (hold_out_dir; start_logs locks one it makes); a preflight only tries it."""
     latest, best = find_checkpoint(c["out_dir"])[1], find_checkpoint(Path(c["out_dir"]) / "best")[1]
     if c["init_from"] != "resume" and not c["overwrite"] and (latest or best):
         how = ("continue it with --init_from=resume" if latest else  # best/ alone: nothing to resume in out_dir itself
                f"start from its weights with --init_from={Path(c['out_dir']) / 'best'} and another --out_dir")
         raise FileExistsError(f"{latest or best} exists: {how}, or pass --overwrite or another --out_dir to start over")
-    if Path(c["out_dir"]).is_dir() and not (c["preflight"] or c["eval_only"]) and os.environ.get("RANK", "0") == "0":
+    if Path(c["out_dir"]).is_dir() and not c["eval_only"] and os.environ.get("RANK", "0") == "0":
         hold_out_dir(c["out_dir"])
+        if c["preflight"]:  # would the launch start? Then free it for the launch
+            release_out_dir(c["out_dir"])
 
 
 HELD = {}  # the out_dir this process trains in -> its open lock file (one at a time)

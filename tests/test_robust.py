@@ -331,12 +331,16 @@ def test_one_run_per_out_dir_and_no_stale_lock_after_a_kill(tiny_data, tmp_path)
         before = snapshot(out)
         with pytest.raises(FileExistsError, match=rf"out_dir={re.escape(str(out))} is in use by another run \(\S+ pid {holder.pid} holds "):
             run(tiny_data, out, "--max_iters=4", "--init_from=auto")
+        with pytest.raises(FileExistsError, match="is in use by another run"):  # what the launch would meet
+            run(tiny_data, out, "--max_iters=4", "--init_from=auto", "--preflight")
         assert snapshot(out) == before
         train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={out}", "--eval_only", "--init_from=resume"])  # reads
     finally:
         holder.kill()
         holder.wait()
-    run(tiny_data, out, "--max_iters=4", "--init_from=auto")  # the kill freed it
+    run(tiny_data, out, "--max_iters=4", "--init_from=auto", "--preflight")  # the kill freed it
+    assert out.resolve() not in ck.HELD  # (a preflight only tries the lock)
+    run(tiny_data, out, "--max_iters=4", "--init_from=auto")
     assert ck.load_train_state(out)["iter"] == 4
 
     import runlog
