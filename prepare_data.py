@@ -520,8 +520,7 @@ def ready_data(c, proc=0, world=1, say=print):
     data_dir, meta = find_data(c)
     if meta is None:
         if proc == 0:
-            for left in unfinished(data_dir):
-                say(f"note: {left} is an unfinished preparation of {data_dir}: one killed (delete it) or one still running")
+            note_unfinished(data_dir, f"preparation of {data_dir}", say)
             say(f"preparing {data_dir} from the bundled corpus")
             prepare(data_dir, tokenizer=BUNDLED_DIRS[c["data_dir"]])
         if world > 1:
@@ -531,10 +530,11 @@ def ready_data(c, proc=0, world=1, say=print):
     return data_dir, {**meta, "tokens_sha1": tokens_sha1(data_dir)}  # saved with each checkpoint
 
 
-def unfinished(where):
-    """The .<name>.tmp-* folders beside `where` that a writer killed mid-way (prepare, tools/hf.py's export) left:
-    only a finished one is renamed into place, and a killed process cannot remove its own."""
-    return sorted(Path(where).parent.glob(f".{Path(where).name}.tmp-*"))
+def note_unfinished(where, what, say=print):
+    """Names the .<name>.tmp-* folders beside `where` that a writer killed mid-way (prepare, tools/hf.py's export)
+    left: only a finished one is renamed into place, and a killed process cannot remove its own."""
+    for left in sorted(Path(where).parent.glob(f".{Path(where).name}.tmp-*")):
+        say(f"note: {left} is an unfinished {what}: one killed (delete it to free its space) or one still running")
 
 
 def tokens_sha1(data_dir, n=2 ** 20):
@@ -595,9 +595,7 @@ def main(argv):
     if held and not c["overwrite"]:  # e.g. nanoGPT's data (meta.pkl), or a landing cut short
         raise configurator.ConfigError("out_dir", out, f"holds {' and '.join(held)} without meta.json (another tool's "
                                                        f"data?); pass --overwrite to replace them, or choose another out_dir")
-    for left in unfinished(where):
-        print(f"note: {left} is an unfinished prepare_data.py into {out}: one killed (delete it to free its space) or "
-              f"one still running")
+    note_unfinished(where, f"prepare_data.py into {out}")
     meta = prepare(where, **{k: v for k, v in c.items() if k not in ("out_dir", "overwrite")})
     print(f"wrote {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
           f"({meta['train_documents']} / {meta['val_documents']} documents), tokenizer {meta['tokenizer']}")

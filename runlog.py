@@ -93,10 +93,8 @@ def open_sink(name, c, out, start_iter):
 
 def write_atomic(path, text):
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename publishes it
+    tmp.write_text(text)
+    ck.fsync(tmp)  # on disk before the rename publishes it
     os.replace(tmp, path)
 
 

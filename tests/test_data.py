@@ -302,7 +302,7 @@ def test_train_notes_what_a_killed_preparation_of_the_bundled_data_left(tmp_path
     with pytest.raises(KeyboardInterrupt):
         prepare_data.ready_data({"data_dir": "data/shakespeare_byte", "data_recipe": ""}, say=said.append)
     assert said == [f"note: {tmp_path / 'data' / '.shakespeare_byte.tmp-abc'} is an unfinished preparation of "
-                    f"{tmp_path / 'data' / 'shakespeare_byte'}: one killed (delete it) or one still running",
+                    f"{tmp_path / 'data' / 'shakespeare_byte'}: one killed (delete it to free its space) or one still running",
                     f"preparing {tmp_path / 'data' / 'shakespeare_byte'} from the bundled corpus", "prepare byte"]
 
 

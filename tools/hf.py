@@ -43,7 +43,7 @@ import torch
 import checkpoint
 import configurator
 from model import ModelConfig, Transformer
-from prepare_data import gguf_value, open_gguf, unfinished
+from prepare_data import gguf_value, note_unfinished, open_gguf
 
 # ----------------------------------------------------------------------------- config
 # python tools/hf.py exports a run (the rest of this file is the library above)
@@ -616,9 +616,7 @@ def export(run_dir, dest):
     model = Transformer(cfg)
     checkpoint.load_weights(ckpt, model)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for left in unfinished(dest):
-        print(f"note: {left} is an unfinished export to {dest}: one killed (delete it to free its space) or one still "
-              f"running")
+    note_unfinished(dest, f"export to {dest}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     umask = os.umask(0)
     os.umask(umask)
