@@ -472,12 +472,12 @@ def preflight(c, world, grad_accum, ckpt=None):
             check_tokenizer(c, ckpt, {**meta, "tokens_sha1": tokens_sha1(data_dir)})
         check_data(c, data_dir, meta)
     cp, gib = {**c, "vocab_size": c["vocab_size"] or (meta or {}).get("vocab_size")}, 2 ** 30
-    gpu = torch.cuda.is_available() and c["device"] not in ("cpu", "mps")
-    limit = device_memory(torch.device("cuda", 0)) if gpu else None  # this GPU's, where the run will use it
-    if c["dtype"] == "auto" and c["device"] in ("cpu", "mps"):
-        cp["dtype"] = "float32"  # as train.py resolves auto there (bf16 autocast on CUDA only)
-    if c["recompute"] == "auto":  # sized as train.py sizes it: device_gib, else the device's memory (a CPU's: RAM)
-        host = device_memory(torch.device("cpu")) if c["device"] in ("cpu", "mps") else None
+    on_host = c["device"] in ("cpu", "mps")  # a run there: dtype auto is float32, memory is RAM, as train.py has it
+    limit = device_memory(torch.device("cuda", 0)) if torch.cuda.is_available() and not on_host else None  # this GPU's
+    if c["dtype"] == "auto" and on_host:
+        cp["dtype"] = "float32"
+    if c["recompute"] == "auto":  # sized as train.py sizes it: device_gib, else the device's memory
+        host = device_memory(torch.device("cpu")) if on_host else None
         cp["recompute"], why = auto_recompute(cp, world, c["device_gib"] * gib or limit or host or 80 * gib)
         print(why + ("" if limit or host or c["device_gib"] else " (no GPU here: planned for 80 GiB; set --device_gib)"))
     r, P = plan(cp, c["data_parallel"], cp["recompute"], world)
@@ -487,10 +487,11 @@ def preflight(c, world, grad_accum, ckpt=None):
                          f"GiB: lower batch_size, use recompute or data_parallel='fsdp'")
     fits = f", fits of this GPU's {limit / gib:.1f} GiB" if limit else ""
     if cp["dtype"] == "auto" and c["device"] == "auto" and not limit:  # planned for CUDA; a run here is float32
-        fits += f"; {plan({**cp, 'dtype': 'float32'}, c['data_parallel'], cp['recompute'], world)[0]['total'] / gib:.1f} GiB in float32 (a run here, without CUDA)"
+        here = plan({**cp, "dtype": "float32"}, c["data_parallel"], cp["recompute"], world)[0]["total"]
+        fits += f"; {here / gib:.1f} GiB in float32 (a run here, without CUDA)"
     print(f"preflight ok for {world} process(es): {P / 1e6:.1f}M parameters, {c['total_batch_tokens']:,} tokens/step = "
           f"{c['batch_size']} seq x {c['block_size']} tok x {world} proc x {grad_accum} accum; planned "
-          f"{r['total'] / gib:.1f} GiB per {'process' if c['device'] in ('cpu', 'mps') else 'GPU'} ({c['data_parallel']}, recompute={cp['recompute']}, "
+          f"{r['total'] / gib:.1f} GiB per {'process' if on_host else 'GPU'} ({c['data_parallel']}, recompute={cp['recompute']}, "
           f"{'bf16' if cp['dtype'] in ('auto', 'bfloat16') else 'float32'}){fits}; "
           f"data {f'in {data_dir}, {schedule_reads(c, meta)}' if meta else 'not here'}"
           f"{'' if cp['vocab_size'] else ' (vocab 50257 assumed: set --vocab_size for a closer plan)'}")
