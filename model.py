@@ -278,10 +278,15 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class LayerNorm(nn.LayerNorm):  # GPT-2's. A weight coarser than x (bf16 weights, and the float32 stream that float32
-    def forward(self, x):       # lanes make) is promoted to x's dtype, as nn.RMSNorm does: CPU's kernel refuses the mix
+class LayerNorm(nn.LayerNorm):  # GPT-2's. A weight coarser than x (FSDP's bf16 weights in autocast's float32 stream)
+    def forward(self, x):       # is promoted to x's dtype: CPU's kernel refuses the mix
         w, b = (t if t is None else t.to(torch.promote_types(t.dtype, x.dtype)) for t in (self.weight, self.bias))
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):  # LLaMA's, likewise: with the weight in another dtype than x, the fused kernel declines
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(torch.promote_types(self.weight.dtype, x.dtype)), self.eps)
 
 
 class Block(nn.Module):
@@ -298,7 +303,7 @@ class Block(nn.Module):
         self.layer_idx, self.emits_lanes, self.cfg = l, cfg.param == "crnet", cfg
         llama = cfg.arch != "gpt2"  # llama and qwen3
         resid_std = cfg.init_std / math.sqrt(2 * L)  # GPT-2: scale the projections that write to the residual stream
-        Norm = lambda d: nn.RMSNorm(d, cfg.norm_eps_value) if llama else LayerNorm(d, cfg.norm_eps_value, bias=cfg.bias)
+        Norm = lambda d: RMSNorm(d, cfg.norm_eps_value) if llama else LayerNorm(d, cfg.norm_eps_value, bias=cfg.bias)
         attn_kind, mlp_kind = ("lowrank", "cola") if kind == "cola_mlp" else (kind, kind)
         P = lambda h_in, widths, std, kind: Projection(h_in, widths, kind, r, cfg.bias, std, cfg, lane_in)
         self.norm_attn, self.norm_mlp = Norm(h), Norm(h)
@@ -388,12 +393,11 @@ class Transformer(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, h)
         self.wpe = nn.Embedding(cfg.block_size, h) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
-        self.norm_f = LayerNorm(h, cfg.norm_eps_value, bias=cfg.bias) if cfg.arch == "gpt2" else nn.RMSNorm(h, cfg.norm_eps_value)
+        self.norm_f = LayerNorm(h, cfg.norm_eps_value, bias=cfg.bias) if cfg.arch == "gpt2" else RMSNorm(h, cfg.norm_eps_value)
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
         self.tie_weights()
-        if cfg.arch != "gpt2":  # the RoPE tables, filled by reset_buffers
-            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        for name in ("rope_cos", "rope_sin") if cfg.arch != "gpt2" else ():  # the RoPE tables, filled by reset_buffers
+            self.register_buffer(name, torch.empty(0), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -431,14 +435,11 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(self.cfg.hd, self.cfg.block_size, self.cfg.rope_theta)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
-    def rope(self):
-        return None if self.cfg.arch == "gpt2" else (self.rope_cos, self.rope_sin)
-
     def forward(self, idx, targets=None):
         if idx.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size={self.cfg.block_size}")
         x = self.embed(idx)
-        lanes, rope, routers = None, self.rope(), []
+        lanes, rope, routers = None, None if self.cfg.arch == "gpt2" else (self.rope_cos, self.rope_sin), []
         for block in self.blocks:  # recompute.apply changes what a block does in a training step, not this loop
             x, lanes, router = block(x, lanes, rope)
             routers.append(router)
@@ -450,18 +451,19 @@ class Transformer(nn.Module):
     # embed and head are separate so that parallel.build_model can compile them as regions of their own when
     # recompute="crnet" | "reversible" runs the blocks through an autograd Function a whole-model compile can't trace
     def embed(self, idx):
-        x = self.wte(idx)  # (B, T, h)
+        x = self.wte(idx)  # (B, T, h); under autocast a float32 residual stream, also where FSDP made wte bf16
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):  # (not meta)
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # as DDP's: its numerics, plan.py's bytes
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         return F.dropout(x, self.cfg.dropout, self.training)
 
     def head(self, x, targets=None):
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-            loss = F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        return logits, F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
     # ----- accounting -----
     def param_groups_by_role(self):
@@ -481,9 +483,8 @@ class Transformer(nn.Module):
         return counts
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 * (matmul parameters a token uses, low-rank factors, the LM head and k of the
-        n_expert experts included) plus attention
-        12 * L * q_dim * T (QK^T and AV, as full T x T like PaLM and nanoGPT); lane adds and elementwise ops not counted."""
+        """Training FLOPs per token: 6 * the matmul parameters a token uses (low-rank factors, LM head, k of n_expert
+        experts) + 12 * L * q_dim * T for attention (QK^T, AV as full T x T, as PaLM, nanoGPT); elementwise not counted."""
         c = self.num_params()
         n_matmul = c["full_rank"] + c["low_rank"] + self.lm_head.weight.numel()
         if self.cfg.n_expert:  # a token runs k of the n_expert experts

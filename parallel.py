@@ -10,7 +10,9 @@ outside (model.py knows nothing of them). Checkpoints are checkpoint.py's.
                      backward, then freed. CR-Net recomputation composes: each block's backward rebuilds its
                      own input lanes with its own parameters (recompute.py). With dtype=bfloat16 the gathered
                      parameters are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy); a block's
-                     inputs are not cast, so the float32 lanes that recompute inverts stay float32.
+                     inputs are not cast, so the float32 lanes that recompute inverts stay float32, and so does
+                     the residual stream (Transformer.embed): on bf16-rounded weights the loss is DDP's, bit
+                     for bit (tests/test_reversible.py).
 
 Both modes build the model on the meta device and draw every full parameter tensor, in a fixed order, from
 one seeded CPU generator; each process keeps its own shard. So every mode and process count starts from
@@ -71,7 +73,7 @@ def build_model(mcfg, data_parallel, device, seed, mixed_precision=False, compil
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
         # Blocks take their inputs as given, as under DDP, not cast to param_dtype: the float32 lanes recompute.apply
         # asks for under crnet and reversible must stay float32 (inverting Eq. 6 grows a bf16 lane's rounding by
-        # 1/|s| per rebuilt layer), and so must x, which adding them makes float32; the float32 RoPE tables
+        # 1/|s| per rebuilt layer), and so must x, float32 under autocast from the embedding on; the float32 RoPE tables
         # are cast in apply_rope (inductor may fuse that cast away: compiled RoPE then rounds less). Autocast still
         # runs the matmuls in bf16.
         block_mp = MixedPrecisionPolicy(mp.param_dtype, mp.reduce_dtype, cast_forward_inputs=False)

@@ -32,6 +32,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -221,9 +222,11 @@ def held_activation_bytes(model, idx, targets, whole=False, autocast=None):
     the forward under, counted after leaving it (as train.py's backward does). Counted by storage, so
     views and the stash's references are not double counted; parameters and buffers (e.g. a view of the RoPE
     table) are not activations and are left out, nor is anything off idx's device (on CUDA, LanePlanner's pinned
-    host copy of the betas, which it keeps until the next step)."""
+    host copy of the betas, which it keeps until the next step). Under FSDP2 the gathered parameters that stay
+    alive (the root's, kept for the backward) are counted too; a block's are freed after its forward."""
     created = []
-    existing = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # FSDP2's shards
+    existing = {local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     class Track(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -310,7 +313,8 @@ def layer_numbers(cfg, l, bf16, lanes_f32=False):
 
 def activation_numbers(cfg, mode, bf16, every=8, keep_z=True, store=None):
     """(float32, compute-dtype) numbers per token held at the end of a training forward (logits dropped). store:
-    the (layer, group)s a crnet or reversible forward stores (stored_lanes; default: the checkpoint set)."""
+    the (layer, group)s a crnet or reversible forward stores (stored_lanes; default: the checkpoint set). The
+    residual stream is float32 under autocast with DDP's float32 weights and FSDP's bf16 ones alike (model.embed)."""
     h, L, llama = cfg.n_embd, cfg.n_layer, cfg.arch != "gpt2"
     f32 = h + h + cfg.vocab_size + ((1 + h) if llama else 2)  # x_0, x_L, log-softmax, final norm statistics
     act = h                                                   # final norm output, kept by the head

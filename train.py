@@ -152,9 +152,8 @@ def main(argv):
             f"{s} loss {x:.4f}, perplexity {math.exp(x):.3f}" for s, x in zip(("val", "train"), losses)))
         return par.close()
     rt["log"] = start_logs(c, out, start_iter) if proc == 0 else (lambda row: None)
-    counts, flops_per_token = raw.num_params(), raw.flops_per_token()
+    counts, flops_per_token, tokens_per_step = raw.num_params(), raw.flops_per_token(), c["total_batch_tokens"]
     peak = c["peak_flops"] or par.peak_flops_for(torch.cuda.get_device_name(device) if device.type == "cuda" else "")
-    tokens_per_step = c["total_batch_tokens"]
     say("config:", json.dumps(c))
     say(f"model: {counts['total'] / 1e6:.2f}M parameters " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v and k != "total"))
     say(f"data: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {len(train_data):,} train / {len(val_data):,} val tokens, "

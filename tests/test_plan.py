@@ -1,4 +1,7 @@
 """plan.py against what we can count: activation bytes of a real forward, closed-form parameter counts."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -8,6 +11,7 @@ import recompute
 from model import ModelConfig, Transformer
 from plan import held_activation_bytes
 from test_model import closed_form
+from test_reversible import run_worker
 
 CASES = [(arch, param, mode) for arch in ("llama", "gpt2") for param in ("full", "crnet", "lowrank", "cola")
          for mode in ("none", "block", "crnet") if mode != "crnet" or param == "crnet"]
@@ -102,6 +106,41 @@ def test_fsdp_params_grads_and_backward_by_hand(mode):
         f, a = plan.layer_numbers(m.cfg, 2, True, True)
         replayed = tokens * (4 * f + 2 * a)
     assert r["backward"] == tokens * 97 * (4 + 2) + replayed
+
+
+def fsdp_activations_worker():
+    """One process under torch.distributed.run: FSDP2 with bf16 parameters and bf16 autocast, as train.py runs
+    dtype=bfloat16 with data_parallel="fsdp". The plan's activations, plus the root's gathered bf16 parameters
+    (which FSDP2 keeps for the backward and the plan books under params), against the bytes counted after a real
+    forward. The residual stream is float32 here as under DDP (Transformer.embed): with bf16 weights it had been
+    bf16, 37% below the plan of a full-rank model under block recompute."""
+    import torch.distributed as dist
+
+    import parallel as par
+    dist.init_process_group("gloo")
+    for arch in ("llama", "gpt2", "qwen3_moe"):
+        for param, mode in (("full", "none"), ("full", "block"), ("crnet", "none"), ("crnet", "crnet"), ("crnet", "reversible")):
+            cfg = ModelConfig(**ARCHS.get(arch, dict(arch=arch)), n_layer=5, n_head=4, n_embd=64, intermediate_size=160,
+                              vocab_size=97, block_size=32, param=param, rank=[16, 12, 16, 8, 16])
+            model, raw = par.build_model(cfg, "fsdp", torch.device("cpu"), 0, True, recompute=(mode, 2, True))
+            seen = []
+            raw.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+            held, _ = held_activation_bytes(model, torch.randint(0, 97, (3, 32)), torch.randint(0, 97, (3, 32)),
+                                            whole=True, autocast=torch.bfloat16)
+            c = {**configurator.defaults("train.py"), **{k: getattr(cfg, k) for k in ModelConfig.field_names()},
+                 "batch_size": 3, "block_size": 32, "dtype": "bfloat16", "recompute_every": 2}
+            root = sum(p.numel() for n, p in raw.named_parameters() if not n.startswith("blocks."))
+            predicted = plan.plan(c, "fsdp", mode, 1)[0]["activations"] + 2 * root
+            assert seen == [torch.float32], (arch, param, mode, seen)
+            assert predicted == pytest.approx(held, rel=0.02), (arch, param, mode, predicted, held)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # (as test_reversible's workers: no interpreter teardown beside gloo's threads)
+
+
+def test_fsdp_bf16_activation_figures_match_counted_bytes():
+    run_worker("fsdp_activations_worker", 1, "test_plan")
 
 
 def test_report_and_errors(capsys):

@@ -127,11 +127,10 @@ def bf16_errors(modes, cast, **kw):
     return err
 
 
-@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize("cast", ["autocast", "params"])
 def test_bf16_error_is_no_worse_than_block_checkpointing(cast):
-    """bf16 autocast on float32 parameters (the stream stays float32) and on bf16 parameters (layer 1 writes a
-    bf16 stream, so its input is stored: inverting it would lose bf16's precision)."""
+    """bf16 autocast on float32 parameters and on bf16 ones (as FSDP gathers them): either way the stream is float32
+    from the embedding on (a bf16 one: test_a_bf16_stream_stores_the_inputs_it_cannot_invert)."""
     err = bf16_errors([("block", True), ("reversible", True), ("reversible", False)], cast)
     block = err["block", True]
     assert block.max() > 1e-4  # bf16 really was in use
@@ -146,6 +145,8 @@ def test_a_bf16_stream_stores_the_inputs_it_cannot_invert():
     real = recompute.LaneStash.__init__
     with pytest.MonkeyPatch.context() as mp, torch.autocast("cpu", dtype=torch.bfloat16):
         mp.setattr(recompute.LaneStash, "__init__", lambda self, *a: (real(self, *a), seen.append(self))[0])
+        embed = m.embed  # under autocast the model's own embed makes the stream float32: here a bf16 one instead
+        mp.setattr(m, "embed", lambda idx: embed(idx).bfloat16())
         m(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))[1].backward()
     stash = seen[0]
     # layer 1 (full-rank, bf16 lanes) writes a bf16 stream: its input is stored. Layers 2.. write float32 lanes,
@@ -263,7 +264,7 @@ def fsdp_mixed_precision_worker():
     autocast. Oracle: plain autograd of the same sharded model with float32 lanes (recompute="none" with the lane
     dtype crnet and reversible set). FSDP2 casts a module's inputs to bf16 unless told not to; bf16 lanes would
     put bf16 round-off, grown by 1/|s| per rebuilt layer, into the inverted lanes. GPT-2: its LayerNorms' bf16
-    weights meet the float32 stream that float32 lanes make (the CPU kernel refuses that mix unpromoted)."""
+    weights meet autocast's float32 stream (the CPU kernel refuses that mix unpromoted)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
@@ -319,10 +320,10 @@ def fsdp_float32_reduction_worker():
     os._exit(0)
 
 
-def run_worker(name, nproc):
-    """tests/test_reversible.py's function `name` in nproc processes under torch.distributed.run (gloo)."""
+def run_worker(name, nproc, module="test_reversible"):
+    """tests/{module}.py's function `name` in nproc processes under torch.distributed.run (gloo)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import test_reversible as t; t.{name}()"
+    code = f"import sys; sys.path[:0] = [{root!r}, {root + '/tests'!r}]; import {module} as t; t.{name}()"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                         "--no-python", sys.executable, "-c", code],
                        cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
@@ -331,6 +332,41 @@ def run_worker(name, nproc):
 
 def test_fsdp_reduces_bf16_gradients_in_float32():
     run_worker("fsdp_float32_reduction_worker", 2)
+
+
+def fsdp_bf16_forward_is_ddp_autocast_worker():
+    """One process under torch.distributed.run: FSDP2 with bf16 parameters under bf16 autocast (train.py's
+    data_parallel="fsdp", dtype=bfloat16) against a plain model with float32 parameters under the same autocast
+    (the DDP path), both holding the same bf16-representable weights: the same loss, bit for bit, in every recompute
+    mode, because the residual stream is float32 in both (Transformer.embed). With a bf16 stream under FSDP (its
+    bf16 embedding's output) the losses differed by up to 8e-5."""
+    import torch.distributed as dist
+
+    import parallel as par
+    from model import ModelConfig
+    dist.init_process_group("gloo")
+    for arch in ("llama", "gpt2"):
+        for mode in ("none", "block", "crnet", "reversible"):
+            cfg = ModelConfig(arch=arch, n_layer=4, n_head=4, n_embd=64, intermediate_size=160, vocab_size=97,
+                              block_size=32, rank=16)
+            model, raw = par.build_model(cfg, "fsdp", torch.device("cpu"), 0, True, recompute=(mode, 2))
+            ref = par.build_model(cfg, "ddp", torch.device("cpu"), 0, recompute=(mode, 2))[0]
+            with torch.no_grad():  # (one process: a shard is the whole tensor)
+                for p, q in zip(raw.parameters(), ref.parameters()):
+                    q.copy_(q.bfloat16())
+                    p.to_local().copy_(q)
+            idx = torch.randint(0, 97, (3, 32), generator=torch.Generator().manual_seed(1))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = [m(idx, idx)[1].item() for m in (model, ref)]
+            assert losses[0] == losses[1], (arch, mode, losses)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_fsdp_with_bf16_parameters_computes_what_autocast_computes():
+    run_worker("fsdp_bf16_forward_is_ddp_autocast_worker", 1)
 
 
 def test_fsdp_mixed_precision_keeps_the_lanes_the_inversion_needs():
