@@ -241,10 +241,7 @@ def two_process_worker(parallel, keep_z):
             ref = Transformer(cfg)
         par.materialize(ref, torch.device("cpu"), 0)
         assert_grads_close(loss_and_grads(ref, idx)[1], grads)
-    dist.barrier()  # gloo aborts a process whose peer tears the group down while it still works
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # checked and done: skip interpreter teardown, where a gloo thread has aborted a process (SIGABRT)
+    worker_done()
 
 
 @pytest.mark.parametrize("parallel,keep_z", [("ddp", False), ("fsdp", True), ("fsdp", False)])
@@ -292,9 +289,7 @@ def fsdp_mixed_precision_worker():
         ref = grads(cfg, "none")
         for mode in ("crnet", "reversible"):  # bf16 gradients, llama: 5e-4 (6e-2, 7e-2 with FSDP2 casting the lanes)
             assert_grads_close(ref, grads(cfg, mode), rtol=2e-3)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    worker_done()
 
 
 def fsdp_float32_reduction_worker():
@@ -315,6 +310,15 @@ def fsdp_float32_reduction_worker():
     assert seen == [torch.bfloat16]
     g = torch.cat([p.grad.to_local().flatten() for p in raw.parameters() if p.grad is not None])
     assert g.dtype == torch.float32 and (g != g.bfloat16().float()).float().mean() > 0.3  # reduce_dtype bf16: 0
+    worker_done()
+
+
+def worker_done():
+    """The end of a worker whose checks passed: every process waits for the others (gloo aborts a process whose
+    peer tears the group down while it still works), then exits without interpreter teardown, where a gloo thread
+    has aborted a process (SIGABRT)."""
+    import torch.distributed as dist
+    dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
@@ -359,10 +363,7 @@ def fsdp_bf16_forward_is_ddp_autocast_worker():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 losses = [m(idx, idx)[1].item() for m in (model, ref)]
             assert losses[0] == losses[1], (arch, mode, losses)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    worker_done()
 
 
 def test_fsdp_with_bf16_parameters_computes_what_autocast_computes():
