@@ -134,14 +134,14 @@ class ModelConfig:
 
 def model_config(c, **changes):
     """The ModelConfig of a train.py config c (a dict), with `changes`, validated. Before the data is read its
-    vocab_size may be None: GPT-2's 50257 stands in, the widest prepare_data.py makes, so a memory plan errs high."""
+    vocab_size may be None: GPT-2's 50257 stands in (a wider tokenizer, up to 65536, makes a memory plan err low)."""
     keys = {**{k: c[k] for k in ModelConfig.field_names()}, **changes}
     return ModelConfig(**{**keys, "vocab_size": keys["vocab_size"] or 50257})
 
 
 class Projection(nn.Module):
     """n projections that share one input X (B, T, h_in), of output widths `widths`; output Y (B, T, n, w) when
-    the widths are equal, else Y (B, T, 1, sum w), "packed" (q, k, v under grouped-query attention or a head_dim).
+    the widths are equal, else Y (B, T, 1, sum w), "packed" (q, k, v under grouped-query attention: k, v narrower).
 
     Sharing the input lets q/k/v (and gate/up) use one fused input-side matmul X @ [A_q A_k A_v]; each projection
     keeps its own B and beta, so Eq. 6 holds per projection at its own width.
@@ -229,7 +229,7 @@ class Projection(nn.Module):
         memory. It is the compute dtype (bf16 under autocast): addcmul multiplies and adds in float32 inside the
         kernel and rounds once, and s is rounded to bf16 first, as autocast rounds every weight it multiplies.
         Inverting Eq. 6 (recompute.py) divides a rounded lane by s and so amplifies its rounding by 1/|s| per
-        layer: exact in float32 for k layers (the round-off guard), not in bf16. So recompute.apply sets
+        layer: within recompute_rtol in float32 (the round-off guard), not in bf16. So recompute.apply sets
         lane_dtype = float32 for "crnet" and "reversible"; then s stays float32 and addcmul promotes to it."""
         dtype = d.dtype if self.lane_dtype is None else torch.promote_types(d.dtype, self.lane_dtype)
         return torch.addcmul(d, self.lane_scale().to(dtype), lane)
@@ -322,7 +322,7 @@ class Block(nn.Module):
         cfg = self.cfg
         bsz, T = y_qkv.shape[:2]  # bsz, not B: B is the low-rank factor
         q, k, v = (t.view(bsz, T, -1, cfg.hd) for t in self.qkv.pieces(y_qkv))  # (B, T, heads, hd)
-        if cfg.qwen3:  # QK-norm; weights in q's dtype (bf16 under autocast) let the fused kernel run
+        if cfg.qwen3:  # QK-norm; weights in q's dtype (autocast's; a float32 lane's) let the fused kernel run
             q, k = (F.rms_norm(t, (cfg.hd,), n.weight.to(t.dtype), n.eps) for t, n in ((q, self.q_norm), (k, self.k_norm)))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

@@ -67,7 +67,7 @@ STREAM = 4         # the group of the block input x_l ("reversible"), after the 
 
 
 def checkpoint_layers(n_layer, every):
-    """0-based layers whose lanes are stored: the last, then every `every`-th below it, never the first."""
+    """0-based layers whose lanes are stored: the last, then every `every`-th below it, never the first (n_layer > 1)."""
     return {n_layer - 1} | set(range(n_layer - 1, 0, -every))
 
 

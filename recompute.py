@@ -370,7 +370,7 @@ def apply(model, mode, every=8, keep_z=True, rtol=LANE_RTOL, compile=False):
         block.__dict__.pop("forward", None)  # back to the class's plain forward
         for proj in block.projections():
             proj.lane_dtype = torch.float32 if inverts else None  # Projection.lane_add: what the inversion needs
-    # apply(model, *model.recompute) applies it again; the defaults are left out
+    # apply(model, *model.recompute) applies it again; keep_z and rtol left out at their defaults
     model.recompute = (mode, every, keep_z, rtol)[:4 if rtol != LANE_RTOL else 2 if keep_z else 3]
     if mode != "none":
         rc = Recompute(model, mode, every, keep_z, rtol, compile and inverts)

@@ -7,7 +7,7 @@
 #   q/k/v see at most 85 distinct input rows (84 byte values and end-of-text), so the low-rank-first-layer ablation loses little there.
 # Batch: 16 seq x 128 tok x 2 accum = 4,096 tokens/step; 400 steps = 1.64M tokens (~0.36 epoch; windows start at random, so some overlap).
 # Measured on a 2-core CPU (20 steps alone): full 3,175 tok/s, crnet 3,863 tok/s, i.e. ~8.5 and ~7 min per run
-#   with the 5 evaluations; four variants ~28 min per learning rate.
+#   with the 4 evaluations; four variants ~28 min per learning rate.
 ablate_dir = "out/ablate_cpu_deep"
 lrs = "1e-3,3e-3,1e-2"             # each variant at each lr; the table reports each at its best
 n_layer = 8
