@@ -137,10 +137,12 @@ def gguf_value(reader, key, default=None):
     return default if field is None else field.contents()
 
 
-# llama.cpp's pre-tokenizer for each tokenizer.ggml.pre: the regexes it splits text with before BPE, in order
-# (llama-vocab.cpp). Digits first, then GPT-2's regex, is tokenizers' Digits(individual) + ByteLevel(use_regex).
-DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
-GPT2_ONLY = ("gpt2", "mpt", "olmo", "jais")
+# The tokenizer.ggml.pre strings (as llama.cpp's converter writes them: "gpt-2", not its type name GPT2) whose
+# pre-tokenizer llama.cpp runs as one of these two regex sequences (llama-vocab.cpp). Digits first, then GPT-2's
+# regex, is tokenizers' Digits(individual) + ByteLevel(use_regex); GPT-2's regex alone is ByteLevel(use_regex).
+DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva-7b")
+GPT2_ONLY = ("gpt-2", "phi-2", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de", "gigachat", "a.x-4.0", "mellum",
+             "exaone4", "mpt", "olmo", "jais", "trillion")
 
 
 class GGUFTokenizer:

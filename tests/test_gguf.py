@@ -29,16 +29,17 @@ def llama_cpp_permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def small_bpe(n_vocab=320):
+def small_bpe(n_vocab=320, split_digits=True):
     """(tokens, merges) of a byte-level BPE trained on the bundled corpus, the vocabulary's first token
-    <|endoftext|>: what a GGUF file stores."""
+    <|endoftext|>: what a GGUF file stores. split_digits=False: trained on numbers too, with merges across digits."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True)] * split_digits +
+                                                [pre_tokenizers.ByteLevel(add_prefix_space=False)])
     trainer = trainers.BpeTrainer(vocab_size=n_vocab, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([(ROOT / "data" / "shakespeare.txt").read_text()[:200_000]], trainer)
+    numbers = "" if split_digits else " 1999, 2024 and 33 of 14159 apples. " * 500
+    tok.train_from_iterator([(ROOT / "data" / "shakespeare.txt").read_text()[:200_000] + numbers], trainer)
     state = json.loads(tok.to_str())["model"]
     vocab = state["vocab"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
@@ -196,6 +197,20 @@ def check_tokenizer(path, texts):
 def test_tokenizer_matches_transformers_and_llama_cpp_pieces(bpe, tmp_path):
     ours, enc = check_tokenizer(write_gguf(tmp_path / "t.gguf", bpe=bpe), TEXTS)
     assert ours.n_vocab == len(bpe[0]) and ours.eot_token == 0
+
+
+@pytest.mark.parametrize("pre, digits", [("gpt-2", False), ("phi-2", False), ("smollm", True), ("minerva-7b", True)])
+def test_the_pre_tokenizer_is_the_one_llama_cpp_runs_for_the_files_pre_string(pre, digits, tmp_path):
+    """tokenizer.ggml.pre holds the converter's strings ("gpt-2", "minerva-7b"), not llama.cpp's type names.
+    GPT-2's group splits text with GPT-2's regex alone (what transformers' GGUF tokenizer runs, so it is the oracle
+    for the whole text); SmolLM's group cuts every digit apart first. The BPE merges digits, so the two differ."""
+    path = write_gguf(tmp_path / "t.gguf", bpe=small_bpe(split_digits=False), pre=pre)
+    ours = GGUFTokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    enc = lambda s: theirs(s, add_special_tokens=False).input_ids
+    for s in TEXTS + [" 1999, 2024 and 33 of 14159 apples."]:
+        assert ours.encode(s) == [i for p in (llama_cpp_pieces(s) if digits else [s]) for i in enc(p)], s
+    assert (ours.encode(" 1999") == enc(" 1999")) != digits  # the BPE merges digits: splitting them shows
 
 
 def test_tokenizer_errors(bpe, tmp_path, monkeypatch):
