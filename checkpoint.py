@@ -171,7 +171,7 @@ def named_optimizer_state(model, optimizer, osd):
 
 def save_checkpoint(out, data_parallel, model, optimizer, train_state, proc, best=False):
     """Atomic in both modes: a kill at any instant leaves the last good checkpoint readable. Once the new one is
-    complete, the one before it stays as the fallback and older ones (and the other format's) are removed.
+    complete, the one before it (of either format) stays as the fallback and older ones are removed.
     best=True also links it as out/best/, the best-val checkpoint."""
     out = Path(out)
     msd, osd = get_state_dict(model, optimizer)
@@ -340,7 +340,7 @@ def start(c, given):
     if auto:
         c["init_from"] = "resume" if find_checkpoint(c["out_dir"])[0] else "scratch"
     if c["eval_only"] and c["init_from"] not in ("scratch", "resume"):
-        raise ConfigError("init_from", c["init_from"], "eval_only evaluates out_dir's checkpoint: pass --out_dir=<run dir>")
+        raise ConfigError("init_from", c["init_from"], "eval_only evaluates out_dir's checkpoint: drop init_from, pass --out_dir=<run dir>")
     c["init_from"] = "resume" if c["eval_only"] else c["init_from"]
     if c["init_from"] == "resume":
         c, ckpt = resume_config(c, given, auto)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent  # the repository root: scripts are named relative to it ("tools/bench.py")
 BEGIN, END = "# " + "-" * 77 + " config", "# " + "-" * 77
-SAFE = {"__builtins__": {}, "int": int, "float": float, "str": str, "bool": bool, "list": list}  # for TYPES lines
+SAFE = {"__builtins__": {}, "int": int, "float": float, "str": str, "bool": bool, "list": list}  # eval's names: defaults, files
 FILE_FUNCS = {"min": min, "max": max, "round": round, "range": range}  # what a config file's arithmetic may call
 NUM = r"-?(?:\d+(?:\.\d*)?(?:e[+-]?\d+)?|inf)"
 RENAMED = {"compile": "torch_compile", "parallel": "data_parallel"}  # keys renamed: the builtin and module they shadowed
@@ -168,7 +168,7 @@ def owner(key, exclude, beside=()):
 
 
 def read_file(path):
-    """The assignments of a config file, {key: value}: plain `key = expression` lines only."""
+    """The assignments of a config file, ({key: value}, {key: line number}): plain `key = expression` lines only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -249,7 +249,8 @@ def load(argv, script, extends=(), positional=None, doc=None):
             if key not in keys:
                 raise unknown(key, "command line")
             if not sep and keys[key].types != (bool,):
-                raise ConfigError(key, None, "needs a value: --key=value (a bare --flag is only for True/False keys)")
+                raise ConfigError(key, None, "").with_message(f"--{key} needs a value: --{key}=... (a bare --flag is "
+                                                              f"only for True/False keys)")
             value = parse_value(text) if sep else True
             if keys[key].types == (bool,) and isinstance(value, str) and value.lower() in ("true", "false"):
                 value = value.lower() == "true"  # --torch_compile=true as well as --torch_compile=True

@@ -69,7 +69,7 @@ max_docs = 0            # stop after this many non-empty documents; 0 = no cap [
 max_tokens = 0          # stop once this many tokens are written; 0 = no cap [>=0]
 val_fraction = 0.1      # share of the tokens that goes to val.bin (0,1)
 seed = 1337             # the split's random draw [>=0]
-num_proc = 0            # tokenizer threads; 0 = one per CPU core, at most 8 [>=0]
+num_proc = 0            # tiktoken's threads (a GGUF's BPE sets its own); 0 = one per CPU core, at most 8 [>=0]
 piece_chars = 20000     # .txt files are cut at the first paragraph break after this many characters [>=1]
 overwrite = False       # replace out_dir when it already holds prepared data (a meta.json)
 # -----------------------------------------------------------------------------
@@ -210,8 +210,9 @@ def get_tokenizer(name):
 # ----------------------------------------------------------------------------- reading documents
 def cut_pieces(chunks, piece_chars):
     """Documents of a text given as consecutive chunks, each ending at the first paragraph break ("\\n\\n") after
-    piece_chars characters. 4 * piece_chars without one are cut at a line break, or anywhere, so that a file of
-    single-spaced lines still gives many documents and memory stays bounded."""
+    piece_chars characters (one in a later chunk waits for it). With none buffered, 4 * piece_chars are cut at a
+    line break, or anywhere, so that a file of single-spaced lines still gives many documents and memory stays
+    bounded (by a chunk)."""
     buf = ""
     for chunk in chunks:
         buf, start = buf + chunk, 0

@@ -52,7 +52,7 @@ def test_config_merging_and_type_checks(tmp_path):
     with pytest.raises(ValueError, match="'out_dir' .* is a key of train.py, not of tools/plot.py: .* is a config for train.py"):
         configurator.load(["configs/crnet_llama_60m.py"], "tools/plot.py")  # (out_dir is prepare_data.py's too)
     for arg, words in [("--n_layer=three", "n_layer='three': expected int"), ("--torch_compile=1", "torch_compile=1: expected bool"),
-                       ("--max_iters=2.5", "max_iters=2.5: expected int"), ("--n_layer", "n_layer=None: needs a value"),
+                       ("--max_iters=2.5", "max_iters=2.5: expected int"), ("--n_layer", "--n_layer needs a value: --n_layer=..."),
                        ("--max_iters=-5", "max_iters=-5: must be >= 1"), ("--grad_clip=-1", "grad_clip=-1.0: must be >= 0"),
                        ("--weight_decay=-0.1", "weight_decay=-0.1: must be >= 0"), ("--dropout=1.0", r"dropout=1.0: must be in \[0,1\)"),
                        ("--dtype=fp16", "dtype='fp16': must be one of auto, float32, bfloat16"), ("--rank=[8, 0]", "rank=\\[8, 0\\]: must be >= 1"),
