@@ -6,7 +6,7 @@ as "something of low rank" alone. In symbols, with Y_l the (tokens x h_out) outp
 best_r the best rank-r approximation (truncated SVD): some beta makes
     ||R - best_r(R)||_F  <  ||Y_l - best_r(Y_l)||_F,      R = R(beta) = Y_l - beta Y_{l-1}.
 
-    python tools/analyze.py --out_dir=out_full                   # any param type; rank defaults to n_embd / 4
+    python tools/analyze.py --out_dir=out_full                   # any param type; rank: the narrowest width / 4
     python tools/analyze.py --out_dir=out_full --rank=32 --tokens=8192 --plot=observation.png
     python tools/analyze.py --hf=openai-community/gpt2             # a pretrained Hugging Face model (tools/hf.py), full-rank
     python tools/analyze.py --hf=path/to/llama --data_dir=data/mine  # val.bin tokenized with that model's tokenizer
@@ -25,7 +25,7 @@ The tail energy of R(beta) is the sum of the h_out - r smallest eigenvalues of
 so the three h_out x h_out Gram matrices are formed once (float64) and beta_best is found by a 1-D search:
 a grid over every beta that could beat beta = 0 (see best_beta), with 0 and beta_ls among its points, then
 refinement around the best one. observation() is the reference (explicit SVDs at the betas found); the
-table comes from observe(), which gives the same numbers (to 1e-5) fast enough for real models: see the
+table comes from observe(), which gives the same errors and ratios (to 1e-5) fast enough for real models: see the
 comment above it. Each pair is measured during the forward pass, as the second layer's outputs appear, so
 only two layers' activations are held; a progress bar counts the layers.
 
@@ -169,7 +169,7 @@ def observation(y_prev, y, r):
 # ----------------------------------------------------------------------------- the fast estimator
 # observation() above is the reference: explicit SVDs, one rank at a time, float64 eigendecompositions of
 # h_out x h_out Gram matrices at ~100-250 betas. On a real model (29 pairs x 7 projections, h_out up to 1536)
-# that is hours on 2 cores. observe() returns the same numbers (tests/test_analyze.py: to 1e-5) from the same
+# that is hours on 2 cores. observe() returns the same errors and ratios (tests/test_analyze.py: to 1e-5) from the same
 # Gram matrices, with four changes that do not change the answer:
 #  1. one spectrum serves every rank: tail_r is a partial sum of the same eigenvalues;
 #  2. the spectrum is taken in the span of Y and Y_prev's columns (a SwiGLU gate/up output of a 576-wide input

@@ -11,7 +11,7 @@ Benchmarks that print tables (never assertions; tests/ holds those).
     python tools/bench.py sizes --sizes=60m,130m --batch=8 --steps=5
     python tools/bench.py moe                  # Qwen-3-MoE (8 experts, top 2) vs dense Qwen-3 at equal active parameters:
                                          # step time and memory, full and CR-Net (configs/*_qwen3_moe_60m.py),
-                                         # the experts looped and as grouped GEMMs
+                                         # the experts looped and as grouped GEMMs (CPU, sm90 GPUs; others loop)
     python tools/bench.py gpu                  # one GPU: full vs CR-Net at 350M (micro-batch 64) and 1B (32), recompute
                                          # none / crnet / reversible, eager and compiled, as train.py builds them;
                                          # within --budget_s=480 (rows past it say so)
@@ -241,7 +241,7 @@ def size_one(a):
     """Runs in a fresh process: full training steps (forward, backward, AdamW) of one size/param/recompute, the
     model built as train.py builds it (parallel.build_model: recompute, then compile per region)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if a.experts != "auto":  # grouped: grouped_mm in the row's dtype (on a GPU other than sm90 it syncs per expert)
+    if a.experts != "auto":  # grouped: grouped_mm in the row's dtype (moe.run_experts loops where it can't)
         moe.GROUPED = {} if a.experts == "loop" else {dev.type: (torch.bfloat16, torch.float32)}
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
@@ -309,6 +309,9 @@ def moe_table(a):
     print(f"configs/{{full,crnet}}_qwen3_moe_60m.py and their dense twin (n_expert=0, intermediate_size=1376), vocab "
           f"32000, batch {a.batch} x 256 tokens, {a.steps} timed steps (median) after one warm-up, torch_compile="
           f"{a.torch_compile}; {'bf16 autocast' if dev == 'cuda' else 'float32'}; device {name}")
+    can_group = moe.grouped_mm is not None and (dev == "cpu" or torch.cuda.get_device_capability()[0] == 9)
+    if not can_group:  # moe.run_experts: its grouped path needs grouped_mm, and on CUDA an sm90 GPU
+        print("the 'grouped' rows run the experts loop: grouped_mm needs the CPU or an sm90 GPU, and a torch with it")
     print("| param | MLP | experts | params | FLOPs/token | step | tokens/s | vs dense | peak memory | planned |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for param in ("full", "crnet"):
