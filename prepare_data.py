@@ -445,14 +445,28 @@ def prepare(out_dir, tokenizer="byte", files=None, hf_dataset="", hf_config="", 
                 "val_fraction": val_fraction}
         for s in ("train", "val"):
             meta[f"{s}_tokens"], meta[f"{s}_documents"] = splits.tokens[s], splits.docs[s]
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        with open(tmp / "meta.json", "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # (Splits.close synced the token files)
         out_dir.mkdir(exist_ok=True)
         (out_dir / "meta.json").unlink(missing_ok=True)  # no meta.json = incomplete, until the new one lands
         for name in ("train.bin", "val.bin", "meta.json"):
             os.replace(tmp / name, out_dir / name)
+        sync_dir(out_dir)  # the renames themselves: on disk before the caller relies on them
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def sync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_meta(data_dir):

@@ -1,8 +1,11 @@
 """prepare_data.py: round trips, end-of-text placement, metadata, the token-fraction split, flat memory, and
 errors that name the file and lose nothing."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,6 +112,8 @@ def test_text_files_are_cut_into_pieces_at_paragraphs(tmp_path):
     lines = "".join(f"line {i} has no paragraph break after it.\n" for i in range(300))  # a file of single lines
     pieces = split_pieces(lines, 300)
     assert "".join(pieces) == lines and all(p.endswith("\n") and len(p) < 4 * 300 for p in pieces) and len(pieces) > 10
+    flat = "x" * 5000  # no line break at all: cut anywhere, at 4 * piece_chars
+    assert split_pieces(flat, 300) == [flat[i:i + 1200] for i in range(0, 5000, 1200)]
 
 
 def test_caps_on_documents_and_tokens(tmp_path):
@@ -229,6 +234,10 @@ def test_max_token_id_is_the_largest_id_written(tmp_path):
         m = prepare(tmp_path / tokenizer, files=[src], tokenizer=tokenizer)
         ids = np.concatenate([np.fromfile(tmp_path / tokenizer / f"{s}.bin", np.uint16) for s in ("train", "val")])
         assert m["max_token_id"] == ids.max() == get_tokenizer(tokenizer).eot_token
+    s = Splits(tmp_path, 0.5, 0)  # ids from a later batch below an earlier one's (a GGUF's eot need not be the top)
+    for flat in ([5, 0], [1, 0]):
+        s.add(np.array(flat, np.uint16), np.array([1, 1]))
+    assert s.max_id == 5
 
 
 def test_hub_path_is_one_load_dataset_call(tmp_path, monkeypatch):
@@ -333,6 +342,8 @@ def test_tokenizer_that_overflows_uint16_is_rejected(monkeypatch):
     monkeypatch.setattr(prepare_data, "TiktokenTokenizer", Big)  # a size known only once loaded
     with pytest.raises(ValueError, match="p50k_base.*do not fit the uint16"):
         get_tokenizer("p50k_base")
+    monkeypatch.setattr(prepare_data, "TiktokenTokenizer", lambda name: SimpleNamespace(n_vocab=2 ** 16))
+    assert get_tokenizer("p50k_base").n_vocab == 65536  # ids 0..65535: every one fits
     monkeypatch.setattr(prepare_data, "TiktokenTokenizer", None)  # the known big ones: refused before any download
     for name, n in [("cl100k_base", 100277), ("o200k_base", 200019)]:
         with pytest.raises(ValueError, match=f"^tokenizer '{name}' has {n} tokens; ids above 65535 do not fit the uint16"):
@@ -385,6 +396,24 @@ def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a synced descriptor's file through /proc")
+def test_every_file_is_synced_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    """A rename publishes the data; without an fsync first, a power loss soon after could leave a meta.json that
+    vouches for token files still empty on disk. Then out_dir itself is synced, so that the renames last."""
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(prepare_data.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                              real_fsync(fd)))
+    monkeypatch.setattr(prepare_data.os, "replace", lambda a, b: (events.append(("replace", str(Path(a).resolve()))),
+                                                                  real_replace(a, b)))
+    prepare(tmp_path / "out", files=[src])
+    monkeypatch.undo()
+    published = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    assert sorted(Path(events[i][1]).name for i in published) == ["meta.json", "train.bin", "val.bin"], events
+    assert all(("fsync", events[i][1]) in events[:i] for i in published), events
+    assert ("fsync", str((tmp_path / "out").resolve())) in events[published[-1]:], events
+
+
 def test_killed_run_leaves_the_old_dataset_or_an_incomplete_one(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     prepare(tmp_path / "out", files=[src])
@@ -398,6 +427,8 @@ def test_killed_run_leaves_the_old_dataset_or_an_incomplete_one(tmp_path):
         assert p.returncode == -9, (target, p.stderr[-2000:])
         if target == "Splits.add":
             assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+            # the work folder is beside out_dir (the same disk: the renames that publish the files are atomic)
+            assert [p.name for p in tmp_path.glob(".out.tmp-*/train.bin")] and not any((tmp_path / "out").glob(".*"))
         else:
             with pytest.raises(FileNotFoundError, match="meta.json not found"):
                 load_meta(tmp_path / "out")
@@ -428,6 +459,11 @@ def test_load_meta_detects_missing_and_truncated_files(tmp_path):
         f.truncate(10)
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_meta(tmp_path / "out")
+    prepare(tmp_path / "longer", files=[src])
+    with open(tmp_path / "longer" / "val.bin", "ab") as f:
+        f.write(b"\0\0")  # one token more than meta.json says: as corrupt as one less
+    with pytest.raises(ValueError, match="val.bin has .* bytes but meta.json says .* truncated or corrupt"):
+        load_meta(tmp_path / "longer")
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     del meta["max_token_id"]
     (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
@@ -451,7 +487,7 @@ def test_load_meta_checks_each_value(tmp_path):
                             ("vocab_size", 70000, "70000 must be"), ("vocab_size", True, "true must be"),
                             ("train_tokens", None, "null must be an integer >= 0"), ("val_tokens", -1, "-1 must be"),
                             ("max_token_id", 257, "257 must be an integer >= 0 and below vocab_size=257"),
-                            ("eot_token", 2.5, "2.5 must be"), ("tokenizer", "", '"" must be a tokenizer name'),
+                            ("eot_token", 2.5, "2.5 must be"), ("eot_token", -1, "-1 must be an integer >= 0"), ("tokenizer", "", '"" must be a tokenizer name'),
                             ("dtype", "uint32", '"uint32" must be "uint16"')]:
         (tmp_path / "out" / "meta.json").write_text(json.dumps({**meta, key: value}))
         with pytest.raises(ValueError, match=f"^.*out/meta.json: {key}={why}.*; re-run prepare_data.py$"):

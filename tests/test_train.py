@@ -15,6 +15,7 @@ import torch
 import checkpoint as ck
 import configurator
 import parallel as par
+import prepare_data
 import sample
 import train
 from conftest import ROOT, TINY, read_metrics, train_losses
@@ -325,6 +326,9 @@ def test_eval_only_takes_any_batch_size(tiny_data, tmp_path, capsys):
 def test_vocab_smaller_than_the_data_is_an_error(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100: is smaller than the data's vocabulary \\(257, tokenizer 'byte'"):
         run(tiny_data, tmp_path, "--vocab_size=100")
+    meta = prepare_data.load_meta(tiny_data)  # the data's own vocabulary, or a wider one (padded), is accepted
+    for vocab in (257, 320):
+        prepare_data.check_data({"vocab_size": vocab, "block_size": 32}, tiny_data, meta)
 
 
 def test_batch_arithmetic_error(tiny_data, tmp_path):
