@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,6 +223,79 @@ def test_damaged_sharded_checkpoint_falls_back(tiny_data, tmp_path, capsys):
     assert all(b[i] == pytest.approx(a[i], rel=1e-5) for i in range(3, 7))
     assert (tmp_path / "b" / "iter_0000004.damaged").is_dir()
     assert sorted(p.name for p in (tmp_path / "b" / "ckpt_dcp").iterdir()) == ["iter_0000004", "iter_0000006"]
+
+
+def test_between_formats_the_newer_checkpoint_comes_first(tmp_path):
+    """After a switch between ddp and fsdp a resume continues the newest save, whichever its format; within a
+    format the names give the order, since a copy may have reset the mtimes."""
+    ddp, prev, dcp4 = tmp_path / ck.CKPT_FILE, tmp_path / ck.PREV_FILE, tmp_path / ck.DCP_DIR / "iter_0000004"
+    dcp4.mkdir(parents=True), ddp.write_bytes(b""), prev.write_bytes(b"")
+    for (t_ddp, t_prev, t_dcp), order in [((20, 10, 30), [dcp4, ddp, prev]), ((30, 10, 20), [ddp, dcp4, prev]),
+                                          ((20, 30, 10), [ddp, prev, dcp4])]:
+        for path, t in ((ddp, t_ddp), (prev, t_prev), (dcp4, t_dcp)):
+            os.utime(path, (t, t))
+        assert [path for _, path in ck.checkpoints(tmp_path)] == order, (t_ddp, t_prev, t_dcp)
+
+
+def test_a_checkpoint_unreadable_for_now_is_skipped_but_not_set_aside(tiny_data, tmp_path, monkeypatch):
+    """An OS error or no memory says nothing of the file: the resume falls back past it, and keeps it in rotation.
+    A file that is not one of ours (no weights) is damaged."""
+    run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=2")  # ckpt.pt at 4, ckpt.prev.pt at 2
+    real_load, errors = torch.load, []
+
+    def load(path, *a, **k):
+        if Path(path).name == ck.CKPT_FILE and errors:
+            raise errors[0]
+        return real_load(path, *a, **k)
+    monkeypatch.setattr(ck.torch, "load", load)
+    for e in (OSError(5, "Input/output error"), MemoryError()):
+        errors[:] = [e]
+        state = ck.load_train_state(tmp_path, say=lambda *a: None)
+        assert (state["iter"], state["damaged"]) == (2, []), e
+    monkeypatch.undo()
+    torch.save({k: 0 for k in ck.TRAIN_KEYS}, tmp_path / ck.CKPT_FILE)
+    with pytest.raises(ck.CheckpointError, match="is not a train.py checkpoint \\(no 'model', 'optimizer'\\)"):
+        ck.read_checkpoint("ddp", tmp_path / ck.CKPT_FILE)
+    assert ck.load_train_state(tmp_path, say=lambda *a: None)["damaged"] == [tmp_path / ck.CKPT_FILE]
+
+
+def test_a_resume_may_change_only_what_leaves_the_run_the_same(tiny_data, tmp_path):
+    """seed draws the batches: a resume refuses it. checkpoint_interval is free, and the same data_dir may be named
+    another way (a symlink, a relative path)."""
+    run(tiny_data, tmp_path / "b", "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
+    with pytest.raises(ValueError, match="seed=7: the checkpoint in .* was trained with 1337"):
+        train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--seed=7"])
+    (tmp_path / "link").symlink_to(tiny_data)
+    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", f"--data_dir={tmp_path / 'link'}",
+                "--checkpoint_interval=1"])
+    assert ck.read_checkpoint("ddp", tmp_path / "b" / ck.PREV_FILE)["iter"] == 3  # saved at 3: the new interval
+    assert max(train_losses(tmp_path / "b")) == 4
+
+
+def test_each_process_resumes_with_its_own_rng_state(monkeypatch):
+    monkeypatch.setattr(ck, "load_weights", lambda *a: None)
+    states = [{"torch": torch.Generator().manual_seed(seed).get_state(), "cuda": None} for seed in (1, 2)]
+    ckpt = {"rng": states, "iter": 3, "best_val_loss": 1.0, "path": "x"}
+    with torch.random.fork_rng(devices=[]):
+        for proc in (0, 1):
+            ck.restore(ckpt, None, None, {"init_from": "resume", "dropout": 0.1, "eval_only": False},
+                       {"world": 2, "proc": proc, "device": torch.device("cpu"), "say": lambda *a: None})
+            assert torch.equal(torch.get_rng_state(), states[proc]["torch"]), proc
+
+
+def test_fine_tuning_takes_the_model_keys_from_the_checkpoint(tiny_data, tmp_path):
+    run(tiny_data, tmp_path / "pre", "--max_iters=2", "--eval_interval=2", "--n_layer=2")
+    train.main([a for a in TINY if not a.startswith("--n_layer")] + [  # the model keys left to the checkpoint
+        f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'ft'}", f"--init_from={tmp_path / 'pre'}", "--max_iters=2"])
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["n_layer"] == 2
+
+
+def test_r50k_base_tokens_are_gpt2_tokens():
+    """prepare_data's gpt2 is tiktoken's r50k_base: the same ids under either name; another encoding is refused."""
+    ck.check_same_tokenizer({"tokenizer": "gpt2"}, {"tokenizer": "r50k_base"}, "d", "src")
+    ck.check_same_tokenizer({"tokenizer": "r50k_base"}, {"tokenizer": "gpt2"}, "d", "src")
+    with pytest.raises(ValueError, match="holds 'p50k_base' tokens, but the checkpoint in src was trained on 'gpt2'"):
+        ck.check_same_tokenizer({"tokenizer": "gpt2"}, {"tokenizer": "p50k_base"}, "d", "src")
 
 
 def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer(tiny_data, tmp_path):
