@@ -340,7 +340,8 @@ def start(c, given):
     if auto:
         c["init_from"] = "resume" if find_checkpoint(c["out_dir"])[0] else "scratch"
     if c["eval_only"] and c["init_from"] not in ("scratch", "resume"):
-        raise ConfigError("init_from", c["init_from"], "eval_only evaluates out_dir's checkpoint: drop init_from, pass --out_dir=<run dir>")
+        raise ConfigError("init_from", c["init_from"], "eval_only evaluates out_dir's checkpoint: drop init_from, "
+                                                       "pass --out_dir=<run dir>")
     c["init_from"] = "resume" if c["eval_only"] else c["init_from"]
     if c["init_from"] == "resume":
         c, ckpt = resume_config(c, given, auto)
