@@ -101,6 +101,7 @@ BATTERY = [
     (T, ["--log_to=neptune"], "log_to='neptune'"),
     (T, ["--init_from={w}/nowhere"], "init_from="),
     (T, ["--init_from={w}/run", "--out_dir={w}/run", "--overwrite"], "is out_dir itself"),
+    (T, ["--eval_only", "--init_from={w}/run", "--out_dir={w}/run"], "eval_only evaluates out_dir's checkpoint: drop init_from"),
     (T, ["{w}/annotated.py"], "annotated.py:2"),
     (T, ["{w}/missing_config.py"], "missing_config.py"),
     (T, ["--n_layr=2"], "'n_layr'"),
