@@ -606,6 +606,7 @@ def test_overwrite_removes_the_old_run_once_every_check_passed(tiny_data, tmp_pa
     with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):
         run(tiny_data, tmp_path, "--max_iters=4", "--overwrite", "--learning_rate=1e30")
     assert sorted(snapshot(tmp_path)) == [".lock", "config.json", "diverged.json", "metrics.jsonl"]
+    assert [r["lr"] > 1 for r in read_metrics(tmp_path)] == [True]  # the new run's one step: no old row to plot
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         run(tiny_data, tmp_path, "--init_from=resume")
 

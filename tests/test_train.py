@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import traceback
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 import checkpoint as ck
 import configurator
 import parallel as par
+import plan
 import prepare_data
 import sample
 import train
@@ -35,8 +37,14 @@ def test_config_merging_and_type_checks(tmp_path):
     assert isinstance(c["learning_rate"], float) and c["torch_compile"] is True and c["eval_tokens"] == 1280
     for text, value in (("false", False), ("False", False), ("true", True)):  # a string, not bool("false") == True
         assert configurator.load([f"--torch_compile={text}"], "train.py")[0]["torch_compile"] is value
-    with pytest.raises(ValueError, match="learning_rate=True: expected float"):  # a bool is not a number here
-        configurator.load(["--learning_rate=True"], "train.py")
+    for arg, words in [("--learning_rate=True", "learning_rate=True: expected float"),  # a bool is not a number
+                       ("--n_layer=True", "n_layer=True: expected int"), ("--min_lr_ratio=1.01", r"must be in \[0,1\]"),
+                       ("--learning_rate=1e999", "learning_rate=inf: must be a finite number")]:
+        with pytest.raises(ValueError, match=words):
+            configurator.load([arg], "train.py")
+    assert configurator.load(["--min_lr_ratio=1.0"], "train.py")[0]["min_lr_ratio"] == 1.0  # [0,1]: 1 is inside
+    f.write_text("rank = (8, 4, 8)\n")  # a tuple is a list
+    assert configurator.load([str(f)], "train.py")[0]["rank"] == [8, 4, 8]
     rank = configurator.load(["--rank=[8, 1e1, 4.0]"], "train.py")[0]["rank"]  # whole floats in a list, as alone
     assert rank == [8, 10, 4] and all(type(r) is int for r in rank)
     with pytest.raises(ValueError, match="unknown config key 'lerning_rate' on the command line \\(did you mean 'learning_rate'\\?\\); python train.py --help"):
@@ -223,6 +231,22 @@ def test_eta_counts_to_the_stop_iteration_not_past_it(tiny_data, tmp_path, capsy
     assert len(etas) == 2 and etas[-1] == "0s"  # the last step of a --stop_iter run has nothing left
 
 
+def test_the_log_lines_timings_follow_the_clock(tiny_data, tmp_path, monkeypatch, capsys):
+    """A clock on which every training step takes 1 s (evaluation none): ms/iter is the mean over the log interval,
+    tokens/s a step's tokens over it, and the ETA counts from this process's first step, also after a resume."""
+    clock, lr_at = [0.0], train.lr_at
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(train, "lr_at", lambda it, c: (clock.__setitem__(0, clock[0] + 1), lr_at(it, c))[1])
+    run(tiny_data, tmp_path, "--max_iters=8", "--stop_iter=4", "--log_interval=2", "--eval_interval=100")
+    run(tiny_data, tmp_path, "--max_iters=8", "--log_interval=2", "--eval_interval=100", "--init_from=resume")
+    rows = [r for r in read_metrics(tmp_path) if "ms_per_iter" in r]
+    assert [(r["iter"], r["ms_per_iter"], r["tokens_per_s"], r["elapsed_s"]) for r in rows] == [
+        (2, 1000, 128, 2), (4, 1000, 128, 4), (6, 1000, 128, 2), (8, 1000, 128, 4)]  # 128 tokens a step (TINY)
+    etas = [line.rsplit("| ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
+    assert etas == ["2s elapsed, ETA 2s", "4s elapsed, ETA 0s", "2s elapsed, ETA 2s", "4s elapsed, ETA 0s"]
+    assert [train.fmt_time(s) for s in (59, 90, 5400)] == ["59s", "1.5m", "1.5h"]
+
+
 def test_non_finite_loss_stops_before_the_optimizer_step(tiny_data, tmp_path, monkeypatch):
     run(tiny_data, tmp_path, "--max_iters=20", "--stop_iter=2", "--eval_interval=100")
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -407,8 +431,9 @@ def assert_same_losses(one, two, iters=None, rel=1e-5):
                 assert b[key] == pytest.approx(a[key], rel=rel), (key, a, b)
 
 
-def ddp_matches_single_process(tiny_data, tmp_path, *extra, two_procs=(), rel=1e-5):
-    args = ["--max_iters=6", "--eval_interval=6", "--total_batch_tokens=256", *extra]  # 2 x 4 x 32: accum 2 on 1 process
+def ddp_matches_single_process(tiny_data, tmp_path, *extra, two_procs=(), rel=1e-5, tokens=256):
+    args = ["--max_iters=6", "--eval_interval=6", f"--total_batch_tokens={tokens}", *extra]  # 256 = 2 x 4 x 32: accum 2
+    # on 1 process, 1 on 2
     run(tiny_data, tmp_path / "one", *args)
     p = torchrun(2, tiny_data, tmp_path / "two", *args, *two_procs)
     assert_same_losses(tmp_path / "one", tmp_path / "two", rel=rel)
@@ -421,10 +446,14 @@ def test_ddp_two_processes_match_one(tiny_data, tmp_path):
     ddp_matches_single_process(tiny_data, tmp_path, "--peak_flops=1e9")
     (one, two) = ([r["mfu"] / r["tokens_per_s"] for r in read_metrics(tmp_path / d) if "mfu" in r] for d in ("one", "two"))
     assert one and len(one) == len(two) and all(b == pytest.approx(a / 2) for a, b in zip(one, two))
+    for d in ("one", "two"):  # tokens/s: every process's tokens (a step's 256) over a step's time
+        assert all(r["tokens_per_s"] * r["ms_per_iter"] / 1000 == pytest.approx(256) for r in read_metrics(tmp_path / d)
+                   if "tokens_per_s" in r)
 
 
 def test_ddp_with_crnet_recompute_matches_one_process(tiny_data, tmp_path):
-    ddp_matches_single_process(tiny_data, tmp_path, "--recompute=crnet", "--recompute_every=2")
+    ddp_matches_single_process(tiny_data, tmp_path, "--recompute=crnet", "--recompute_every=2", tokens=512)  # accum 2
+    # on each process: gradients sync on the last micro-step only, over both micro-batches
 
 
 # FSDP2: the oracle is one plain process (same seed, same sequences via grad accumulation)
@@ -477,6 +506,23 @@ def test_every_script_answers_help(script, key):
     assert p.returncode == 0 and key in p.stdout and p.stderr == "", (p.stdout[-500:], p.stderr[-500:])
     if script in ("plan.py", "tools/ablate.py"):  # they also take every train.py key
         assert "--learning_rate=0.003" in p.stdout
+
+
+def test_the_limits_themselves_are_allowed():
+    """A stop at max_iters itself, and a thread per CPU: each bound is inclusive where its check says so."""
+    c = {"batch_size": 4, "block_size": 32, "total_batch_tokens": 128, "eval_only": False, "max_iters": 8}
+    assert plan.grad_accum({**c, "stop_iter": 8}, 1) == 1
+    with pytest.raises(ValueError, match="stop_iter=9: is beyond max_iters=8"):
+        plan.grad_accum({**c, "stop_iter": 9}, 1)
+    par.check_device("cpu", cpu_threads=os.cpu_count())
+    with pytest.raises(ValueError, match="is more than this machine's"):
+        par.check_device("cpu", cpu_threads=os.cpu_count() + 1)
+
+
+def test_h_is_help_too(capsys):
+    with pytest.raises(SystemExit) as e:
+        configurator.load(["-h"], "train.py")
+    assert e.value.code == 0 and "--recompute_every=8" in capsys.readouterr().out
 
 
 def launch_lines():
