@@ -161,6 +161,12 @@ def test_auto_recompute_picks_the_fastest_mode_that_fits():
     with pytest.raises(ValueError, match=r"no mode fits 90% of 1.0 GiB per GPU \(GiB needed: none .*, crnet .*, reversible"):
         plan.auto_recompute(c, 1, plan.GiB)
     assert "recompute auto -> crnet" in plan.auto_recompute(c, 1, need["crnet"] / 0.9)[1]
+    moe = {**configurator.load(["configs/crnet_qwen3_moe_60m.py", "--vocab_size=32000"], "train.py")[0],
+           "moe_lane": False}  # CR-Net without the MoE's lane: nothing to invert there, so block, as full rank
+    block = plan.plan({**moe, "recompute": "block"}, "ddp", "block", 1)[0]["total"]
+    assert plan.auto_recompute(moe, 1, block / 0.9)[0] == "block"
+    with pytest.raises(ValueError, match=r"\(GiB needed: none [0-9.]+, block [0-9.]+\)"):
+        plan.auto_recompute(moe, 1, plan.GiB / 100)
 
 
 def test_preflight_and_train_report_what_auto_chose(tiny_data, tmp_path, capsys):
@@ -185,6 +191,22 @@ def test_preflight_for_a_cpu_run_ignores_the_gpu_beside_it(monkeypatch, capsys):
     train.main(base + ["--device=cpu", "--recompute=auto"])
     out = capsys.readouterr().out
     assert "recompute auto -> none" in out and "fits 90% of 64.0 GiB" in out and "GPU" not in out.split("preflight ok")[1]
+
+
+def test_preflight_refuses_a_plan_over_90_percent_of_the_gpu(monkeypatch, capsys):
+    """The 10% headroom the planner keeps (allocator fragmentation, CUDA context): a plan at 95% of the GPU is
+    refused, one at 85% passes."""
+    import train
+    base = ["configs/laptop_60m.py", "--preflight", "--vocab_size=50257"]
+    c = configurator.load(base[:1] + base[2:], "train.py")[0]
+    total = plan.plan(c, "ddp", c["recompute"], 1)[0]["total"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(plan, "device_memory", lambda d, available=False: total / 0.95)
+    with pytest.raises(ValueError, match=f"needs {total / plan.GiB:.1f} GiB per GPU .* over 90% of this GPU's"):
+        train.main(base)
+    monkeypatch.setattr(plan, "device_memory", lambda d, available=False: total / 0.85)
+    train.main(base)
+    assert "preflight ok" in capsys.readouterr().out
 
 
 def test_preflight_plans_the_dtype_the_run_will_have(capsys):
