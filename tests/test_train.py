@@ -519,6 +519,18 @@ def test_the_limits_themselves_are_allowed():
         par.check_device("cpu", cpu_threads=os.cpu_count() + 1)
 
 
+def test_processes_on_one_cpu_share_its_threads(monkeypatch):
+    """cpu_threads=0 under torchrun: each of a node's LOCAL_WORLD_SIZE processes takes its share of the cores,
+    not all of them (2 processes x all cores oversubscribe the CPU)."""
+    threads = []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    c = {"cpu_threads": 0, "device": "cpu", "data_parallel": "ddp", "dtype": "auto"}
+    assert par.setup(c)["threads"] == 4 and threads == [4]
+    assert par.setup({**c, "cpu_threads": 3})["threads"] == 3  # a given count is taken as it is
+
+
 def test_h_is_help_too(capsys):
     with pytest.raises(SystemExit) as e:
         configurator.load(["-h"], "train.py")
