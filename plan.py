@@ -489,7 +489,7 @@ def preflight(c, world, grad_accum, ckpt=None):
         raise ValueError(f"the memory plan needs {r['total'] / gib:.1f} GiB per GPU ({c['data_parallel']}, recompute="
                          f"{cp['recompute']}, micro-batch {c['batch_size']}), over 90% of this GPU's {limit / gib:.1f} "
                          f"GiB: lower batch_size, use recompute or data_parallel='fsdp'")
-    fits = f", fits of this GPU's {limit / gib:.1f} GiB" if limit else ""
+    fits = f", fits 90% of this GPU's {limit / gib:.1f} GiB" if limit else ""
     if cp["dtype"] == "auto" and c["device"] == "auto" and not limit:  # planned for CUDA; a run here is float32
         here = plan({**cp, "dtype": "float32"}, c["data_parallel"], cp["recompute"], world)[0]["total"]
         fits += f"; {here / gib:.1f} GiB in float32 (a run here, without CUDA)"

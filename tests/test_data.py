@@ -237,6 +237,7 @@ def test_max_token_id_is_the_largest_id_written(tmp_path):
     s = Splits(tmp_path, 0.5, 0)  # ids from a later batch below an earlier one's (a GGUF's eot need not be the top)
     for flat in ([5, 0], [1, 0]):
         s.add(np.array(flat, np.uint16), np.array([1, 1]))
+    s.close()
     assert s.max_id == 5
 
 

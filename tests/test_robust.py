@@ -101,7 +101,6 @@ BATTERY = [
     (T, ["--log_to=neptune"], "log_to='neptune'"),
     (T, ["--init_from={w}/nowhere"], "init_from="),
     (T, ["--init_from={w}/run", "--out_dir={w}/run", "--overwrite"], "is out_dir itself"),
-    (T, ["--eval_only", "--init_from={w}/run", "--out_dir={w}/run"], "eval_only evaluates out_dir's checkpoint: drop init_from"),
     (T, ["{w}/annotated.py"], "annotated.py:2"),
     (T, ["{w}/missing_config.py"], "missing_config.py"),
     (T, ["--n_layr=2"], "'n_layr'"),
@@ -128,7 +127,7 @@ BATTERY = [
     (T, ["--out_dir={w}/run", "--total_batch_tokens=100"], "total_batch_tokens=100"),  # the key, before "exists"
     (T, ["--data_dir={w}/understated"], "understated/train.bin holds token id 1"),
     (T, ["--eval_only", "--out_dir={w}/nowhere"], "no checkpoint in"),
-    (T, ["--eval_only", "--out_dir={w}/run", "--init_from={w}/run"], "init_from="),
+    (T, ["--eval_only", "--out_dir={w}/run", "--init_from={w}/run"], "eval_only evaluates out_dir's checkpoint: drop init_from"),
     (T, ["--seed=100000000000000000"], "seed=100000000000000000: must be in"),
     (T, ["--cpu_threads=100000"], "cpu_threads=100000: is more than this machine's"),
     (["sample.py"], ["--out_dir={w}/run", "--seed=99999999999999999999999"], "seed=99999999999999999999999"),
@@ -262,7 +261,7 @@ def test_a_checkpoint_unreadable_for_now_is_skipped_but_not_set_aside(tiny_data,
 
 def test_a_resume_may_change_only_what_leaves_the_run_the_same(tiny_data, tmp_path):
     """seed draws the batches: a resume refuses it. checkpoint_interval is free, and the same data_dir may be named
-    another way (a symlink, a relative path)."""
+    another way (here a symlink)."""
     run(tiny_data, tmp_path / "b", "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
     with pytest.raises(ValueError, match="seed=7: the checkpoint in .* was trained with 1337"):
         train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--seed=7"])
