@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from configurator import RENAMED, ConfigError, check_folder
+from configurator import RENAMED, ConfigError, check_folder, fsync
 from model import ModelConfig, Transformer
 
 CKPT_FILE, PREV_FILE, DCP_DIR = "ckpt.pt", "ckpt.prev.pt", "ckpt_dcp"
@@ -281,21 +281,6 @@ def recover_best(out):
     best, old = Path(out) / "best", Path(out) / "best.old"
     if old.is_dir() and not best.exists():
         os.replace(old, best)
-
-
-def fsync(path):
-    """Force a file's data (a directory: its entries) to disk. A rename publishes a file as complete, so without it a
-    power or machine loss soon after a save could leave ckpt.pt (and its fallback) empty: a killed process cannot.
-    A file's write error that only fsync reports (EIO, a full disk) is raised, before the rename."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not os.path.isdir(path):
-            raise
-        # (some file systems cannot sync a directory)
-    finally:
-        os.close(fd)
 
 
 def link_or_copy(src, dst):

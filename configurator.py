@@ -113,6 +113,21 @@ def check_folder(key, value):
         raise ConfigError(key, value, ("is a file" if there == path else f"{there} is a file") + ", not a directory")
 
 
+def fsync(path):
+    """Force a file's data (a directory: its entries) to disk. A rename publishes a file as complete, so without it a
+    power or machine loss soon after could leave it empty (ckpt.pt, meta.json): a killed process cannot.
+    A file's write error that only fsync reports (EIO, a full disk) is raised, before the rename."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+        # (some file systems cannot sync a directory)
+    finally:
+        os.close(fd)
+
+
 def config_block(path):
     """The statements between the config markers of a script (its defaults), as (node, source) pairs."""
     text = Path(path).read_text()

@@ -68,13 +68,18 @@ def grouped(x, projections, offs, dtype):
                       for i, zi in enumerate(z.split(projections[0].rank, -1))], -1)
 
 
+def grouped_kernel(device):
+    """Whether grouped_mm runs on device: torch has it, and on CUDA the GPU is sm90 (see GROUPED)."""
+    return grouped_mm is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] == 9)
+
+
 def run_experts(xs, experts, counts):
     """xs (M, h): the gathered rows, sorted by expert; counts (E,): each expert's rows -> their outputs (M, h)."""
     up, down = [e["up"] for e in experts], [e["down"] for e in experts]
     dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
     widths = (xs.shape[-1], up[0].h_out) + (() if up[0].kind == "full" else (up[0].rank,))  # h, ff, r
-    if (grouped_mm and dtype in GROUPED.get(xs.device.type, ()) and all(w * dtype.itemsize % 16 == 0 for w in widths)
-            and (xs.device.type != "cuda" or torch.cuda.get_device_capability(xs.device)[0] == 9)):
+    if (dtype in GROUPED.get(xs.device.type, ()) and all(w * dtype.itemsize % 16 == 0 for w in widths)
+            and grouped_kernel(xs.device)):
         offs = counts.cumsum(0).to(torch.int32)  # where each expert's rows end, on the device
         gate, y_up = grouped(xs, up, offs, dtype).chunk(2, -1)
         return grouped(F.silu(gate) * y_up, down, offs, dtype)

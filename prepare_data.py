@@ -138,8 +138,9 @@ def gguf_value(reader, key, default=None):
 
 
 # tokenizer.ggml.pre strings (as llama.cpp's converter writes them: "gpt-2", not its type name GPT2) whose
-# pre-tokenizer llama.cpp runs as one of these two regex sequences (llama-vocab.cpp); other strings are refused. Digits first, then GPT-2's
-# regex, is tokenizers' Digits(individual) + ByteLevel(use_regex); GPT-2's regex alone is ByteLevel(use_regex).
+# pre-tokenizer llama.cpp runs as one of these two regex sequences (llama-vocab.cpp); other strings are refused.
+# Digits first, then GPT-2's regex, is tokenizers' Digits(individual) + ByteLevel(use_regex); GPT-2's regex alone
+# is ByteLevel(use_regex).
 DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva-7b")
 GPT2_ONLY = ("gpt-2", "phi-2", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de", "gigachat", "a.x-4.0", "mellum",
              "exaone4", "mpt", "olmo", "jais", "trillion", "granite-docling")
@@ -445,30 +446,18 @@ def prepare(out_dir, tokenizer="byte", files=None, hf_dataset="", hf_config="", 
                 "val_fraction": val_fraction}
         for s in ("train", "val"):
             meta[f"{s}_tokens"], meta[f"{s}_documents"] = splits.tokens[s], splits.docs[s]
-        with open(tmp / "meta.json", "w") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # (Splits.close synced the token files)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        configurator.fsync(tmp / "meta.json")  # (Splits.close synced the token files)
         out_dir.mkdir(exist_ok=True)
-        sync_dir(out_dir.parent)  # (out_dir's own entry, if it is new)
+        configurator.fsync(out_dir.parent)  # (out_dir's own entry, if it is new)
         (out_dir / "meta.json").unlink(missing_ok=True)  # no meta.json = incomplete, until the new one lands
-        sync_dir(out_dir)  # (that, before any new file lands beside it)
+        configurator.fsync(out_dir)  # (that, before any new file lands beside it)
         for name in ("train.bin", "val.bin", "meta.json"):
             os.replace(tmp / name, out_dir / name)
-        sync_dir(out_dir)  # the renames themselves: on disk before the caller relies on them
+        configurator.fsync(out_dir)  # the renames themselves: on disk before the caller relies on them
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
-
-
-def sync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_meta(data_dir):

@@ -309,8 +309,7 @@ def moe_table(a):
     print(f"configs/{{full,crnet}}_qwen3_moe_60m.py and their dense twin (n_expert=0, intermediate_size=1376), vocab "
           f"32000, batch {a.batch} x 256 tokens, {a.steps} timed steps (median) after one warm-up, torch_compile="
           f"{a.torch_compile}; {'bf16 autocast' if dev == 'cuda' else 'float32'}; device {name}")
-    can_group = moe.grouped_mm is not None and (dev == "cpu" or torch.cuda.get_device_capability()[0] == 9)
-    if not can_group:  # moe.run_experts: its grouped path needs grouped_mm, and on CUDA an sm90 GPU
+    if not moe.grouped_kernel(torch.device(dev)):  # then moe.run_experts loops
         print("the 'grouped' rows run the experts loop: grouped_mm needs the CPU or an sm90 GPU, and a torch with it")
     print("| param | MLP | experts | params | FLOPs/token | step | tokens/s | vs dense | peak memory | planned |")
     print("|---|---|---|---|---|---|---|---|---|---|")
