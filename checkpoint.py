@@ -18,6 +18,7 @@ checkpoint, restore() loads it into the model, optimizer and RNG, save() writes 
 preemption notice into a save at the end of the step.
 """
 import fcntl
+import functools
 import os
 import shutil
 import signal
@@ -223,8 +224,8 @@ class StopSignals:
     ranks with the step's loss, so every rank stops and saves at the same iteration."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, out=None):
-        self.signum, self.old, self.out = 0, {}, out
+    def __init__(self):
+        self.signum, self.old = 0, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python runs handlers only there
@@ -237,8 +238,6 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
-        if self.out is not None:  # the loop is over, its last save made: out_dir is free for the next run
-            release_out_dir(self.out)
 
 
 def prune(out, final):
@@ -363,7 +362,7 @@ def hold_out_dir(out, key="out_dir"):
     until the run ends (release_out_dir) or its process does: the kernel releases it on any exit, SIGKILL too. A
     file system without locks leaves the run unguarded, with a note, rather than stopped."""
     out = Path(out).resolve()
-    if out in HELD:  # this process holds it already (a train.main that raised, called again)
+    if out in HELD:  # this process holds it already (refuse_to_clobber took it, start_logs asks again)
         return
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -394,6 +393,20 @@ def release_out_dir(out):
     f = HELD.pop(Path(out).resolve(), None)
     if f is not None:
         f.close()
+
+
+def releasing(main):
+    """train.main, run so that however it leaves (done, a config or data error, a diverged loss, Ctrl-C) it frees
+    the out_dir it locked: a process that lives on (a notebook, a test, a sweep calling main) would otherwise keep
+    another run out of a folder nothing writes to any more."""
+    @functools.wraps(main)
+    def run(*args):
+        try:
+            return main(*args)
+        finally:
+            for out in list(HELD):
+                release_out_dir(out)
+    return run
 
 
 def say0(*a):

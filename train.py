@@ -105,6 +105,7 @@ TYPES = {"rank": (int, list), "vocab_size": (int, None), "tie_embeddings": (bool
 # -----------------------------------------------------------------------------
 
 
+@ck.releasing  # out_dir's lock is freed however main leaves
 def main(argv):
     # ---- config: defaults <- files <- --key=value; init_from resolved (scratch, resume, auto, a run to fine-tune)
     c, given = configurator.load(argv, "train.py", doc=__doc__)
@@ -165,7 +166,7 @@ def main(argv):
     # ---- the loop: step `it` takes the model from iteration it to it + 1
     t_start = t0 = time.perf_counter()
     train_time, timed_iters = 0.0, 0  # since the last log line; evaluation excluded
-    with ck.StopSignals(out) as signals:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, save, stop; then out_dir's lock
+    with ck.StopSignals() as signals:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, save, stop
         for it in range(start_iter, c["max_iters"]):
             lr = lr_at(it, c)
             for group in optimizer.param_groups:
@@ -281,9 +282,8 @@ def check_config(c, world):
     accum = plan.grad_accum(c, world)  # the batch arithmetic, stop_iter
     if c["eval_tokens"] < c["block_size"]:
         raise ConfigError("eval_tokens", c["eval_tokens"], f"is less than one block of block_size={c['block_size']} tokens")
-    dev = c["device"]
-    par.check_device(dev, preflight=c["preflight"], cpu_threads=c["cpu_threads"])
-    if c["data_parallel"] == "fsdp" and dev == "mps":
+    par.check_device(c["device"], preflight=c["preflight"], cpu_threads=c["cpu_threads"])
+    if c["data_parallel"] == "fsdp" and c["device"] == "mps":
         raise ConfigError("data_parallel", "fsdp", "FSDP2 needs cuda or cpu (gloo), not mps")
     check_sinks(c)
     rc.check(c["recompute"], c["param"], c["recompute_every"], c["keep_z"], c["recompute_rtol"], c["moe_lane"])

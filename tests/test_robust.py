@@ -431,6 +431,22 @@ def test_one_run_per_out_dir_and_no_stale_lock_after_a_kill(tiny_data, tmp_path)
         holder.wait()
 
 
+def test_a_run_that_raises_frees_its_out_dir_at_once(tiny_data, tmp_path):
+    """train.main stopped by an error after it locked out_dir, in a process that lives on (a notebook, a test, a
+    sweep calling main): another process may train in that out_dir now, not only once this one exits."""
+    out = tmp_path / "o"
+    out.mkdir()  # an out_dir that exists is locked by refuse_to_clobber, before the data are read
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        run(tiny_data, out, "--vocab_size=100")  # found by the token-id check, after the lock
+    assert (out / ".lock").exists() and out.resolve() not in ck.HELD
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_train_split_of_one_block_is_a_clear_error(tiny_data, tmp_path):
     d = tmp_path / "d"
     shutil.copytree(tiny_data, d)
