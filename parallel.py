@@ -121,7 +121,7 @@ def clip_grad_norm(params, max_norm):
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
     if isinstance(total, DTensor):
-        total = total.full_tensor()  # the per-shard norms are partial sums
+        total = total.full_tensor()  # replicated already (the norm reduces over shards): a plain tensor for the log
     torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return total
 
