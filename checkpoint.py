@@ -354,12 +354,13 @@ def refuse_to_clobber(c):
 
 
 HELD = {}  # the out_dir this process trains in -> its open lock file (one at a time)
+CLOSE = {}  # out_dir -> how to close what else writes there (the log sinks), before its lock is freed
 
 
 def hold_out_dir(out, key="out_dir"):
     """One run per out_dir: two at once (a job requeued while the old one still saves, torchrun workers that outlived
     their launcher) would interleave metrics.jsonl and race on ckpt.pt.tmp. Rank 0 holds an flock on out_dir/.lock
-    until the run ends (release_out_dir) or its process does: the kernel releases it on any exit, SIGKILL too. A
+    until train.main leaves (releasing) or its process ends: the kernel releases it on any exit, SIGKILL too. A
     file system without locks leaves the run unguarded, with a note, rather than stopped."""
     out = Path(out).resolve()
     if out in HELD:  # this process holds it already (refuse_to_clobber took it, start_logs asks again)
@@ -390,21 +391,27 @@ def hold_out_dir(out, key="out_dir"):
 
 
 def release_out_dir(out):
-    f = HELD.pop(Path(out).resolve(), None)
-    if f is not None:
-        f.close()
+    out = Path(out).resolve()
+    try:
+        for close in CLOSE.pop(out, ()):  # TensorBoard's writer, the wandb run: nothing writes in a freed out_dir
+            close()
+    finally:
+        f = HELD.pop(out, None)
+        if f is not None:
+            f.close()
 
 
 def releasing(main):
-    """train.main, run so that however it leaves (done, a config or data error, a diverged loss, Ctrl-C) it frees
-    the out_dir it locked: a process that lives on (a notebook, a test, a sweep calling main) would otherwise keep
-    another run out of a folder nothing writes to any more."""
+    """train.main, run so that however it leaves (done, a config or data error, a diverged loss, Ctrl-C) it closes
+    its log sinks and frees the out_dir it locked: a process that lives on (a notebook, a test, a sweep calling main)
+    would otherwise keep another run out of that folder, and a wandb run open, until it exits."""
     @functools.wraps(main)
     def run(*args):
+        before = {*HELD, *CLOSE}  # (a caller's own lock stays the caller's)
         try:
             return main(*args)
         finally:
-            for out in list(HELD):
+            for out in {*HELD, *CLOSE} - before:
                 release_out_dir(out)
     return run
 

@@ -445,6 +445,11 @@ def test_a_run_that_raises_frees_its_out_dir_at_once(tiny_data, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+    ck.hold_out_dir(tmp_path / "mine")  # a caller's own lock: not train.main's to free
+    with pytest.raises(ValueError, match="n_layr"):
+        run(tiny_data, out, "--n_layr=2")
+    assert (tmp_path / "mine").resolve() in ck.HELD
+    ck.release_out_dir(tmp_path / "mine")
 
 
 def test_a_train_split_of_one_block_is_a_clear_error(tiny_data, tmp_path):
@@ -487,6 +492,9 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
 
         def log(self, row, step):
             calls.append(("log", step, row))
+
+        def finish(self):
+            calls.append(("finish",))
     fake = type(sys)("wandb")
     fake.init = lambda **kw: calls.append(("init", kw["id"], kw["resume"])) or Run()
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
@@ -499,6 +507,12 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
     logged = [(c[1], sorted(c[2])) for c in calls if c[0] == "log"]
     rows = [(r["iter"], sorted(k for k in r if k != "iter")) for r in read_metrics(tmp_path)]
     assert logged == rows
+    # each train.main finishes its wandb run as it leaves, after its last row: the process lives on
+    assert [c[0] for c in calls if c[0] in ("init", "finish")] == ["init", "finish"] * 2 and calls[-1] == ("finish",)
+    calls.clear()
+    with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):  # a run that stops on an error finishes it too
+        run(tiny_data, tmp_path / "o", "--log_to=wandb", "--learning_rate=1e30")
+    assert [c[0] for c in calls] == ["init", "config", "log", "finish"] and not ck.CLOSE
 
     def refuse(**kw):
         raise RuntimeError("api_key not configured (no-tty)\nmore")
@@ -510,10 +524,14 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
     assert snapshot(tmp_path) == files
 
 
-def test_log_to_tensorboard_writes_events(tiny_data, tmp_path):
+def test_log_to_tensorboard_writes_events(tiny_data, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    closed, close = [], SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(self.log_dir) or close(self))
     run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--log_to=tensorboard")
+    assert closed == [str(tmp_path / "tensorboard")] and not ck.CLOSE  # as train.main left (the process lives on)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
