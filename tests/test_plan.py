@@ -7,6 +7,7 @@ import plan
 import recompute
 from model import ModelConfig, Transformer
 from plan import held_activation_bytes
+from conftest import ROOT
 from test_model import closed_form
 from test_reversible import run_worker, worker_done
 
@@ -223,3 +224,42 @@ def test_preflight_plans_the_dtype_the_run_will_have(capsys):
         train.main(base)
         assert (f"planned {bf16:.1f} GiB per GPU (ddp, recompute=none, bf16); {f32:.1f} GiB in float32 (a run here, "
                 f"without CUDA); data") in capsys.readouterr().out
+
+
+def adamw_step_bound(beta1, beta2, steps):
+    """The largest |m_hat| / sqrt(v_hat) Adam can reach at each step t: Cauchy-Schwarz on m = (1 - b1) sum b1^k g and
+    v = (1 - b2) sum b2^k g^2, with both bias corrections; equality where g_{t-k} is proportional to (b1/b2)^k."""
+    t = torch.arange(1, steps + 1, dtype=torch.float64)
+    sums = torch.cumsum((beta1 ** 2 / beta2) ** (t - 1), 0)
+    return (1 - beta1) / (1 - beta1 ** t) * ((1 - beta2 ** t) / (1 - beta2)).sqrt() * sums.sqrt()
+
+
+def test_beta_drift_covers_one_adamw_step_at_every_configs_learning_rate():
+    """plan.BETA_DRIFT is how far a beta may move in one optimizer step before the CUDA planner, which plans from the
+    previous step's betas, could store too few lanes; its comment says AdamW moves a parameter by at most ~1.2 lr at
+    train.py's betas. The bound by hand, torch's AdamW reaching it on the sequence that makes it tight, and every config's
+    learning rate times it within BETA_DRIFT."""
+    b1, b2, lr, T = 0.9, 0.95, 1e-3, 400
+    bound = adamw_step_bound(b1, b2, T)  # rises from 1 at the first step towards (1 - b1) / sqrt((1 - b2) (1 - b1^2 / b2))
+    assert bound[0].item() == pytest.approx(1.0) and bound[-1].item() == pytest.approx(1.165, abs=1e-3)
+    for t in (1, 5, 60, T):  # the tight sequence for step t: one parameter, no weight decay (betas have none)
+        p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.AdamW([p], lr=lr, betas=(b1, b2), weight_decay=0.0)
+        for i in range(t):
+            before = p.detach().clone()
+            p.grad = torch.full_like(p, (b1 / b2) ** (t - 1 - i))
+            opt.step()
+        assert (p.detach() - before).abs().item() == pytest.approx(lr * bound[t - 1].item(), rel=1e-6)
+    g = torch.Generator().manual_seed(0)  # and no sequence of ours moves it further
+    p = torch.zeros(256, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.AdamW([p], lr=lr, betas=(b1, b2), weight_decay=0.0)
+    for i in range(T):
+        before = p.detach().clone()
+        p.grad = torch.randn(256, generator=g, dtype=torch.float64) * torch.rand(256, generator=g, dtype=torch.float64) ** 8
+        opt.step()
+        assert (p.detach() - before).abs().max().item() <= lr * bound[i].item() * (1 + 1e-9)
+    from tools import ablate
+    for f in sorted((ROOT / "configs").glob("*.py")):  # ablate's: the largest of its lrs
+        a, c = ablate.load_config([str(f)]) if f.name.startswith("ablate_") else ({}, configurator.load([str(f)], "train.py")[0])
+        lr = max(float(x) for x in (a.get("lrs") or str(c["learning_rate"])).split(","))
+        assert (c["beta1"], c["beta2"]) == (b1, b2) and 1.2 * lr <= plan.BETA_DRIFT, f
