@@ -354,7 +354,7 @@ def refuse_to_clobber(c):
 
 
 HELD = {}  # the out_dir this process trains in -> its open lock file (one at a time)
-CLOSE = {}  # out_dir -> how to close what else writes there (the log sinks), before its lock is freed
+SINKS = []  # close(exit_code) of each log sink train.main opened (runlog.py), called before out_dir is freed
 
 
 def hold_out_dir(out, key="out_dir"):
@@ -382,8 +382,6 @@ def hold_out_dir(out, key="out_dir"):
         f.close()
         HELD[out] = None  # (said once)
         return print(f"note: cannot lock {out / '.lock'} ({e.strerror}): nothing stops a second run in {key}={out}")
-    for other in list(HELD):  # one run at a time per process
-        release_out_dir(other)
     HELD[out] = f
     f.truncate(0)
     f.write(f"{socket.gethostname()} pid {os.getpid()}\n")  # (only what the refusal names: the lock is the flock)
@@ -391,27 +389,31 @@ def hold_out_dir(out, key="out_dir"):
 
 
 def release_out_dir(out):
-    out = Path(out).resolve()
-    try:
-        for close in CLOSE.pop(out, ()):  # TensorBoard's writer, the wandb run: nothing writes in a freed out_dir
-            close()
-    finally:
-        f = HELD.pop(out, None)
-        if f is not None:
-            f.close()
+    f = HELD.pop(Path(out).resolve(), None)
+    if f is not None:
+        f.close()
 
 
 def releasing(main):
     """train.main, run so that however it leaves (done, a config or data error, a diverged loss, Ctrl-C) it closes
-    its log sinks and frees the out_dir it locked: a process that lives on (a notebook, a test, a sweep calling main)
-    would otherwise keep another run out of that folder, and a wandb run open, until it exits."""
+    its log sinks, then frees the out_dirs it locked: a process that lives on (a notebook, a test, a sweep calling
+    main) would otherwise keep a wandb run open, and other runs out of that folder, until it exits."""
     @functools.wraps(main)
     def run(*args):
-        before = {*HELD, *CLOSE}  # (a caller's own lock stays the caller's)
+        before, code = set(HELD), 1  # (a caller's own lock stays the caller's)
         try:
-            return main(*args)
+            result, code = main(*args), 0
+            return result
+        except SystemExit as e:  # train.py's own exits: 130 after Ctrl-C's save, a message on a diverged loss
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            raise
         finally:
-            for out in {*HELD, *CLOSE} - before:
+            while SINKS:
+                try:
+                    SINKS.pop()(code)
+                except Exception as e:  # main's own error, if any, is the one to report
+                    print(f"note: closing a log sink failed ({type(e).__name__}: {e})")
+            for out in set(HELD) - before:
                 release_out_dir(out)
     return run
 

@@ -59,7 +59,7 @@ PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for 
 # bf16 the budget is below 1, so every lane would be stored, hence float32 lanes). "reversible" adds the stream as a
 # fifth group with s = 1 (x_l inherits x_{l+1}'s error, one rounding and those of the two lanes it subtracts); a
 # recomputed Z adds its input's error. Worst case, yet not loose by much: at h=1024, L=16, k=8, reversible with
-# keep_z=False storing the checkpoint set alone has 5-17x the gradient error of the guarded plan (tools/bench.py).
+# keep_z=False storing the checkpoint set alone has 6-17x the gradient error of the guarded plan (tools/bench.py).
 LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane (or block input)
 BETA_DRIFT = 0.02  # CUDA: how far |s| may have moved since the betas the plan read (one optimizer step: AdamW
                    # moves a parameter by at most 1.165 lr at betas (0.9, 0.95), so lr <= 0.017; checked one step

@@ -68,7 +68,7 @@ def open_sink(name, c, out, start_iter):
     if name == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         w = SummaryWriter(str(out / "tensorboard"), purge_step=start_iter + 1 if start_iter else None)
-        ck.CLOSE.setdefault(out.resolve(), []).append(w.close)  # (when train.main leaves: ck.releasing)
+        ck.SINKS.append(lambda exit_code: w.close())  # (as train.main leaves: ck.releasing)
 
         def sink(row):
             for k, v in row.items():
@@ -85,7 +85,7 @@ def open_sink(name, c, out, start_iter):
     except Exception as e:  # no login, no network, a bad project name: the user's setup, not a bug here
         raise ValueError(f"log_to='wandb': wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                          f"run `wandb login`, or set WANDB_MODE=offline") from None
-    ck.CLOSE.setdefault(out.resolve(), []).append(run.finish)
+    ck.SINKS.append(lambda exit_code: run.finish(exit_code=exit_code))  # nonzero: wandb marks the run failed
     write_atomic(id_file, run_id)
     run.config.update(c, allow_val_change=True)  # a resumed run may change the keys FREE_ON_RESUME lists
     # wandb keeps the first value logged at a step: rows replayed after a kill keep their first values, which

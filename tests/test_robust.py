@@ -445,10 +445,10 @@ def test_a_run_that_raises_frees_its_out_dir_at_once(tiny_data, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    ck.hold_out_dir(tmp_path / "mine")  # a caller's own lock: not train.main's to free
-    with pytest.raises(ValueError, match="n_layr"):
-        run(tiny_data, out, "--n_layr=2")
-    assert (tmp_path / "mine").resolve() in ck.HELD
+    ck.hold_out_dir(tmp_path / "mine")  # a caller's own lock: not train.main's to free, though main took one too
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        run(tiny_data, out, "--vocab_size=100")
+    assert set(ck.HELD) == {(tmp_path / "mine").resolve()}
     ck.release_out_dir(tmp_path / "mine")
 
 
@@ -478,7 +478,7 @@ def test_log_to_needs_its_package_and_says_so(tiny_data, tmp_path, monkeypatch):
     assert not tmp_path.joinpath("config.json").exists()
 
 
-def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
+def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch, capsys):
     """A stand-in wandb module (the real one needs an account or a network): init once per process, the same
     run id on resume, every metrics.jsonl row logged at its iteration."""
     calls = []
@@ -493,8 +493,8 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
         def log(self, row, step):
             calls.append(("log", step, row))
 
-        def finish(self):
-            calls.append(("finish",))
+        def finish(self, exit_code=None):
+            calls.append(("finish", exit_code))
     fake = type(sys)("wandb")
     fake.init = lambda **kw: calls.append(("init", kw["id"], kw["resume"])) or Run()
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
@@ -508,11 +508,16 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch):
     rows = [(r["iter"], sorted(k for k in r if k != "iter")) for r in read_metrics(tmp_path)]
     assert logged == rows
     # each train.main finishes its wandb run as it leaves, after its last row: the process lives on
-    assert [c[0] for c in calls if c[0] in ("init", "finish")] == ["init", "finish"] * 2 and calls[-1] == ("finish",)
+    assert [c for c in calls if c[0] in ("init", "finish")][1::2] == [("finish", 0)] * 2 and calls[-1][0] == "finish"
     calls.clear()
-    with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):  # a run that stops on an error finishes it too
+    with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):  # a run that stops on an error: failed
         run(tiny_data, tmp_path / "o", "--log_to=wandb", "--learning_rate=1e30")
-    assert [c[0] for c in calls] == ["init", "config", "log", "finish"] and not ck.CLOSE
+    assert [c[0] for c in calls] == ["init", "config", "log", "finish"] and calls[-1] == ("finish", 1) and not ck.SINKS
+    Run.finish = lambda self, exit_code: 1 / 0
+    with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):  # main's error, not finish's, is reported
+        run(tiny_data, tmp_path / "o", "--log_to=wandb", "--learning_rate=1e30", "--overwrite")
+    assert "note: closing a log sink failed (ZeroDivisionError: division by zero)" in capsys.readouterr().out
+    assert not ck.SINKS and not ck.HELD
 
     def refuse(**kw):
         raise RuntimeError("api_key not configured (no-tty)\nmore")
@@ -530,8 +535,11 @@ def test_log_to_tensorboard_writes_events(tiny_data, tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
     closed, close = [], SummaryWriter.close
     monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(self.log_dir) or close(self))
+    ck.hold_out_dir(tmp_path)  # the caller's lock on the same out_dir: main still closes what it opened
     run(tiny_data, tmp_path, "--max_iters=4", "--eval_interval=4", "--log_to=tensorboard")
-    assert closed == [str(tmp_path / "tensorboard")] and not ck.CLOSE  # as train.main left (the process lives on)
+    assert closed == [str(tmp_path / "tensorboard")] and not ck.SINKS  # as train.main left (the process lives on)
+    assert tmp_path.resolve() in ck.HELD
+    ck.release_out_dir(tmp_path)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
