@@ -353,7 +353,7 @@ def refuse_to_clobber(c):
             release_out_dir(c["out_dir"])
 
 
-HELD = {}  # the out_dir this process trains in -> its open lock file (one at a time)
+HELD = {}  # each out_dir this process has locked -> its open lock file (None: a file system without locks)
 SINKS = []  # close(exit_code) of each log sink train.main opened (runlog.py), called before out_dir is freed
 
 
