@@ -348,8 +348,9 @@ def refuse_to_clobber(c):
                f"start from its weights with --init_from={Path(c['out_dir']) / 'best'} and another --out_dir")
         raise FileExistsError(f"{latest or best} exists: {how}, or pass --overwrite or another --out_dir to start over")
     if Path(c["out_dir"]).is_dir() and not c["eval_only"] and os.environ.get("RANK", "0") == "0":
+        had = Path(c["out_dir"]).resolve() in HELD  # (the caller's own lock)
         hold_out_dir(c["out_dir"])
-        if c["preflight"]:  # would the launch start? Then free it for the launch
+        if c["preflight"] and not had:  # would the launch start? Then free it for the launch
             release_out_dir(c["out_dir"])
 
 
@@ -408,13 +409,15 @@ def releasing(main):
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
             raise
         finally:
-            while SINKS:
-                try:
-                    SINKS.pop()(code)
-                except Exception as e:  # main's own error, if any, is the one to report
-                    print(f"note: closing a log sink failed ({type(e).__name__}: {e})")
-            for out in set(HELD) - before:
-                release_out_dir(out)
+            try:
+                while SINKS:
+                    try:
+                        SINKS.pop()(code)
+                    except Exception as e:  # main's own error, if any, is the one to report
+                        print(f"note: closing a log sink failed ({type(e).__name__}: {e})")
+            finally:  # (a second Ctrl-C in a slow close)
+                for out in set(HELD) - before:
+                    release_out_dir(out)
     return run
 
 

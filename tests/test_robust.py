@@ -449,6 +449,8 @@ def test_a_run_that_raises_frees_its_out_dir_at_once(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100"):
         run(tiny_data, out, "--vocab_size=100")
     assert set(ck.HELD) == {(tmp_path / "mine").resolve()}
+    run(tiny_data, tmp_path / "mine", "--preflight")  # nor a preflight's, in the caller's own out_dir
+    assert set(ck.HELD) == {(tmp_path / "mine").resolve()}
     ck.release_out_dir(tmp_path / "mine")
 
 
@@ -517,6 +519,13 @@ def test_log_to_wandb_gets_every_row(tiny_data, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="iteration 1: non-finite loss"):  # main's error, not finish's, is reported
         run(tiny_data, tmp_path / "o", "--log_to=wandb", "--learning_rate=1e30", "--overwrite")
     assert "note: closing a log sink failed (ZeroDivisionError: division by zero)" in capsys.readouterr().out
+    assert not ck.SINKS and not ck.HELD
+
+    def interrupted(self, exit_code):
+        raise KeyboardInterrupt  # a second Ctrl-C during a slow finish: out_dir is freed all the same
+    Run.finish = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_data, tmp_path / "o", "--log_to=wandb", "--learning_rate=1e30", "--overwrite")
     assert not ck.SINKS and not ck.HELD
 
     def refuse(**kw):
