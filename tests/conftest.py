@@ -26,6 +26,17 @@ def tiny_data(tmp_path_factory):
     return d / "byte"
 
 
+@pytest.fixture(autouse=True)
+def no_lock_left_behind():
+    """A test that locks an out_dir through checkpoint's functions themselves (ablate.run_variant, runlog.start_logs),
+    not through train.main, has it freed here: each test starts with no lock held, as a fresh process would."""
+    yield
+    import checkpoint
+    for out in list(checkpoint.HELD):
+        checkpoint.release_out_dir(out)
+    checkpoint.SINKS.clear()
+
+
 def read_metrics(out_dir):
     import json
     return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
