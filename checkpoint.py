@@ -348,10 +348,7 @@ def refuse_to_clobber(c):
                f"start from its weights with --init_from={Path(c['out_dir']) / 'best'} and another --out_dir")
         raise FileExistsError(f"{latest or best} exists: {how}, or pass --overwrite or another --out_dir to start over")
     if Path(c["out_dir"]).is_dir() and not c["eval_only"] and os.environ.get("RANK", "0") == "0":
-        had = Path(c["out_dir"]).resolve() in HELD  # (the caller's own lock)
-        hold_out_dir(c["out_dir"])
-        if c["preflight"] and not had:  # would the launch start? Then free it for the launch
-            release_out_dir(c["out_dir"])
+        hold_out_dir(c["out_dir"])  # (a preflight's, as every lock train.main took, is freed as it returns: releasing)
 
 
 HELD = {}  # each out_dir this process has locked -> its open lock file (None: a file system without locks)
