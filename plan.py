@@ -26,6 +26,7 @@ stored_lanes: which lanes (and block inputs) a "crnet" / "reversible" forward st
 round-off guard, which recompute.py runs before every training forward.
 """
 import json
+import math
 import os
 import warnings
 import weakref
@@ -61,9 +62,8 @@ PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for 
 # recomputed Z adds its input's error. Worst case, yet not loose by much: at h=1024, L=16, k=8, reversible with
 # keep_z=False storing the checkpoint set alone has 6-17x the gradient error of the guarded plan (tools/bench.py).
 LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane (or block input)
-BETA_DRIFT = 0.02  # CUDA: how far |s| may have moved since the betas the plan read (one optimizer step: AdamW
-                   # moves a parameter by at most 1.165 lr at betas (0.9, 0.95), so lr <= 0.017; checked one step
-                   # late: LanePlanner)
+BETA_DRIFT = 0.02  # CUDA: how far |s| may move in the optimizer step between the betas the plan read and the
+                   # forward it plans (LanePlanner checks a step late); train.py gives adamw_drift of its lr instead
 STREAM = 4         # the group of the block input x_l ("reversible"), after the lane groups (4, or 3 with experts)
 
 
@@ -120,26 +120,47 @@ def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL
     return store
 
 
-def from_stale(min_s):
+def adamw_drift(lr, betas):
+    """The furthest one AdamW step at learning rate lr can move a parameter without weight decay (betas have none):
+    lr times the largest |m_hat| / sqrt(v_hat) of any step t. Cauchy-Schwarz on m = (1 - b1) sum_k b1^k g_{t-k} and
+    v = (1 - b2) sum_k b2^k g_{t-k}^2 bounds it by (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) / (1 - b2) * sum_{k<t} q^k),
+    q = b1^2 / b2, with equality where g_{t-k} ~ (b1 / b2)^k: 1.165 lr at (0.9, 0.95), 7.27 lr at (0.9, 0.999).
+    inf where q >= 1: nothing bounds a step then."""
+    b1, b2 = betas
+    q = b1 * b1 / b2 if b2 else math.inf if b1 else 0.0
+    if q >= 1 or not lr:
+        return math.inf if q >= 1 and lr else 0.0
+    t = torch.arange(1, min(10 ** 6, math.ceil(50 / min(1 - b1, 1 - b2, 1 - q))) + 1, dtype=torch.float64)
+    bound = (1 - b1) / (1 - b1 ** t) * ((1 - b2 ** t) / (1 - b2) * torch.cumsum(q ** (t - 1), 0)).sqrt()
+    return lr * max(bound.max().item(), (1 - b1) / ((1 - b2) * (1 - q)) ** 0.5)  # the steps, and their limit
+
+
+def from_stale(min_s, drift=BETA_DRIFT):
     """LanePlanner's CUDA plan from the previous forward's min |s| (host numbers): (1/|s| with each |s| lowered by
-    BETA_DRIFT, a beta's largest safe move in one step, to plan from; 1/|s| exactly, to check that plan against)."""
-    return (1.0 / (min_s - BETA_DRIFT).clamp_min(0.0)).tolist(), (1.0 / min_s).tolist()
+    drift, a beta's largest move in one step, to plan from; 1/|s| exactly, to check that plan against)."""
+    return (1.0 / (min_s - drift).clamp_min(0.0)).tolist(), (1.0 / min_s).tolist()
 
 
 class LanePlanner:
     """stored_lanes before each training forward (recompute.py), without waiting on the GPU. On CUDA it plans from
-    the betas of the previous forward, copied to pinned host memory since, each |s| lowered by BETA_DRIFT; one step
-    later it checks that plan against those betas exactly, and warns if a beta moved further."""
+    the betas of the previous forward, copied to pinned host memory since, each |s| lowered by drift (how far one
+    optimizer step may move a beta); one step later it checks that plan against those betas exactly, and warns if
+    a beta moved further. drift=inf (no bound known) plans from the betas of this step: one host sync per step."""
 
-    def __init__(self, blocks, every, stream, rtol):
-        self.blocks, self.every, self.stream, self.rtol = blocks, every, stream, rtol
+    def __init__(self, blocks, every, stream, rtol, drift=BETA_DRIFT):
+        if isinstance(drift, bool) or not isinstance(drift, (int, float)) or not drift >= 0:
+            raise ValueError(f"beta_drift must be a number >= 0 (inf: no bound known), got {drift!r}")
+        self.blocks, self.every, self.stream, self.rtol, self.drift = blocks, every, stream, rtol, drift
         self.pending, self.last_plan = None, None
 
     def inv_scales(self):
         """(1/|s| per (layer 2..L, group) for the plan, 1/|s| of the previous forward exactly or None), as host
         numbers."""
         min_s = min_scales(self.blocks)
-        if min_s.device.type != "cuda":
+        if min_s.device.type != "cuda" or self.drift == math.inf:
+            if min_s.device.type == "cuda" and self.last_plan is None:
+                warnings.warn("beta_drift=inf (adamw_drift, where beta1^2 >= beta2: no bound on a beta's step): the lane "
+                              "plan reads the betas before every training forward, one host sync per step")
             return (1.0 / min_s).tolist(), None
         with torch.cuda.device(min_s.device):  # the copy and its event on the betas' device's stream
             host = torch.empty(min_s.shape, dtype=min_s.dtype, pin_memory=True).copy_(min_s, non_blocking=True)
@@ -150,15 +171,15 @@ class LanePlanner:
             done.synchronize()
             return (1.0 / host).tolist(), None
         previous[1].synchronize()  # recorded a whole step ago: long done
-        return from_stale(previous[0])
+        return from_stale(previous[0], self.drift)
 
     def __call__(self, dtype, keep_z):
         inv_s, exact_before = self.inv_scales()
         plan = lambda inv, kept=(): stored_lanes(self.blocks, self.every, dtype, self.stream, keep_z, self.rtol, inv, kept)
         if exact_before is not None and self.last_plan is not None and plan(exact_before, self.last_plan) != self.last_plan:
-            warnings.warn(f"{'reversible' if self.stream else 'crnet'} recompute: a beta moved by more than BETA_DRIFT="
-                          f"{BETA_DRIFT} in one optimizer step, so the previous step's gradients may carry more "
-                          f"round-off than recompute_rtol={self.rtol:g}")
+            warnings.warn(f"{'reversible' if self.stream else 'crnet'} recompute: a beta moved by more than the "
+                          f"planner's beta_drift={self.drift:g} in one optimizer step, so the previous step's gradients "
+                          f"may carry more round-off than recompute_rtol={self.rtol:g}")
         self.last_plan = plan(inv_s)
         return self.last_plan
 

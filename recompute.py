@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from configurator import ConfigError
-from plan import LANE_RTOL, STREAM, LanePlanner
+from plan import BETA_DRIFT, LANE_RTOL, STREAM, LanePlanner
 
 MODES = ("none", "block", "crnet", "reversible")
 
@@ -284,10 +284,10 @@ def invert_stream(ctx, x_above, own):
 class Recompute:
     """What apply() installs: the settings, the compiled bodies, and the lane stash of the forward in flight."""
 
-    def __init__(self, model, mode, every, keep_z=True, rtol=LANE_RTOL, compile=False):
+    def __init__(self, model, mode, every, keep_z=True, rtol=LANE_RTOL, beta_drift=BETA_DRIFT, compile=False):
         self.blocks, self.mode, self.every, self.keep_z, self.rtol = model.blocks, mode, every, keep_z, rtol
         self.compile, self.compiled, self.stash = compile and not (model.cfg.dropout or model.cfg.n_expert), {}, None
-        self.planner = LanePlanner(model.blocks, every, mode == "reversible", rtol)  # which lanes forward stores
+        self.planner = LanePlanner(model.blocks, every, mode == "reversible", rtol, beta_drift)  # which lanes to store
 
     def body(self, name):
         """A body of Algorithm 1: compiled (once per process; dynamo keeps one graph per block kind), or eager."""
@@ -356,24 +356,24 @@ def check(mode, param, every=8, keep_z=True, rtol=LANE_RTOL, moe_lane=True):
         raise ConfigError("recompute_rtol", rtol, "must be a positive number")
 
 
-def apply(model, mode, every=8, keep_z=True, rtol=LANE_RTOL, compile=False):
+def apply(model, mode, every=8, keep_z=True, rtol=LANE_RTOL, beta_drift=BETA_DRIFT, compile=False):
     """Make model's training steps run with recomputation `mode` ("none" | "block" | "crnet" | "reversible"),
     keeping the lanes of every `every`-th layer (crnet, reversible) and, reversible with keep_z=False, no Z.
-    rtol is the round-off guard's budget (plan.stored_lanes): larger stores fewer lanes beyond the checkpoint set.
+    rtol: the round-off guard's budget (plan.stored_lanes); beta_drift: how far an optimizer step may move a beta
+    (plan.adamw_drift), the margin of the CUDA plan, made from the previous step's betas so as not to wait on the GPU.
     compile=True compiles Algorithm 1's bodies (module docstring); the caller still compiles the model.
     Changes model in place and returns it: call it before compiling or sharding. Applying again replaces the mode."""
     if mode == "auto":
         raise ValueError("recompute='auto' is train.py's: resolve it with plan.auto_recompute first")
     check(mode, model.cfg.param, every, keep_z, rtol, model.cfg.moe_lane)
     inverts = mode in ("crnet", "reversible")
+    rc = Recompute(model, mode, every, keep_z, rtol, beta_drift, compile and inverts)  # (its planner checks beta_drift)
     for block in model.blocks:
         block.__dict__.pop("forward", None)  # back to the class's plain forward
         for proj in block.projections():
             proj.lane_dtype = torch.float32 if inverts else None  # Projection.lane_add: what the inversion needs
-    # apply(model, *model.recompute) applies it again; keep_z and rtol left out at their defaults
-    model.recompute = (mode, every, keep_z, rtol)[:4 if rtol != LANE_RTOL else 2 if keep_z else 3]
+    model.recompute = (mode, every, keep_z, rtol, beta_drift)  # apply(model, *model.recompute) applies it again
     if mode != "none":
-        rc = Recompute(model, mode, every, keep_z, rtol, compile and inverts)
         for block in model.blocks:
             # module-level functions in a partial: copy.deepcopy copies rc and block with the model
             block.forward = functools.partial(eager_block_forward if inverts else Recompute.block_forward,

@@ -139,9 +139,10 @@ def main(argv):
         memory = c["device_gib"] * 2 ** 30 or plan.device_memory(device)
         mode, why = plan.auto_recompute({**c, "dtype": rt["dtype"]}, world, memory)
         say(why)
-    keep_z = c["keep_z"] or mode != "reversible"
+    rc_args = (mode, c["recompute_every"], c["keep_z"] or mode != "reversible", c["recompute_rtol"],
+               plan.adamw_drift(c["learning_rate"], (c["beta1"], c["beta2"])))  # beta_drift: AdamW's largest step
     model, raw = par.build_model(model_config(c), c["data_parallel"], device, c["seed"], rt["dtype"] == "bfloat16",
-                                 c["torch_compile"], (mode, c["recompute_every"], keep_z, c["recompute_rtol"]))
+                                 c["torch_compile"], rc_args)
     optimizer = raw.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device.type)
     start_iter, best_val = ck.restore(ckpt, raw, optimizer, c, rt) if ckpt else (0, float("inf"))
     if not resuming:
@@ -196,8 +197,7 @@ def main(argv):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t1 = time.perf_counter()
-            train_time, timed_iters, t0 = train_time + t1 - t0, timed_iters + 1, t1
-            done = it + 1
+            train_time, timed_iters, t0, done = train_time + t1 - t0, timed_iters + 1, t1, it + 1
             if done % c["log_interval"] == 0 or done == c["max_iters"]:
                 dt, train_time, timed_iters = train_time / timed_iters, 0.0, 0
                 tps = tokens_per_step / dt

@@ -1,9 +1,11 @@
 """The CUDA paths against the same oracles as on the CPU; every test skips itself where no GPU is present."""
+import warnings
+
 import pytest
 import torch
 
 import recompute
-from plan import held_activation_bytes, stored_numbers_per_token
+from plan import held_activation_bytes, min_scales, stored_numbers_per_token
 from test_recompute import assert_grads_close, make, randomize_betas
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -141,6 +143,24 @@ def test_a_training_step_never_waits_for_the_gpu(mode, arch):
             torch.cuda.set_sync_debug_mode("default")
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("drift", [0.3, float("inf")])
+def test_the_cuda_plan_keeps_the_planners_margin(drift):
+    """From the second forward on, plan.LanePlanner plans from the previous forward's betas, each |s| lowered by its
+    drift (apply's beta_drift, train.py's plan.adamw_drift); drift=inf (no bound) reads the betas of each step."""
+    m = recompute.apply(make("none", **KW).cuda(), "crnet", 8, beta_drift=drift)
+    planner, idx = m.blocks[0].forward.args[0].planner, torch.randint(0, 256, (2, 64), device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m(idx, idx)[1].backward()
+    assert any("one host sync per step" in str(w.message) for w in caught) == (drift == float("inf"))
+    exact = (1.0 / min_scales(m.blocks)).flatten().tolist()  # no optimizer step: the betas the first forward read
+    inv, before = planner.inv_scales()
+    if drift == float("inf"):
+        assert planner.pending is None and before is None and sum(inv, []) == exact
+    else:
+        assert sum(before, []) == exact and sum(inv, []) == pytest.approx([1 / (1 / x - 0.3) for x in exact])
 
 
 def test_moe_grouped_gemms_err_as_the_loop_does_on_cuda(monkeypatch):

@@ -1,4 +1,6 @@
 """plan.py against what we can count: activation bytes of a real forward, closed-form parameter counts."""
+import math
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import plan
 import recompute
 from model import ModelConfig, Transformer
 from plan import held_activation_bytes
-from conftest import ROOT
+from conftest import ROOT, TINY
 from test_model import closed_form
 from test_reversible import run_worker, worker_done
 
@@ -234,16 +236,19 @@ def adamw_step_bound(beta1, beta2, steps):
     return (1 - beta1) / (1 - beta1 ** t) * ((1 - beta2 ** t) / (1 - beta2)).sqrt() * sums.sqrt()
 
 
-def test_beta_drift_covers_one_adamw_step_at_every_configs_learning_rate():
-    """plan.BETA_DRIFT is how far a beta may move in one optimizer step before the CUDA planner, which plans from the
-    previous step's betas, could store too few lanes; its comment says AdamW moves a parameter by at most 1.165 lr at
-    train.py's betas. The bound by hand, torch's AdamW reaching it on the sequence that makes it tight, and every config's
-    learning rate times it within BETA_DRIFT."""
-    b1, b2, lr, T = 0.9, 0.95, 1e-3, 400
-    bound = adamw_step_bound(b1, b2, T)  # rises from 1 at the first step towards its limit
+@pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.999), (0.0, 0.99), (0.8, 0.7)])
+def test_adamw_drift_is_the_furthest_one_adamw_step_moves_a_parameter(betas):
+    """plan.adamw_drift is the margin the CUDA lane planner keeps for a beta moving in one optimizer step (train.py
+    passes it). Checked against the Cauchy-Schwarz bound by hand, against torch's AdamW reaching that bound on the
+    gradient sequence that makes it tight, and against random sequences never moving a parameter further."""
+    (b1, b2), lr, T = betas, 1e-3, 400
+    bound = adamw_step_bound(b1, b2, 200_000)
     limit = (1 - b1) / ((1 - b2) * (1 - b1 ** 2 / b2)) ** 0.5
-    assert bound[0].item() == pytest.approx(1.0) and bound[-1].item() == pytest.approx(limit, abs=1e-3)
-    assert bool((bound[1:] > bound[:-1]).all()) and limit == pytest.approx(1.165, abs=1e-3)
+    assert bound[0].item() == pytest.approx(1.0) and bound[-1].item() == pytest.approx(limit, rel=1e-6)
+    drift = plan.adamw_drift(lr, betas)
+    assert drift == pytest.approx(lr * max(bound.max().item(), limit), rel=1e-9)
+    if betas == (0.9, 0.95):  # train.py's default betas: the bound rises from 1 towards 1.165
+        assert bool((bound[1:T] > bound[:T - 1]).all()) and drift == pytest.approx(1.165e-3, abs=1e-6)
     for t in (1, 5, 60, T):  # the tight sequence for step t: one parameter, no weight decay (betas have none)
         p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.AdamW([p], lr=lr, betas=(b1, b2), weight_decay=0.0)
@@ -259,9 +264,35 @@ def test_beta_drift_covers_one_adamw_step_at_every_configs_learning_rate():
         before = p.detach().clone()
         p.grad = torch.randn(256, generator=g, dtype=torch.float64) * torch.rand(256, generator=g, dtype=torch.float64) ** 8
         opt.step()
-        assert (p.detach() - before).abs().max().item() <= lr * bound[i].item() * (1 + 1e-9)
-    from tools import ablate
-    for f in sorted((ROOT / "configs").glob("*.py")):  # ablate's: the largest of its lrs
-        a, c = ablate.load_config([str(f)]) if f.name.startswith("ablate_") else ({}, configurator.load([str(f)], "train.py")[0])
-        lr = max(float(x) for x in (a.get("lrs") or str(c["learning_rate"])).split(","))
-        assert (c["beta1"], c["beta2"]) == (b1, b2) and limit * lr <= plan.BETA_DRIFT, f
+        assert (p.detach() - before).abs().max().item() <= lr * bound[i].item() * (1 + 1e-9) <= drift * (1 + 1e-9)
+
+
+def test_adamw_drift_without_a_bound_and_without_steps():
+    """beta1^2 >= beta2: the tight sequence grows without bound, so no margin holds (inf: the planner then reads the
+    betas every step); lr = 0 moves nothing."""
+    assert plan.adamw_drift(1e-3, (0.9, 0.8)) == math.inf and plan.adamw_drift(1e-3, (0.5, 0.0)) == math.inf
+    assert plan.adamw_drift(0.0, (0.9, 0.95)) == 0.0 and plan.adamw_drift(1e-3, (0.0, 0.0)) == pytest.approx(1e-3)
+    moves = []
+    for t in (10, 100, 400):  # the sequence that is tight at step t, as in the test above
+        p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.AdamW([p], lr=1.0, betas=(0.9, 0.8), weight_decay=0.0)
+        for i in range(t):
+            before = p.detach().clone()
+            p.grad = torch.full_like(p, (0.9 / 0.8) ** (t - 1 - i))
+            opt.step()
+        moves.append((p.detach() - before).abs().item())
+    assert moves == pytest.approx(adamw_step_bound(0.9, 0.8, 400)[[9, 99, 399]].tolist(), rel=1e-6)
+    assert moves[2] > 20 > moves[1] > moves[0]  # and it keeps rising with t
+
+
+@pytest.mark.parametrize("lr, betas", [(3e-3, (0.9, 0.95)), (1e-2, (0.9, 0.999))])
+def test_train_gives_the_lane_planner_adamws_drift(tmp_path, tiny_data, monkeypatch, lr, betas):
+    """train.py's crnet recompute plans with the margin of its own optimizer: adamw_drift at the config's peak learning
+    rate and betas (0.0727 at lr 1e-2 and beta2 0.999, beyond the default BETA_DRIFT)."""
+    import train
+    made = []
+    init = plan.LanePlanner.__init__
+    monkeypatch.setattr(plan.LanePlanner, "__init__", lambda self, *a, **k: made.append(a) or init(self, *a, **k))
+    train.main(TINY + [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=1", "--recompute=crnet",
+                       f"--learning_rate={lr}", f"--beta1={betas[0]}", f"--beta2={betas[1]}"])
+    assert [a[-1] for a in made] == [plan.adamw_drift(lr, betas)] and made[0][-1] > 1.1 * lr

@@ -1,4 +1,6 @@
 """recompute.py against its oracles: plain autograd ("none"), float64 gradcheck, the stored-bytes formula."""
+import math
+
 import pytest
 import torch
 
@@ -318,15 +320,15 @@ def test_evaluation_and_generation_do_not_recompute(monkeypatch):
 
 def test_apply_replaces_and_undoes(monkeypatch):
     m = make("crnet", recompute_every=2)
-    assert m.recompute == ("crnet", 2) and "forward" in vars(m.blocks[0])
+    assert m.recompute == ("crnet", 2, True, plan.LANE_RTOL, plan.BETA_DRIFT) and "forward" in vars(m.blocks[0])
     recompute.apply(m, "none")
-    assert m.recompute == ("none", 8) and all("forward" not in vars(b) for b in m.blocks)
+    assert m.recompute[:2] == ("none", 8) and all("forward" not in vars(b) for b in m.blocks)
     recompute.apply(recompute.apply(m, "block"), "crnet", 3)  # a second apply replaces the first
     calls = []
     monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1))
     m.train()
     m(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))[1].backward()
-    assert not calls and m.recompute == ("crnet", 3)
+    assert not calls and m.recompute[:2] == ("crnet", 3)
     with pytest.raises(ValueError, match="needs param='crnet'"):
         recompute.apply(make("none", param="full"), "crnet")
     with pytest.raises(ValueError, match="recompute='sometimes'"):
@@ -451,10 +453,12 @@ def test_compiled_steps_settle_on_static_graphs_one_per_body(mode):
         assert not compiled_graphs(f.__code__), f"{f.__qualname__} was compiled on its own"
 
 
-def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypatch):
-    """The CUDA plan (plan.LanePlanner.inv_scales) reads last step's betas less BETA_DRIFT, and checks the plan it used
-    against them exactly one step later: a jump larger than the margin is a warning, a small move is not."""
-    m = make("crnet", n_layer=6, recompute_every=8)
+@pytest.mark.parametrize("drift", [plan.BETA_DRIFT, 0.7])
+def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypatch, drift):
+    """The CUDA plan (plan.LanePlanner.inv_scales) reads last step's betas less the planner's drift (apply's
+    beta_drift), and checks the plan it used against them exactly one step later: a jump larger than the margin is a
+    warning, a small move is not, and a margin as large as the jump covers it."""
+    m = recompute.apply(make("none", n_layer=6), "crnet", 8, beta_drift=drift)
     rc = m.blocks[0].forward.args[0]
     history = []
 
@@ -462,23 +466,24 @@ def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypa
         now = min_scales(self.blocks)
         before = history[-1] if history else now
         history.append(now)
-        return plan.from_stale(before)
+        return plan.from_stale(before, self.drift)
 
     monkeypatch.setattr(plan.LanePlanner, "inv_scales", stale)
     idx = torch.randint(0, 50, (2, 16))
     import warnings
-    for jump, warned in ((0.01, False), (0.69, True)):
+    for jump, warned in ((0.01, False), (0.69, drift < 0.69)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             m(idx, idx)[1].backward()                  # planned from the betas before
             with torch.no_grad():
-                m.blocks[3].qkv.beta.sub_(jump)         # 0.707 -> 0.697, or -> 0.017: a step far beyond the margin
+                m.blocks[3].qkv.beta.sub_(jump)         # 0.707 -> 0.697, or -> 0.017: a step far beyond BETA_DRIFT
             m(idx, idx)[1].backward()                  # planned from stale betas: unsafe after the big jump...
             m(idx, idx)[1].backward()                  # ...which the next forward finds out
-        assert any("moved by more than BETA_DRIFT" in str(w.message) for w in caught) == warned, jump
+        assert any(f"moved by more than the planner's beta_drift={drift:g}" in str(w.message) for w in caught) == warned
         assert rc.planner.last_plan is not None
     margin, exact = plan.from_stale(torch.tensor([[0.5, 0.25]]))  # the margin, by hand
     assert exact == [[2.0, 4.0]] and margin[0] == pytest.approx([1 / (0.5 - plan.BETA_DRIFT), 1 / (0.25 - plan.BETA_DRIFT)])
+    assert plan.from_stale(torch.tensor([[0.5, 0.25]], dtype=torch.float64), 0.3)[0] == [[5.0, math.inf]]  # |s| <= drift: store the lane
 
 
 def test_a_compiled_model_deep_copies_with_its_own_weights():

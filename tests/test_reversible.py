@@ -9,7 +9,7 @@ import torch
 
 import recompute
 from plan import held_activation_bytes, stored_numbers_per_token
-from plan import STREAM, checkpoint_layers, stored_lanes
+from plan import BETA_DRIFT, LANE_RTOL, STREAM, checkpoint_layers, stored_lanes
 from test_recompute import assert_grads_close, loss_and_grads, make, randomize_betas
 
 KEEP_Z = pytest.mark.parametrize("keep_z", [True, False], ids=["keep_z", "recompute_z"])
@@ -198,8 +198,13 @@ def test_guard_entries_are_counted():
 
 def test_apply_arguments():
     m = make("none")
-    assert recompute.apply(m, "reversible", 2, False).recompute == ("reversible", 2, False)
-    assert recompute.apply(m, "reversible", 2).recompute == ("reversible", 2)
+    assert recompute.apply(m, "reversible", 2, False).recompute == ("reversible", 2, False, LANE_RTOL, BETA_DRIFT)
+    assert recompute.apply(m, "reversible", 2, beta_drift=0.5).recompute == ("reversible", 2, True, LANE_RTOL, 0.5)
+    assert recompute.apply(make("none"), *m.recompute).blocks[0].forward.args[0].planner.drift == 0.5  # reapplied
+    for bad in (-0.1, float("nan"), True, "0.01"):  # refused before the model changes
+        with pytest.raises(ValueError, match="beta_drift must be a number >= 0"):
+            recompute.apply(m, "crnet", 4, beta_drift=bad)
+        assert m.recompute[:2] == ("reversible", 2) and m.blocks[0].forward.args[0].mode == "reversible"
     with pytest.raises(ValueError, match="needs param='crnet'"):
         recompute.apply(make("none", param="full"), "reversible")
     with pytest.raises(ValueError, match="keep_z=.*applies to recompute='reversible' only"):
@@ -400,7 +405,7 @@ def test_recompute_rtol_trades_stored_lanes_for_round_off():
              for t in (1e-5, 1e-3, float("inf"))}
     assert len(extra[1e-5]) > len(extra[1e-3]) > 0 == len(extra[float("inf")])  # fewer as the budget grows
     recompute.apply(rev, "reversible", 8, False, float("inf"))
-    assert rev.recompute == ("reversible", 8, False, float("inf"))
+    assert rev.recompute[:4] == ("reversible", 8, False, float("inf"))
     idx = torch.randint(0, 50, (3, 16))
     (l_ref, g_ref), (l_rev, g_rev) = loss_and_grads(ref, idx), loss_and_grads(rev, idx)
     assert torch.equal(l_ref, l_rev)
