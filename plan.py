@@ -27,6 +27,7 @@ round-off guard, which recompute.py runs before every training forward.
 """
 import json
 import math
+import numbers
 import os
 import warnings
 import weakref
@@ -63,7 +64,8 @@ PAPER = [str(Path(__file__).resolve().parent / f"configs/{p}_llama_{s}.py") for 
 # keep_z=False storing the checkpoint set alone has 6-17x the gradient error of the guarded plan (tools/bench.py).
 LANE_RTOL = 1e-5   # the largest relative round-off we accept in a rebuilt lane (or block input)
 BETA_DRIFT = 0.02  # CUDA: how far |s| may move in the optimizer step between the betas the plan read and the
-                   # forward it plans (LanePlanner checks a step late); train.py gives adamw_drift of its lr instead
+                   # forward it plans (LanePlanner checks a step late). train.py gives adamw_drift of its lr and
+                   # betas instead; 0.02 covers AdamW up to lr 0.017 at betas (0.9, 0.95), 0.0027 at (0.9, 0.999)
 STREAM = 4         # the group of the block input x_l ("reversible"), after the lane groups (4, or 3 with experts)
 
 
@@ -83,9 +85,13 @@ def min_scales(blocks):
     # would copy from the host and wait
     mins = [p.detach().abs().min().double() if p.numel() else p.new_full((), float("inf"), dtype=torch.float64)
             for p in local]
-    min_s = torch.stack(mins) + blocks[1].qkv.beta_eps  # |s| = |beta| + eps
+    min_s = torch.stack(mins)
     if hasattr(betas[0], "device_mesh"):
+        # FSDP2 with bf16 parameters (mixed precision) has the forward read each beta rounded to bf16, up or down:
+        # plan from the smaller (rounding is monotone, so rounding the minimum rounds the beta that has it)
+        min_s = torch.minimum(min_s, min_s.float().bfloat16().double())
         torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
+    min_s = min_s + blocks[1].qkv.beta_eps  # |s| = |beta| + eps
     return min_s.view(len(blocks) - 1, -1)
 
 
@@ -121,18 +127,23 @@ def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL
 
 
 def adamw_drift(lr, betas):
-    """The furthest one AdamW step at learning rate lr can move a parameter without weight decay (betas have none):
-    lr times the largest |m_hat| / sqrt(v_hat) of any step t. Cauchy-Schwarz on m = (1 - b1) sum_k b1^k g_{t-k} and
-    v = (1 - b2) sum_k b2^k g_{t-k}^2 bounds it by (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) / (1 - b2) * sum_{k<t} q^k),
-    q = b1^2 / b2, with equality where g_{t-k} ~ (b1 / b2)^k: 1.165 lr at (0.9, 0.95), 7.27 lr at (0.9, 0.999).
-    inf where q >= 1: nothing bounds a step then."""
+    """How far one AdamW step at learning rate lr can move a parameter without weight decay (betas have none): lr
+    times the largest |m_hat| / sqrt(v_hat) (eps only shrinks a step). Cauchy-Schwarz on m = (1 - b1) sum_k b1^k g_{t-k}
+    and v = (1 - b2) sum_k b2^k g_{t-k}^2, with q = b1^2 / b2, bounds step t's by
+        (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) (1 - q^t) / ((1 - b2) (1 - q))),
+    reached where g_{t-k} ~ (b1 / b2)^k. It rises to its limit as t grows (with x = b2^t, y = q^t, so b1^2t = xy:
+    (1 - x)(1 - y) <= (1 - sqrt(xy))^2), so the limit bounds every step: 1.165 lr at (0.9, 0.95), 7.27 lr at (0.9,
+    0.999); inf where q >= 1, which bounds nothing. Padded for float32: a few ulps of the update's own arithmetic, and
+    the rounding of beta - update (half an ulp of a beta below 2)."""
     b1, b2 = betas
-    q = b1 * b1 / b2 if b2 else math.inf if b1 else 0.0
-    if q >= 1 or not lr:
-        return math.inf if q >= 1 and lr else 0.0
-    t = torch.arange(1, min(10 ** 6, math.ceil(50 / min(1 - b1, 1 - b2, 1 - q))) + 1, dtype=torch.float64)
-    bound = (1 - b1) / (1 - b1 ** t) * ((1 - b2 ** t) / (1 - b2) * torch.cumsum(q ** (t - 1), 0)).sqrt()
-    return lr * max(bound.max().item(), (1 - b1) / ((1 - b2) * (1 - q)) ** 0.5)  # the steps, and their limit
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"AdamW's betas must be in [0, 1), got {betas}")
+    if not lr:
+        return 0.0
+    if b1 and b1 * b1 >= b2 * (1 - 1e-9):  # (q rounded to just below 1 would give a huge finite margin, not inf)
+        return math.inf
+    q = b1 * b1 / b2 if b1 else 0.0
+    return lr * (1 - b1) / ((1 - b2) * (1 - q)) ** 0.5 * (1 + 2 ** -18) + 2 ** -24
 
 
 def from_stale(min_s, drift=BETA_DRIFT):
@@ -145,10 +156,10 @@ class LanePlanner:
     """stored_lanes before each training forward (recompute.py), without waiting on the GPU. On CUDA it plans from
     the betas of the previous forward, copied to pinned host memory since, each |s| lowered by drift (how far one
     optimizer step may move a beta); one step later it checks that plan against those betas exactly, and warns if
-    a beta moved further. drift=inf (no bound known) plans from the betas of this step: one host sync per step."""
+    a beta moved further. drift=inf (no bound known) plans from the betas of this step: a host sync per forward."""
 
     def __init__(self, blocks, every, stream, rtol, drift=BETA_DRIFT):
-        if isinstance(drift, bool) or not isinstance(drift, (int, float)) or not drift >= 0:
+        if isinstance(drift, bool) or not isinstance(drift, numbers.Real) or not drift >= 0:
             raise ValueError(f"beta_drift must be a number >= 0 (inf: no bound known), got {drift!r}")
         self.blocks, self.every, self.stream, self.rtol, self.drift = blocks, every, stream, rtol, drift
         self.pending, self.last_plan = None, None
@@ -159,8 +170,8 @@ class LanePlanner:
         min_s = min_scales(self.blocks)
         if min_s.device.type != "cuda" or self.drift == math.inf:
             if min_s.device.type == "cuda" and self.last_plan is None:
-                warnings.warn("beta_drift=inf (adamw_drift, where beta1^2 >= beta2: no bound on a beta's step): the lane "
-                              "plan reads the betas before every training forward, one host sync per step")
+                warnings.warn("beta_drift=inf (no bound on a beta's step, as adamw_drift gives where beta1^2 >= beta2): "
+                              "the lane plan reads the betas before every training forward, one host sync each")
             return (1.0 / min_s).tolist(), None
         with torch.cuda.device(min_s.device):  # the copy and its event on the betas' device's stream
             host = torch.empty(min_s.shape, dtype=min_s.dtype, pin_memory=True).copy_(min_s, non_blocking=True)

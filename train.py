@@ -140,7 +140,7 @@ def main(argv):
         mode, why = plan.auto_recompute({**c, "dtype": rt["dtype"]}, world, memory)
         say(why)
     rc_args = (mode, c["recompute_every"], c["keep_z"] or mode != "reversible", c["recompute_rtol"],
-               plan.adamw_drift(c["learning_rate"], (c["beta1"], c["beta2"])))  # beta_drift: AdamW's largest step
+               plan.adamw_drift(c["learning_rate"] if c["beta_learnable"] else 0.0, (c["beta1"], c["beta2"])))
     model, raw = par.build_model(model_config(c), c["data_parallel"], device, c["seed"], rt["dtype"] == "bfloat16",
                                  c["torch_compile"], rc_args)
     optimizer = raw.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device.type)

@@ -148,19 +148,26 @@ def test_a_training_step_never_waits_for_the_gpu(mode, arch):
 @pytest.mark.parametrize("drift", [0.3, float("inf")])
 def test_the_cuda_plan_keeps_the_planners_margin(drift):
     """From the second forward on, plan.LanePlanner plans from the previous forward's betas, each |s| lowered by its
-    drift (apply's beta_drift, train.py's plan.adamw_drift); drift=inf (no bound) reads the betas of each step."""
+    drift (apply's beta_drift, train.py's plan.adamw_drift); drift=inf (no bound) reads the betas of each forward,
+    and says so once."""
     m = recompute.apply(make("none", **KW).cuda(), "crnet", 8, beta_drift=drift)
     planner, idx = m.blocks[0].forward.args[0].planner, torch.randint(0, 256, (2, 64), device="cuda")
+    inverse = lambda: (1.0 / min_scales(m.blocks)).flatten().tolist()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m(idx, idx)[1].backward()
-    assert any("one host sync per step" in str(w.message) for w in caught) == (drift == float("inf"))
-    exact = (1.0 / min_scales(m.blocks)).flatten().tolist()  # no optimizer step: the betas the first forward read
-    inv, before = planner.inv_scales()
+        old = inverse()  # the betas the first forward read
+        with torch.no_grad():
+            m.blocks[3].qkv.beta.sub_(0.1)  # an optimizer step's worth of change, before the next forward
+        new = inverse()
+        inv, before = planner.inv_scales()  # what the next forward plans from
+        m(idx, idx)[1].backward()
+    assert sum("one host sync each" in str(w.message) for w in caught) == (drift == float("inf"))
+    assert old != new
     if drift == float("inf"):
-        assert planner.pending is None and before is None and sum(inv, []) == exact
+        assert planner.pending is None and before is None and sum(inv, []) == new
     else:
-        assert sum(before, []) == exact and sum(inv, []) == pytest.approx([1 / (1 / x - 0.3) for x in exact])
+        assert sum(before, []) == old and sum(inv, []) == pytest.approx([1 / (1 / x - 0.3) for x in old])
 
 
 def test_moe_grouped_gemms_err_as_the_loop_does_on_cuda(monkeypatch):

@@ -141,9 +141,9 @@ def test_guard_stores_lanes_below_tiny_betas_and_is_needed():
 
 @pytest.mark.parametrize("margin", [plan.BETA_DRIFT, 0.0])
 def test_a_plan_from_the_previous_steps_betas_is_safe_after_they_move(margin):
-    """On CUDA the plan reads the betas of the previous forward, each |s| lowered by BETA_DRIFT
-    (plan.LanePlanner.inv_scales), so that no step waits for the GPU. For betas that then move by up to BETA_DRIFT (an
-    optimizer step), that plan must be one the guard accepts at the new betas; without the margin it is not."""
+    """On CUDA the plan reads the betas of the previous forward, each |s| lowered by the planner's margin (here the
+    default BETA_DRIFT; plan.LanePlanner.inv_scales), so that no step waits for the GPU. For betas that then move by up
+    to that margin (an optimizer step), the plan must be one the guard accepts at the new betas; without it, it is not."""
     torch.manual_seed(0)
     m = make("crnet", n_layer=12)
     unsafe = 0
@@ -476,7 +476,7 @@ def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypa
             warnings.simplefilter("always")
             m(idx, idx)[1].backward()                  # planned from the betas before
             with torch.no_grad():
-                m.blocks[3].qkv.beta.sub_(jump)         # 0.707 -> 0.697, or -> 0.017: a step far beyond BETA_DRIFT
+                m.blocks[3].qkv.beta.sub_(jump)         # 0.707 -> 0.697, then -> 0.007: far beyond BETA_DRIFT
             m(idx, idx)[1].backward()                  # planned from stale betas: unsafe after the big jump...
             m(idx, idx)[1].backward()                  # ...which the next forward finds out
         assert any(f"moved by more than the planner's beta_drift={drift:g}" in str(w.message) for w in caught) == warned

@@ -9,7 +9,7 @@ import torch
 
 import recompute
 from plan import held_activation_bytes, stored_numbers_per_token
-from plan import BETA_DRIFT, LANE_RTOL, STREAM, checkpoint_layers, stored_lanes
+from plan import BETA_DRIFT, LANE_RTOL, STREAM, checkpoint_layers, min_scales, stored_lanes
 from test_recompute import assert_grads_close, loss_and_grads, make, randomize_betas
 
 KEEP_Z = pytest.mark.parametrize("keep_z", [True, False], ids=["keep_z", "recompute_z"])
@@ -288,6 +288,21 @@ def fsdp_mixed_precision_worker():
             model(idx, idx)[1].backward()
         return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float() for n, p in raw.named_parameters()}
 
+    # the plan's |s| is the one the forward divides by: the bf16 gathered beta's where rounding lowers it
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, intermediate_size=48, vocab_size=50, block_size=16, rank=8)
+    model, raw = par.build_model(cfg, "fsdp", torch.device("cpu"), 0, True, recompute=("crnet", 8))
+    seen = []
+    raw.blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(mod.qkv.beta.dtype))
+    with torch.no_grad():
+        for p in (p for b in raw.blocks[1:] for p in b.projections()):
+            p.beta.to_local().fill_(1.0)
+        raw.blocks[1].o.beta.to_local()[0] = 0.7  # bf16: 0.69921875
+        raw.blocks[2].qkv.beta.to_local()[:] = -0.699  # bf16: -0.69921875, further from 0: the float32 value counts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)[1].backward()
+    eps = raw.blocks[1].qkv.beta_eps
+    assert seen == [torch.bfloat16] and min_scales(raw.blocks).tolist() == [
+        [1 + eps, 0.69921875 + eps, 1 + eps, 1 + eps], [0.6990000009536743 + eps, 1 + eps, 1 + eps, 1 + eps]]
     for arch in ("llama", "gpt2"):
         cfg = ModelConfig(arch=arch, bias=arch == "gpt2", n_layer=8, n_head=2, n_embd=32, intermediate_size=48,
                           vocab_size=50, block_size=16, rank=8)

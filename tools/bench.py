@@ -78,7 +78,8 @@ def one_mode(a):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
                       vocab_size=256, block_size=a.seq, param="crnet")
-    m = recompute.apply(Transformer(cfg).to(dev), a.mode, a.every, a.keep_z or a.mode != "reversible", a.rtol)
+    m = recompute.apply(Transformer(cfg).to(dev), a.mode, a.every, a.keep_z or a.mode != "reversible", a.rtol,
+                        beta_drift=0.0)  # no optimizer steps: the CUDA plan's margin for moving betas is 0
     idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
     tokens = idx.numel()
     before = rss_bytes()
@@ -246,7 +247,9 @@ def size_one(a):
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     c = size_config(a, a.size, a.param, a.mode, dev.type)
-    m, raw = par.build_model(model_config(c), "ddp", dev, 0, False, a.torch_compile, (a.mode, c["recompute_every"]))
+    drift = plan.adamw_drift(1e-4, (0.9, 0.95))  # the lane plan's margin for this optimizer, as train.py gives it
+    m, raw = par.build_model(model_config(c), "ddp", dev, 0, False, a.torch_compile,
+                             (a.mode, c["recompute_every"], True, plan.LANE_RTOL, drift))
     opt = raw.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.type)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     torch.manual_seed(0)
@@ -351,7 +354,8 @@ def bytes_table(a):
         torch.manual_seed(0)
         cfg = ModelConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, intermediate_size=a.ff, rank=a.rank,
                           vocab_size=256, block_size=a.seq, param=param)
-        m, _ = par.build_model(cfg, "ddp", dev, 0, False, compiled, (mode, a.every))
+        # beta_drift 0: no optimizer step moves the betas between the two steps (the CUDA plan reads the first's)
+        m, _ = par.build_model(cfg, "ddp", dev, 0, False, compiled, (mode, a.every, True, plan.LANE_RTOL, 0.0))
         idx = torch.randint(0, 256, (a.batch, a.seq), device=dev)
         for profiled in (False, True):  # the first step warms up (and compiles)
             m.zero_grad(set_to_none=True)  # as train.py: each step allocates its gradients
