@@ -74,25 +74,37 @@ def checkpoint_layers(n_layer, every):
     return {n_layer - 1} | set(range(n_layer - 1, 0, -every))
 
 
-def min_scales(blocks):
-    """min |s| per (layer 2..L, group) as one device tensor (L - 1, groups). Works on FSDP2-sharded betas: each process
-    takes the minimum over its own shard and one all-reduce finds the global one, so no block is gathered."""
+def min_betas(blocks):
+    """min |beta| per (layer 2..L, group) as one device tensor (L - 1, groups), float64. Works on FSDP2-sharded betas:
+    each process takes the minimum over its own shard and one all-reduce finds the global one, so no block is gathered."""
     betas = [p.beta for blk in blocks[1:] for p in blk.projections()]
     if not betas:
         return torch.zeros(0, len(blocks[0].projections()), dtype=torch.float64)
     local = [b.to_local() if hasattr(b, "to_local") else b for b in betas]  # DTensor shard, or the tensor
     # an empty shard (FSDP2 on more processes than a beta has entries) gives inf, made on the device: new_tensor
     # would copy from the host and wait
-    mins = [p.detach().abs().min().double() if p.numel() else p.new_full((), float("inf"), dtype=torch.float64)
-            for p in local]
-    min_s = torch.stack(mins)
+    mins = torch.stack([p.detach().abs().min().double() if p.numel() else p.new_full((), math.inf, dtype=torch.float64)
+                        for p in local])
     if hasattr(betas[0], "device_mesh"):
-        # FSDP2 with bf16 parameters (mixed precision) has the forward read each beta rounded to bf16, up or down:
-        # plan from the smaller (rounding is monotone, so rounding the minimum rounds the beta that has it)
-        min_s = torch.minimum(min_s, min_s.float().bfloat16().double())
-        torch.distributed.all_reduce(min_s, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
-    min_s = min_s + blocks[1].qkv.beta_eps  # |s| = |beta| + eps
-    return min_s.view(len(blocks) - 1, -1)
+        torch.distributed.all_reduce(mins, op=torch.distributed.ReduceOp.MIN, group=betas[0].device_mesh.get_group())
+    return mins.view(len(blocks) - 1, -1)
+
+
+def scales(min_beta, blocks, drift=0.0):
+    """The smallest |s| = |beta| + eps a forward may divide by, per (layer 2..L, group), from min_betas' numbers (on
+    the device or the host) with each |beta| lowered by drift, how far it may have moved since it was read. Under
+    FSDP2 a forward with bf16 parameters reads each beta rounded to bf16, up or down, so the smaller of the two counts
+    (rounding is monotone: rounding the lowered minimum gives the least any beta can be read as; FSDP2 in float32
+    reads the betas as they are, and is planned at most half a bf16 ulp low)."""
+    low = (min_beta - drift).clamp_min(0.0)
+    if len(blocks) > 1 and hasattr(blocks[1].qkv.beta, "device_mesh"):
+        low = torch.minimum(low, low.float().bfloat16().double())
+    return low + blocks[1].qkv.beta_eps if len(blocks) > 1 else low
+
+
+def min_scales(blocks):
+    """min |s| per (layer 2..L, group) as one device tensor (L - 1, groups): the guard's divisors now."""
+    return scales(min_betas(blocks), blocks)
 
 
 def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL, inv_s=None, store=()):
@@ -127,14 +139,15 @@ def stored_lanes(blocks, every, dtype, stream=False, keep_z=True, rtol=LANE_RTOL
 
 
 def adamw_drift(lr, betas):
-    """How far one AdamW step at learning rate lr can move a parameter without weight decay (betas have none): lr
-    times the largest |m_hat| / sqrt(v_hat) (eps only shrinks a step). Cauchy-Schwarz on m = (1 - b1) sum_k b1^k g_{t-k}
-    and v = (1 - b2) sum_k b2^k g_{t-k}^2, with q = b1^2 / b2, bounds step t's by
+    """How far one AdamW step at learning rate lr can move a parameter of |p| < 2 towards 0, without weight decay
+    (betas have none): lr times the largest |m_hat| / sqrt(v_hat) (eps only shrinks a step). Cauchy-Schwarz on
+    m = (1 - b1) sum_k b1^k g_{t-k} and v = (1 - b2) sum_k b2^k g_{t-k}^2, with q = b1^2 / b2, bounds step t's by
         (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) (1 - q^t) / ((1 - b2) (1 - q))),
-    reached where g_{t-k} ~ (b1 / b2)^k. It rises to its limit as t grows (with x = b2^t, y = q^t, so b1^2t = xy:
+    reached where g_{t-k} ~ (b1 / b2)^k. It never exceeds its limit at t -> inf (x = b2^t, y = q^t, so b1^(2t) = xy:
     (1 - x)(1 - y) <= (1 - sqrt(xy))^2), so the limit bounds every step: 1.165 lr at (0.9, 0.95), 7.27 lr at (0.9,
-    0.999); inf where q >= 1, which bounds nothing. Padded for float32: a few ulps of the update's own arithmetic, and
-    the rounding of beta - update (half an ulp of a beta below 2)."""
+    0.999); inf where q >= 1 (to rounding), which bounds nothing. Padded for float32, as tested against torch's three
+    AdamW implementations: a few ulps of the update's arithmetic, float32's betas moving q (about an ulp / (1 - q) of
+    the limit), and half an ulp of a p below 2 in rounding p - update."""
     b1, b2 = betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ValueError(f"AdamW's betas must be in [0, 1), got {betas}")
@@ -143,13 +156,13 @@ def adamw_drift(lr, betas):
     if b1 and b1 * b1 >= b2 * (1 - 1e-9):  # (q rounded to just below 1 would give a huge finite margin, not inf)
         return math.inf
     q = b1 * b1 / b2 if b1 else 0.0
-    return lr * (1 - b1) / ((1 - b2) * (1 - q)) ** 0.5 * (1 + 2 ** -18) + 2 ** -24
+    return lr * (1 - b1) / ((1 - b2) * (1 - q)) ** 0.5 * (1 + 2 ** -18 + 2 ** -22 / (1 - q)) + 2 ** -24
 
 
-def from_stale(min_s, drift=BETA_DRIFT):
-    """LanePlanner's CUDA plan from the previous forward's min |s| (host numbers): (1/|s| with each |s| lowered by
+def from_stale(min_beta, blocks, drift=BETA_DRIFT):
+    """LanePlanner's CUDA plan from the previous forward's min |beta| (host numbers): (1/|s| with each |beta| lowered by
     drift, a beta's largest move in one step, to plan from; 1/|s| exactly, to check that plan against)."""
-    return (1.0 / (min_s - drift).clamp_min(0.0)).tolist(), (1.0 / min_s).tolist()
+    return (1.0 / scales(min_beta, blocks, drift)).tolist(), (1.0 / scales(min_beta, blocks)).tolist()
 
 
 class LanePlanner:
@@ -167,22 +180,22 @@ class LanePlanner:
     def inv_scales(self):
         """(1/|s| per (layer 2..L, group) for the plan, 1/|s| of the previous forward exactly or None), as host
         numbers."""
-        min_s = min_scales(self.blocks)
-        if min_s.device.type != "cuda" or self.drift == math.inf:
-            if min_s.device.type == "cuda" and self.last_plan is None:
+        min_b = min_betas(self.blocks)
+        if min_b.device.type != "cuda" or self.drift == math.inf:
+            if min_b.device.type == "cuda" and self.last_plan is None:
                 warnings.warn("beta_drift=inf (no bound on a beta's step, as adamw_drift gives where beta1^2 >= beta2): "
                               "the lane plan reads the betas before every training forward, one host sync each")
-            return (1.0 / min_s).tolist(), None
-        with torch.cuda.device(min_s.device):  # the copy and its event on the betas' device's stream
-            host = torch.empty(min_s.shape, dtype=min_s.dtype, pin_memory=True).copy_(min_s, non_blocking=True)
+            return (1.0 / scales(min_b, self.blocks)).tolist(), None
+        with torch.cuda.device(min_b.device):  # the copy and its event on the betas' device's stream
+            host = torch.empty(min_b.shape, dtype=min_b.dtype, pin_memory=True).copy_(min_b, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
         previous, self.pending = self.pending, (host, done)
         if previous is None:  # the first forward: wait once, and use the betas exactly
             done.synchronize()
-            return (1.0 / host).tolist(), None
+            return (1.0 / scales(host, self.blocks)).tolist(), None
         previous[1].synchronize()  # recorded a whole step ago: long done
-        return from_stale(previous[0], self.drift)
+        return from_stale(previous[0], self.blocks, self.drift)
 
     def __call__(self, dtype, keep_z):
         inv_s, exact_before = self.inv_scales()

@@ -1,6 +1,4 @@
 """recompute.py against its oracles: plain autograd ("none"), float64 gradcheck, the stored-bytes formula."""
-import math
-
 import pytest
 import torch
 
@@ -463,10 +461,10 @@ def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypa
     history = []
 
     def stale(self):  # what inv_scales returns on CUDA, emulated here from the betas of the previous forward
-        now = min_scales(self.blocks)
+        now = plan.min_betas(self.blocks)
         before = history[-1] if history else now
         history.append(now)
-        return plan.from_stale(before, self.drift)
+        return plan.from_stale(before, self.blocks, self.drift)
 
     monkeypatch.setattr(plan.LanePlanner, "inv_scales", stale)
     idx = torch.randint(0, 50, (2, 16))
@@ -481,9 +479,11 @@ def test_a_beta_that_moved_more_than_the_margin_is_reported_a_step_late(monkeypa
             m(idx, idx)[1].backward()                  # ...which the next forward finds out
         assert any(f"moved by more than the planner's beta_drift={drift:g}" in str(w.message) for w in caught) == warned
         assert rc.planner.last_plan is not None
-    margin, exact = plan.from_stale(torch.tensor([[0.5, 0.25]]))  # the margin, by hand
-    assert exact == [[2.0, 4.0]] and margin[0] == pytest.approx([1 / (0.5 - plan.BETA_DRIFT), 1 / (0.25 - plan.BETA_DRIFT)])
-    assert plan.from_stale(torch.tensor([[0.5, 0.25]], dtype=torch.float64), 0.3)[0] == [[5.0, math.inf]]  # |s| <= drift: store the lane
+    eps, betas = m.cfg.beta_eps, torch.tensor([[0.5, 0.25]], dtype=torch.float64)  # the margin, by hand
+    margin, exact = plan.from_stale(betas, m.blocks)
+    assert exact == [[1 / (0.5 + eps), 1 / (0.25 + eps)]]
+    assert margin == [[1 / (0.5 - plan.BETA_DRIFT + eps), 1 / (0.25 - plan.BETA_DRIFT + eps)]]
+    assert plan.from_stale(betas, m.blocks, 0.3)[0] == [[1 / (0.5 - 0.3 + eps), 1 / eps]]  # |beta| <= drift: eps alone
 
 
 def test_a_compiled_model_deep_copies_with_its_own_weights():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import recompute
-from plan import held_activation_bytes, stored_numbers_per_token
-from plan import BETA_DRIFT, LANE_RTOL, STREAM, checkpoint_layers, min_scales, stored_lanes
+from plan import BETA_DRIFT, LANE_RTOL, STREAM, adamw_drift, checkpoint_layers, from_stale, held_activation_bytes
+from plan import min_betas, min_scales, stored_lanes, stored_numbers_per_token
 from test_recompute import assert_grads_close, loss_and_grads, make, randomize_betas
 
 KEEP_Z = pytest.mark.parametrize("keep_z", [True, False], ids=["keep_z", "recompute_z"])
@@ -303,6 +303,14 @@ def fsdp_mixed_precision_worker():
     eps = raw.blocks[1].qkv.beta_eps
     assert seen == [torch.bfloat16] and min_scales(raw.blocks).tolist() == [
         [1 + eps, 0.69921875 + eps, 1 + eps, 1 + eps], [0.6990000009536743 + eps, 1 + eps, 1 + eps, 1 + eps]]
+    # the CUDA plan from a step-old beta: bf16 rounds 0.7090044 up, to 0.7109375, but one AdamW step at lr 1e-4
+    # (5e-5 < drift) crosses the midpoint and the next forward reads 0.70703125: the plan lowers, then rounds
+    with torch.no_grad():
+        raw.blocks[1].o.beta.to_local()[0] = 0.7090044
+    drift = adamw_drift(1e-4, (0.9, 0.95))
+    inv, exact = from_stale(min_betas(raw.blocks), raw.blocks, drift)
+    read = torch.tensor(0.7090044 - 5e-5).bfloat16().item()
+    assert read == 0.70703125 and exact[0][1] == 1 / (0.7090044021606445 + eps) and inv[0][1] == 1 / (read + eps)
     for arch in ("llama", "gpt2"):
         cfg = ModelConfig(arch=arch, bias=arch == "gpt2", n_layer=8, n_head=2, n_embd=32, intermediate_size=48,
                           vocab_size=50, block_size=16, rank=8)
