@@ -94,7 +94,7 @@ def scales(min_beta, blocks, drift=0.0):
     """The smallest |s| = |beta| + eps a forward may divide by, per (layer 2..L, group), from min_betas' numbers (on
     the device or the host) with each |beta| lowered by drift, how far it may have moved since it was read. Under
     FSDP2 a forward with bf16 parameters reads each beta rounded to bf16, up or down, so the smaller of the two counts
-    (rounding is monotone: rounding the lowered minimum gives the least any beta can be read as; FSDP2 in float32
+    (rounding is monotone: rounding the lowered minimum gives no more than any beta can be read as; FSDP2 in float32
     reads the betas as they are, and is planned at most half a bf16 ulp low)."""
     low = (min_beta - drift).clamp_min(0.0)
     if len(blocks) > 1 and hasattr(blocks[1].qkv.beta, "device_mesh"):
@@ -167,8 +167,8 @@ def from_stale(min_beta, blocks, drift=BETA_DRIFT):
 
 class LanePlanner:
     """stored_lanes before each training forward (recompute.py), without waiting on the GPU. On CUDA it plans from
-    the betas of the previous forward, copied to pinned host memory since, each |s| lowered by drift (how far one
-    optimizer step may move a beta); one step later it checks that plan against those betas exactly, and warns if
+    the betas of the previous forward, copied to pinned host memory since, each |beta| lowered by drift (how far one
+    optimizer step may move a beta; scales); one step later it checks that plan against those betas exactly, and warns if
     a beta moved further. drift=inf (no bound known) plans from the betas of this step: a host sync per forward."""
 
     def __init__(self, blocks, every, stream, rtol, drift=BETA_DRIFT):

@@ -147,12 +147,12 @@ def test_a_training_step_never_waits_for_the_gpu(mode, arch):
 
 @pytest.mark.parametrize("drift", [0.3, float("inf")])
 def test_the_cuda_plan_keeps_the_planners_margin(drift):
-    """From the second forward on, plan.LanePlanner plans from the previous forward's betas, each |s| lowered by its
+    """From the second forward on, plan.LanePlanner plans from the previous forward's betas, each |beta| lowered by its
     drift (apply's beta_drift, train.py's plan.adamw_drift); drift=inf (no bound) reads the betas of each forward,
     and says so once."""
     m = recompute.apply(make("none", **KW).cuda(), "crnet", 8, beta_drift=drift)
     planner, idx = m.blocks[0].forward.args[0].planner, torch.randint(0, 256, (2, 64), device="cuda")
-    inverse = lambda: (1.0 / min_scales(m.blocks)).flatten().tolist()
+    eps, inverse = m.cfg.beta_eps, lambda: (1.0 / min_scales(m.blocks)).flatten().tolist()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m(idx, idx)[1].backward()
@@ -167,7 +167,7 @@ def test_the_cuda_plan_keeps_the_planners_margin(drift):
     if drift == float("inf"):
         assert planner.pending is None and before is None and sum(inv, []) == new
     else:
-        assert sum(before, []) == old and sum(inv, []) == pytest.approx([1 / (1 / x - 0.3) for x in old])
+        assert sum(before, []) == old and sum(inv, []) == pytest.approx([1 / (1 / x - eps - 0.3 + eps) for x in old])
 
 
 def test_moe_grouped_gemms_err_as_the_loop_does_on_cuda(monkeypatch):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import plan
-from plan import checkpoint_layers, held_activation_bytes, min_scales, stored_lanes, stored_numbers_per_token
+from plan import checkpoint_layers, held_activation_bytes, stored_lanes, stored_numbers_per_token
 import recompute
 from model import ModelConfig, Transformer
 from sample import generate
@@ -139,8 +139,8 @@ def test_guard_stores_lanes_below_tiny_betas_and_is_needed():
 
 @pytest.mark.parametrize("margin", [plan.BETA_DRIFT, 0.0])
 def test_a_plan_from_the_previous_steps_betas_is_safe_after_they_move(margin):
-    """On CUDA the plan reads the betas of the previous forward, each |s| lowered by the planner's margin (here the
-    default BETA_DRIFT; plan.LanePlanner.inv_scales), so that no step waits for the GPU. For betas that then move by up
+    """On CUDA the plan reads the betas of the previous forward, each |beta| lowered by the planner's margin (here the
+    default BETA_DRIFT; plan.from_stale, from plan.LanePlanner.inv_scales), so that no step waits for the GPU. For betas that then move by up
     to that margin (an optimizer step), the plan must be one the guard accepts at the new betas; without it, it is not."""
     torch.manual_seed(0)
     m = make("crnet", n_layer=12)
@@ -150,7 +150,7 @@ def test_a_plan_from_the_previous_steps_betas_is_safe_after_they_move(margin):
         with torch.no_grad():
             for p in (p for b in m.blocks[1:] for p in b.projections()):
                 p.beta.mul_(torch.randint(0, 2, p.beta.shape) * 2 - 1)  # both signs
-        inv_old = (1.0 / (min_scales(m.blocks) - margin).clamp_min(0.0)).tolist()
+        inv_old = plan.from_stale(plan.min_betas(m.blocks), m.blocks, margin)[0]
         store = stored_lanes(m.blocks, 4, torch.float32, inv_s=inv_old)
         with torch.no_grad():
             for p in (p for b in m.blocks[1:] for p in b.projections()):
