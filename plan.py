@@ -97,9 +97,11 @@ def scales(min_beta, blocks, drift=0.0):
     (rounding is monotone: rounding the lowered minimum gives no more than any beta can be read as; FSDP2 in float32
     reads the betas as they are, and is planned at most half a bf16 ulp low)."""
     low = (min_beta - drift).clamp_min(0.0)
-    if len(blocks) > 1 and hasattr(blocks[1].qkv.beta, "device_mesh"):
+    if len(blocks) == 1:  # no layer 2: nothing to scale
+        return low
+    if hasattr(blocks[1].qkv.beta, "device_mesh"):
         low = torch.minimum(low, low.float().bfloat16().double())
-    return low + blocks[1].qkv.beta_eps if len(blocks) > 1 else low
+    return low + blocks[1].qkv.beta_eps
 
 
 def min_scales(blocks):

@@ -236,6 +236,11 @@ def adamw_step_bound(beta1, beta2, steps):
     return (1 - beta1) / (1 - beta1 ** t) * ((1 - beta2 ** t) / (1 - beta2)).sqrt() * sums.sqrt()
 
 
+def adamw_limit(beta1, beta2):
+    """adamw_step_bound as t grows (the sum of q^k, q = beta1^2 / beta2, tends to 1 / (1 - q))."""
+    return (1 - beta1) / ((1 - beta2) * (1 - beta1 ** 2 / beta2)) ** 0.5
+
+
 @pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.999), (0.0, 0.99), (0.8, 0.7), (0.9, 1 - 1e-6)])
 def test_adamw_drift_is_the_furthest_one_adamw_step_moves_a_parameter(betas):
     """plan.adamw_drift is the margin the CUDA lane planner keeps for a beta moving in one optimizer step (train.py
@@ -244,7 +249,7 @@ def test_adamw_drift_is_the_furthest_one_adamw_step_moves_a_parameter(betas):
     sequences never moving a parameter further."""
     (b1, b2), lr, T = betas, 1e-3, 400
     bound = adamw_step_bound(b1, b2, 200_000)
-    limit = (1 - b1) / ((1 - b2) * (1 - b1 ** 2 / b2)) ** 0.5
+    limit = adamw_limit(b1, b2)
     assert bound[0].item() == pytest.approx(1.0) and bound.max().item() <= limit * (1 + 1e-12)
     if b2 < 0.9999:  # reached within the steps summed (beta2 = 1 - 1e-6 needs ~1e7: the limit alone bounds it)
         assert bound[-1].item() == pytest.approx(limit, rel=1e-6)
@@ -303,7 +308,7 @@ def test_adamw_drift_covers_float32_betas(impl):
         opt.step()
     move = (p.detach() - before).abs().max().item()
     assert move <= plan.adamw_drift(lr, (b1, b2))
-    over.append(move > lr * (1 - b1) / ((1 - b2) * (1 - b1 ** 2 / b2)) ** 0.5 * (1 + 2 ** -18))
+    over.append(move > lr * adamw_limit(b1, b2) * (1 + 2 ** -18))
     assert all(over)  # what the padding is for: rounding took a step past its exact bound
 
 

@@ -139,9 +139,10 @@ def test_guard_stores_lanes_below_tiny_betas_and_is_needed():
 
 @pytest.mark.parametrize("margin", [plan.BETA_DRIFT, 0.0])
 def test_a_plan_from_the_previous_steps_betas_is_safe_after_they_move(margin):
-    """On CUDA the plan reads the betas of the previous forward, each |beta| lowered by the planner's margin (here the
-    default BETA_DRIFT; plan.from_stale, from plan.LanePlanner.inv_scales), so that no step waits for the GPU. For betas that then move by up
-    to that margin (an optimizer step), the plan must be one the guard accepts at the new betas; without it, it is not."""
+    """On CUDA the plan reads the betas of the previous forward, each |beta| lowered by the planner's margin (here
+    the default BETA_DRIFT; plan.from_stale, from plan.LanePlanner.inv_scales), so that no step waits for the GPU.
+    For betas that then move by up to that margin (an optimizer step), the plan must be one the guard accepts at the
+    new betas; without the margin it is not."""
     torch.manual_seed(0)
     m = make("crnet", n_layer=12)
     unsafe = 0

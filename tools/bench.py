@@ -247,10 +247,10 @@ def size_one(a):
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     c = size_config(a, a.size, a.param, a.mode, dev.type)
-    drift = plan.adamw_drift(1e-4, (0.9, 0.95))  # the lane plan's margin for this optimizer, as train.py gives it
+    lr, betas = 1e-4, (0.9, 0.95)  # AdamW's, and from them the lane plan's margin, as train.py gives it
     m, raw = par.build_model(model_config(c), "ddp", dev, 0, False, a.torch_compile,
-                             (a.mode, c["recompute_every"], True, plan.LANE_RTOL, drift))
-    opt = raw.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.type)
+                             (a.mode, c["recompute_every"], True, plan.LANE_RTOL, plan.adamw_drift(lr, betas)))
+    opt = raw.configure_optimizers(0.0, lr, betas, dev.type)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     torch.manual_seed(0)
     idx = torch.randint(0, 32000, (a.batch, c["block_size"]), device=dev)
