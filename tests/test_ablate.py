@@ -282,6 +282,28 @@ def test_a_signal_reaches_the_run_in_progress_which_saves_before_the_ablation_st
     assert json.loads((run / "ablate.json").read_text())["seconds"] > 0
 
 
+def test_torchrun_gets_only_the_flags_it_knows(monkeypatch):
+    """This torch's torchrun parses every flag ablate passes it (it refuses unknown ones, and the run never starts);
+    a torchrun without --shutdown_timeout (torch 2.11's, modelled here) gets the signals flag alone, and the printed
+    command says what the missing flag's absence means."""
+    import argparse
+    import torch.distributed.run as run
+    flags, note = ablate.torchrun_flags()
+    run.get_args_parser().parse_args([*flags, "train.py"])  # exits 2 on an unknown flag
+    assert len(flags) == len(ablate.TORCHRUN_FLAGS) or note
+
+    def older():
+        p = argparse.ArgumentParser()
+        p.add_argument("--signals_to_handle")
+        p.add_argument("training_script")
+        p.add_argument("training_script_args", nargs=argparse.REMAINDER)
+        return p
+    monkeypatch.setattr(run, "get_args_parser", older)
+    flags, note = ablate.torchrun_flags()
+    assert flags == ["--signals_to_handle=SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT"]
+    assert "has no --shutdown_timeout: its workers get 30 s after a signal" in note and "signals" not in note
+
+
 def test_read_metrics_skips_a_row_cut_short_and_names_a_damaged_one(tmp_path):
     """A kill during an append leaves the last row cut short: skipped, as train.py skips it on resuming (ablate.py
     once stopped on it, naming no file). A damaged row before the last is an error naming the file and line."""

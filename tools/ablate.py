@@ -146,7 +146,20 @@ def finished(run, max_iters):
     return diverged(run) or any(r.get("iter") == max_iters and "val_loss" in r for r in read_metrics(run))
 
 
-TORCHRUN_SIGNALS = "--signals_to_handle=SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT"
+# torchrun passes on SIGTERM, SIGINT, SIGHUP and SIGQUIT only, unless told, and SIGKILLs its workers 30 s after a
+# signal unless given the time for a step and a save. An older torchrun refuses a flag it lacks (torch 2.11's has no
+# --shutdown_timeout), so each is passed where known, with what its absence means said where not.
+TORCHRUN_FLAGS = {  # flag: what its absence means
+    "--signals_to_handle=SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT": "SIGUSR1 kills it and leaves its workers training",
+    "--shutdown_timeout=900": "its workers get 30 s after a signal to finish a step and save"}
+
+
+def torchrun_flags():
+    """TORCHRUN_FLAGS that this torch's torchrun knows, and a line on any it lacks."""
+    from torch.distributed.run import get_args_parser
+    unknown = get_args_parser().parse_known_args([*TORCHRUN_FLAGS, "train.py"])[1]
+    return ([f for f in TORCHRUN_FLAGS if f not in unknown],
+            "".join(f" (torchrun {torch.__version__} has no {f.split('=')[0]}: {TORCHRUN_FLAGS[f]})" for f in unknown))
 
 
 def run_variant(name, args, run, a, max_iters):
@@ -177,12 +190,11 @@ def run_variant(name, args, run, a, max_iters):
         return old["seconds"]
     resume = same and ck.find_checkpoint(run)[0] is not None
     extra = ["--init_from='auto'"] if resume else ["--overwrite=True"]  # auto: a run already at stop_iter exits 0
-    # torchrun passes on SIGTERM, SIGINT, SIGHUP and SIGQUIT only, unless told (SIGUSR1 would kill it and leave its
-    # workers training), and SIGKILLs its workers 30 s after a signal unless given the time for a step and a save
+    flags, note = torchrun_flags() if a["nproc"] > 1 else ([], "")
     launch = [sys.executable] if a["nproc"] == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                       f"--nproc_per_node={a['nproc']}", TORCHRUN_SIGNALS, "--shutdown_timeout=900"]
+                                                       f"--nproc_per_node={a['nproc']}", *flags]
     cmd = [*launch, str(HERE / "train.py"), *args, f"--out_dir={str(run)!r}", *extra, f"--stop_iter={a['stop_iter']}"]
-    print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 3:])}", flush=True)  # (from --nproc_per_node)
+    print(f"== {name}: {' '.join(cmd[1 + (a['nproc'] > 1) * 3:])}{note}", flush=True)  # (from --nproc_per_node)
     run.mkdir(parents=True, exist_ok=True)
     (run / "diverged.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
