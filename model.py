@@ -346,7 +346,7 @@ class Block(nn.Module):
         or None). project(proj, input, lane) computes one projection group (default: proj(input, lane); an MoE's
         returns (Y, statistics)); it is the one hook recompute.py uses, to keep Z = X A in forward and to replay
         known outputs in backward, so this is the only definition of a layer."""
-        project = project or (lambda proj, inp, lane: proj(inp, lane))
+        project = project if project is not None else (lambda proj, inp, lane: proj(inp, lane))  # (`or`: a torch 2.11 graph break)
         lq, lo, *lm = lanes if lanes is not None else (None,) * 4
         drop = lambda t: F.dropout(t, self.cfg.dropout, self.training)
         y_qkv = project(self.qkv, self.norm_attn(x), lq)
@@ -452,7 +452,7 @@ class Transformer(nn.Module):
     # recompute="crnet" | "reversible" runs the blocks through an autograd Function a whole-model compile can't trace
     def embed(self, idx):
         x = self.wte(idx)  # (B, T, h); under autocast a float32 residual stream, also where FSDP made wte bf16
-        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):  # (not meta)
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta has none (is_autocast_available breaks torch 2.11's graph)
             x = x.to(torch.promote_types(x.dtype, torch.float32))  # as DDP's: its numerics, plan.py's bytes
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
