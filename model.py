@@ -452,7 +452,7 @@ class Transformer(nn.Module):
     # recompute="crnet" | "reversible" runs the blocks through an autograd Function a whole-model compile can't trace
     def embed(self, idx):
         x = self.wte(idx)  # (B, T, h); under autocast a float32 residual stream, also where FSDP made wte bf16
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta has none (is_autocast_available breaks torch 2.11's graph)
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta has none (is_autocast_available: a 2.11 graph break)
             x = x.to(torch.promote_types(x.dtype, torch.float32))  # as DDP's: its numerics, plan.py's bytes
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
